@@ -1,0 +1,47 @@
+"""`ovseg bench ...`: speed, memory and quality benchmarks.
+
+Each benchmark is a library function that measures and returns Markdown; this module writes
+that Markdown into its own section of docs/benchmarks.md (between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->`), so every number there was written by a run, never by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Benchmarks; each writes its results into docs/benchmarks.md.", no_args_is_help=True)
+
+DEFAULT_DOC = Path("docs/benchmarks.md")
+_HEADER = "# Benchmarks\n\nEvery section below is written by `ovseg bench NAME`; rerun it to refresh.\n"
+
+
+def machine_line() -> str:
+    """One line naming the machine a result was measured on."""
+    import os
+
+    return (
+        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
+        f"{os.cpu_count()} logical CPUs, Python {platform.python_version()}."
+    )
+
+
+def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
+    """Replace (or append) the section `name` of the benchmarks document with `markdown`."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = doc.read_text() if doc.exists() else _HEADER
+    block = f"{start}\n{markdown.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_suffix(doc.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)
+    return doc

@@ -1,0 +1,8 @@
+"""`ovseg demo`."""
+
+from ovseg.cli._pending import pending
+
+
+def demo() -> None:
+    """(being built)"""
+    pending("ovseg demo")

@@ -1,0 +1,8 @@
+"""`ovseg segment`."""
+
+from ovseg.cli._pending import pending
+
+
+def segment() -> None:
+    """(being built)"""
+    pending("ovseg segment")

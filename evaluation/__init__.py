@@ -1,0 +1,1 @@
+"""ovseg.evaluation: benchmark data sets, the zero-shot segmenter, metrics and pictures."""
