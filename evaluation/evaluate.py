@@ -1,0 +1,150 @@
+"""Evaluate a model on a benchmark: the library function behind `ovseg eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ovseg.evaluation import datasets as ds
+from ovseg.evaluation.metrics import ConfusionMatrix, SegmentationMetrics, group_majority_labels
+from ovseg.evaluation.pictures import colourise, group_picture, palette_png, side_by_side
+from ovseg.evaluation.segmenter import (
+    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, ZeroShotSegmenter, synthetic_protocol,
+)
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_GRID = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
+
+
+@dataclass
+class EvalResult:
+    metrics: SegmentationMetrics
+    bg_threshold: float | None
+    group_majority: SegmentationMetrics | None
+    output_dir: Path | None
+
+
+def load_dataset(name: str, data: Path, split: str | None = None, protocol: str = "paper") -> ds.SegmentationDataset:
+    """A benchmark by name. Under the training-free protocol VOC and Context drop background."""
+    if name not in ds.LOADERS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(ds.LOADERS)}")
+    kwargs = {"split": split} if split else {}
+    if name in ("voc", "context") and protocol == "training-free":
+        kwargs["with_background"] = False
+    return ds.LOADERS[name](Path(data), **kwargs)
+
+
+def make_segmenter(model, dataset: ds.SegmentationDataset, *, protocol: str = "paper",
+                   bg_threshold: float | None = None, ensemble: bool = False,
+                   top_k: int | None = None, device: str = "cpu") -> ZeroShotSegmenter:
+    if dataset.name == "synthetic":
+        chosen = synthetic_protocol(int(getattr(model, "image_size", 64)))
+    elif protocol in PROTOCOLS:
+        chosen = PROTOCOLS[protocol]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    threshold = bg_threshold if bg_threshold is not None else (dataset.bg_threshold or 0.5)
+    return ZeroShotSegmenter(
+        model, dataset.prompt_classes,
+        templates=ENSEMBLE_TEMPLATES if ensemble else (PAPER_TEMPLATE,),
+        with_background=dataset.has_background, bg_threshold=threshold,
+        protocol=chosen, top_k=top_k, device=device,
+    )
+
+
+def tune_threshold(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDataset,
+                   grid=THRESHOLD_GRID, limit: int | None = None) -> float:
+    """The background threshold that maximises mIoU on `dataset` (a validation split)."""
+    matrices = {t: ConfusionMatrix(len(dataset.classes)) for t in grid}
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in tqdm(range(n), desc=f"tune threshold on {dataset.name}", unit="img"):
+        image, label = dataset.load(i)
+        scores, _ = segmenter.scores(image)
+        for t, matrix in matrices.items():
+            matrix.update(label, segmenter.predict_from_scores(scores, t))
+    best = max(grid, key=lambda t: np.nan_to_num(matrices[t].compute().miou, nan=-1.0))
+    log.info("background threshold %.2f chosen on %s", best, dataset.name)
+    return float(best)
+
+
+def evaluate_dataset(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDataset, *,
+                     output_dir: Path | None = None, save_pictures: int = 0,
+                     limit: int | None = None, diagnostics: bool = False,
+                     progress: bool = True) -> EvalResult:
+    """mIoU and friends of `segmenter` on `dataset`; writes metrics and pictures if asked."""
+    n_classes = len(dataset.classes)
+    confusion = ConfusionMatrix(n_classes)
+    majority = ConfusionMatrix(n_classes) if diagnostics else None
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    pictures_dir = None
+    if output_dir is not None and save_pictures:
+        pictures_dir = Path(output_dir) / "pictures"
+        pictures_dir.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n), desc=f"eval {dataset.name}", unit="img", disable=not progress):
+        image, label = dataset.load(i)
+        want_groups = diagnostics or (pictures_dir is not None and i < save_pictures)
+        scores, groups = segmenter.scores(image, with_groups=want_groups)
+        prediction = segmenter.predict_from_scores(scores)
+        confusion.update(label, prediction)
+        if majority is not None:
+            majority.update(label, group_majority_labels(groups.numpy(), label, n_classes))
+        if pictures_dir is not None and i < save_pictures:
+            stem = dataset.items[i][0].stem
+            palette_png(prediction, dataset.palette, pictures_dir / f"{stem}_pred.png")
+            panel = side_by_side(
+                [image, colourise(label, dataset.palette), colourise(prediction, dataset.palette),
+                 group_picture(groups.numpy())],
+                ["image", "truth", "prediction", "groups"],
+                scale=max(1, 256 // max(image.shape[:2])),
+            )
+            panel.save(pictures_dir / f"{stem}_panel.png")
+    metrics = confusion.compute(dataset.classes)
+    majority_metrics = majority.compute(dataset.classes) if majority is not None else None
+    if output_dir is not None:
+        extra = {
+            "dataset": dataset.name, "n_images": n, "protocol": segmenter.protocol.name,
+            "bg_threshold": segmenter.bg_threshold if dataset.has_background else None,
+            "templates": list(segmenter.templates),
+        }
+        if majority_metrics is not None:
+            extra["group_majority_miou"] = majority_metrics.miou
+        metrics.write(Path(output_dir), title=f"{dataset.name} ({n} images)", extra=extra)
+    return EvalResult(metrics, segmenter.bg_threshold if dataset.has_background else None,
+                      majority_metrics, output_dir)
+
+
+def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path | None = None,
+                   split: str | None = None, protocol: str = "paper", bg_threshold: float | None = None,
+                   tune_threshold_on: str | None = None, ensemble: bool = False,
+                   top_k: int | None = None, save_pictures: int = 0, limit: int | None = None,
+                   device: str | None = None, diagnostics: bool = False) -> EvalResult:
+    """Load the checkpoint and the data set, optionally choose the background threshold on
+    another split (never the one being measured), and evaluate."""
+    from ovseg.training.checkpoint import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_dataset(name, data, split, protocol)
+    if tune_threshold_on is not None and tune_threshold_on == split:
+        raise ValueError(f"the threshold must be chosen on another split than the one measured ({split})")
+    model = load_model(checkpoint, map_location=device)
+    segmenter = make_segmenter(model, dataset, protocol=protocol, bg_threshold=bg_threshold,
+                               ensemble=ensemble, top_k=top_k, device=device)
+    if tune_threshold_on is not None and dataset.has_background:
+        tuning = load_dataset(name, data, tune_threshold_on, protocol)
+        segmenter.bg_threshold = tune_threshold(segmenter, tuning, limit=limit)
+    result = evaluate_dataset(segmenter, dataset, output_dir=output_dir, save_pictures=save_pictures,
+                              limit=limit, diagnostics=diagnostics)
+    if output_dir is not None:
+        (Path(output_dir) / "eval_config.json").write_text(json.dumps({
+            "dataset": name, "data": str(data), "checkpoint": str(checkpoint), "split": split,
+            "protocol": protocol, "bg_threshold": segmenter.bg_threshold,
+            "threshold_tuned_on": tune_threshold_on, "ensemble": ensemble, "top_k": top_k,
+        }, indent=2))
+    return result

@@ -1,0 +1,198 @@
+"""Zero-shot segmentation with a trained OVSegmentor.
+
+Class names go through prompt templates and the text encoder; every output group of the image
+encoder is scored against every class; each group keeps only its best class (GroupViT's and
+OVSegmentor's inference); pixels take the class scores of their groups through the soft
+patch-to-group assignment, upsampled to the image; a pixel whose best score stays below the
+background threshold is background. Large images are processed with a sliding window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAPER_TEMPLATE = "a photo of a {}."
+ENSEMBLE_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a cropped photo of a {}.",
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are sized and windowed at test time."""
+
+    name: str
+    short_side: int
+    window: int
+    stride: int
+
+
+PROTOCOLS = {
+    # OVSegmentor / GroupViT: short side 448, 448 windows with stride 224.
+    "paper": Protocol("paper", 448, 448, 224),
+    # The protocol of later training-free methods (and VOC20 / Context59 without background).
+    "training-free": Protocol("training-free", 336, 224, 112),
+}
+
+
+def synthetic_protocol(image_size: int) -> Protocol:
+    """The synthetic world is drawn at the training resolution: one window, no resizing."""
+    return Protocol("synthetic", image_size, image_size, image_size // 2)
+
+
+class ZeroShotSegmenter:
+    """Segments images into `class_names` (foreground classes) plus an optional background."""
+
+    def __init__(self, model, class_names: list[str], *, templates=(PAPER_TEMPLATE,),
+                 with_background: bool = True, bg_threshold: float = 0.5,
+                 protocol: Protocol = PROTOCOLS["paper"], top_k: int | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 8):
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self.templates = tuple(templates)
+        self.with_background = with_background
+        self.bg_threshold = bg_threshold
+        self.protocol = protocol
+        self.top_k = top_k
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.patch_size = int(getattr(model, "patch_size", 16))
+        self.mean = torch.tensor(getattr(model, "image_mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
+        self.std = torch.tensor(getattr(model, "image_std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+        self._class_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- text side ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def class_embeddings(self) -> torch.Tensor:
+        """(C, D) normalised class embeddings, the mean over templates; cached per vocabulary."""
+        key = (tuple(self.class_names), self.templates)
+        if key not in self._class_cache:
+            prompts = [t.format(name) for name in self.class_names for t in self.templates]
+            with self._autocast():
+                emb = self.model.encode_text(prompts).float()  # (C*T, D)
+            emb = F.normalize(emb, dim=-1).view(len(self.class_names), len(self.templates), -1).mean(1)
+            self._class_cache[key] = F.normalize(emb, dim=-1)
+        return self._class_cache[key]
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _logit_scale(self) -> float:
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is None:
+            return 100.0
+        value = scale.exp().item() if isinstance(scale, torch.Tensor) else float(np.exp(scale))
+        return min(value, 100.0)
+
+    # -- image side --------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> normalised (1, 3, h, w) with the short side at the protocol's."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        h, w = x.shape[-2:]
+        scale = self.protocol.short_side / min(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def _window_scores(self, crops: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel class scores (N, C, h, w) and group maps (N, K, h, w) for crops whose sides
+        are multiples of the patch size."""
+        with self._autocast():
+            out = self.model.encode_image(crops.to(self.device))
+        groups = F.normalize(out.group_embeddings.float(), dim=-1)  # (N, K, D)
+        probs = (self._logit_scale() * groups @ classes.T).softmax(dim=-1)  # (N, K, C)
+        if self.top_k is not None and self.top_k < probs.shape[-1]:
+            image_sim = F.normalize(out.embedding.float(), dim=-1) @ classes.T  # (N, C)
+            keep = torch.zeros_like(image_sim, dtype=torch.bool)
+            keep.scatter_(1, image_sim.topk(self.top_k, dim=-1).indices, True)
+            probs = probs * keep[:, None, :]
+        # each group keeps only its best class, with that class's probability
+        best = probs.max(dim=-1, keepdim=True)
+        group_scores = torch.zeros_like(probs).scatter_(-1, best.indices, best.values)  # (N, K, C)
+        assignment = out.assignment.float()  # (N, K, h', w')
+        assignment = F.interpolate(assignment, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        scores = torch.einsum("nkhw,nkc->nchw", assignment, group_scores)
+        return scores.cpu(), assignment.cpu()
+
+    def _pad_to_patch(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.patch_size, (-w) % self.patch_size
+        return (F.pad(x, (0, pw, 0, ph)) if ph or pw else x), h, w
+
+    def _windows(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        win, stride = self.protocol.window, self.protocol.stride
+        wh, ww = min(win, h), min(win, w)
+        rows = max(h - wh + stride - 1, 0) // stride + 1
+        cols = max(w - ww + stride - 1, 0) // stride + 1
+        boxes = []
+        for r in range(rows):
+            for c in range(cols):
+                y0, x0 = min(r * stride, h - wh), min(c * stride, w - ww)
+                boxes.append((y0, x0, y0 + wh, x0 + ww))
+        return boxes
+
+    @torch.no_grad()
+    def scores(self, image: np.ndarray, slide: bool = True,
+               with_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class scores (C, H, W) at the image's own size and, if asked, the soft group map
+        (K, H, W) of the whole image (for pictures and diagnostics; None otherwise)."""
+        classes = self.class_embeddings().to(self.device)
+        x = self._prepare(image)
+        h, w = x.shape[-2:]
+        boxes = self._windows(h, w) if slide else [(0, 0, h, w)]
+        total = torch.zeros(len(self.class_names), h, w)
+        count = torch.zeros(1, h, w)
+        groups = None
+        for start in range(0, len(boxes), self.batch_size):
+            batch = boxes[start:start + self.batch_size]
+            sizes = {(b[2] - b[0], b[3] - b[1]) for b in batch}
+            for size in sizes:  # crops of one size go through the model together
+                same = [b for b in batch if (b[2] - b[0], b[3] - b[1]) == size]
+                crops = torch.cat([x[..., y0:y1, x0:x1] for y0, x0, y1, x1 in same])
+                padded, ch, cw = self._pad_to_patch(crops)
+                s, g = self._window_scores(padded, classes)
+                for (y0, x0, y1, x1), si in zip(same, s[..., :ch, :cw]):
+                    total[:, y0:y1, x0:x1] += si
+                    count[:, y0:y1, x0:x1] += 1
+                if with_groups and len(boxes) == 1:
+                    groups = g[0, :, :ch, :cw]
+        total /= count.clamp(min=1)
+        H, W = image.shape[:2]
+        total = F.interpolate(total[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        if not with_groups:
+            return total, None
+        if groups is None:  # several windows: the group map comes from one whole-image pass
+            padded, ch, cw = self._pad_to_patch(x)
+            _, g = self._window_scores(padded, classes)
+            groups = g[0, :, :ch, :cw]
+        groups = F.interpolate(groups[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        return total, groups
+
+    def predict_from_scores(self, scores: torch.Tensor, bg_threshold: float | None = None) -> np.ndarray:
+        """Label map (H, W): with a background class, 0 is background and class i is i + 1."""
+        best, label = scores.max(dim=0)
+        if not self.with_background:
+            return label.numpy().astype(np.int64)
+        threshold = self.bg_threshold if bg_threshold is None else bg_threshold
+        label = label + 1
+        label[best < threshold] = 0
+        return label.numpy().astype(np.int64)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        scores, _ = self.scores(image)
+        return self.predict_from_scores(scores)
