@@ -1,8 +1,34 @@
-"""`ovseg segment`."""
+"""`ovseg segment IMAGE... --checkpoint CKPT --vocab "cat,dog,sofa"`: your images, your words."""
 
-from ovseg.cli._pending import pending
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
 
 
-def segment() -> None:
-    """(being built)"""
-    pending("ovseg segment")
+def segment(
+    images: List[Path] = typer.Argument(..., help="Image files to segment."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint (.pt) from `ovseg train`."),
+    vocab: str = typer.Option(..., "--vocab", help='Comma-separated class names, e.g. "cat,dog,sofa".'),
+    output: Path = typer.Option(Path("segment-out"), "--output", "-o", help="Folder for the overlays and label maps."),
+    bg_threshold: float = typer.Option(0.5, help="Pixels whose best class probability is below this are background."),
+    short_side: Optional[int] = typer.Option(None, help="Resize the short side to this before inference [default: the model's training size]."),
+    groups: bool = typer.Option(False, "--groups", help="Also save the group map."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda if available]."),
+) -> None:
+    """Open-vocabulary segmentation of your own images with your own words."""
+    from ovseg.evaluation.segment import segment_images
+
+    names = [w.strip() for w in vocab.split(",") if w.strip()]
+    if not names:
+        typer.echo("ovseg segment: --vocab needs at least one class name", err=True)
+        raise typer.Exit(2)
+    missing = [p for p in [checkpoint, *images] if not p.exists()]
+    if missing:
+        typer.echo(f"ovseg segment: file not found: {missing[0]}", err=True)
+        raise typer.Exit(2)
+    for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
+                                  short_side=short_side, save_groups=groups, device=device):
+        typer.echo(f"wrote {written}")

@@ -127,12 +127,12 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
                    device: str | None = None, diagnostics: bool = False) -> EvalResult:
     """Load the checkpoint and the data set, optionally choose the background threshold on
     another split (never the one being measured), and evaluate."""
-    from ovseg.training.checkpoint import load_model
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = load_dataset(name, data, split, protocol)
+    dataset = load_dataset(name, data, split, protocol)  # a missing data set fails before the model loads
     if tune_threshold_on is not None and tune_threshold_on == split:
         raise ValueError(f"the threshold must be chosen on another split than the one measured ({split})")
+    from ovseg.training.checkpoint import load_model
+
     model = load_model(checkpoint, map_location=device)
     segmenter = make_segmenter(model, dataset, protocol=protocol, bg_threshold=bg_threshold,
                                ensemble=ensemble, top_k=top_k, device=device)
