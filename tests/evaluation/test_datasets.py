@@ -99,3 +99,28 @@ def test_cli_missing_dataset_exits_2_with_expected_path(tmp_path):
 def test_cli_missing_checkpoint_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path)])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def test_coco_converter_paints_contiguous_ids_and_loader_reads_them(tmp_path):
+    pytest.importorskip("pycocotools")
+    from ovseg.evaluation.coco_convert import convert
+
+    images = tmp_path / "val2017"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "000000000001.jpg")
+    payload = {
+        "images": [{"id": 1, "file_name": "000000000001.jpg", "height": 20, "width": 30}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 18, "iscrowd": 0, "area": 100,
+             "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]},
+            {"image_id": 1, "category_id": 1, "iscrowd": 0, "area": 4,
+             "segmentation": [[20, 10, 22, 10, 22, 12, 20, 12]]},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(payload))
+    assert convert(tmp_path / "ann.json", images, tmp_path / "out") == 1
+    data = ds.load_coco_object(tmp_path / "out")
+    _, label = data.load(0)
+    assert label[5, 5] == 2  # category 18 is the second category -> id 2
+    assert label[11, 21] == 1 and label[15, 28] == 0
