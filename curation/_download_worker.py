@@ -1,0 +1,48 @@
+"""Runs img2dataset in its own process: `python -m ovseg.curation._download_worker ARGS.json`.
+
+img2dataset starts a pool of spawned processes (and a logger process) that re-import the main
+module; running it as this small guarded module works the same from the CLI, from a notebook
+and from pytest, and lets the caller stop the whole download by ending one process group.
+ARGS.json holds img2dataset.download's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Keep every byte on the wire the download's own: no update check (albumentations), no W&B.
+QUIET_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "WANDB_DISABLED": "true",
+}
+
+
+def main(args_path: str) -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    with open(args_path) as f:
+        kwargs = json.load(f)
+    if kwargs.get("distributor") == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS (or `ray start` on this machine) picks the cluster
+    elif kwargs.get("distributor") == "pyspark":
+        from pyspark.sql import SparkSession
+
+        # The master comes from spark-defaults.conf or PYSPARK_SUBMIT_ARGS; local[N] otherwise.
+        builder = SparkSession.builder.appName("ovseg-download")
+        if not os.environ.get("PYSPARK_SUBMIT_ARGS") and not os.environ.get("SPARK_HOME"):
+            builder = builder.master(f"local[{kwargs.get('processes_count', 1)}]")
+        builder.getOrCreate()
+    from img2dataset import download
+
+    download(**kwargs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
