@@ -1,8 +1,102 @@
-"""`ovseg train`."""
+"""`ovseg train`: OVSegmentor training on one CPU or, under torchrun, on many GPUs."""
 
-from ovseg.cli._pending import pending
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+STAGES = ("1", "2", "both")
 
 
-def train() -> None:
-    """(being built)"""
-    pending("ovseg train")
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key.sub=value, e.g. train.steps=200 model.num_groups=8."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The curated DATA folder (manifest, downloads, images, pairs); sets data.data_dir."),
+    run: Path = typer.Option(Path("runs/ovseg"), "--run", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed."),
+    preset: str = typer.Option("synthetic-small", "--preset", "-p", help="Named preset (see `ovseg train --list-presets`)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset, before the overrides."),
+    stage: str = typer.Option("both", "--stage", help="1: contrastive + masked entity; 2: adds mask consistency from --init; both: stage 1 then stage 2 into RUN/stage1 and RUN/stage2."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: stage 1's checkpoint (e.g. RUN/stage1/last.pt)."),
+    nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun (one per GPU); 0 runs in this process."),
+    nnodes: int = typer.Option(1, "--nnodes", help="With --nproc-per-node: number of machines."),
+    node_rank: int = typer.Option(0, "--node-rank", help="With --nnodes > 1: this machine's rank."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="With --nnodes > 1: address of node 0."),
+    master_port: int = typer.Option(29500, "--master-port", help="Port of the rendezvous on node 0."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs only)."),
+) -> None:
+    """Train OVSegmentor (stage 1, stage 2 or both) from the curated data contract."""
+    from ovseg.training.config import ConfigError, resolve
+
+    if list_presets:
+        from ovseg.training.presets import list_presets as names
+
+        for name in names():
+            typer.echo(name)
+        return
+    if stage not in STAGES:
+        typer.echo(f"ovseg train: --stage must be one of {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    if nproc_per_node > 0:
+        _launch_torchrun(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        return
+    extra = list(overrides or [])
+    if data is not None:
+        extra.append(f"data.data_dir={data}")
+    try:
+        cfg = resolve(preset, config, extra)
+    except (ConfigError, KeyError, FileNotFoundError) as error:
+        typer.echo(f"ovseg train: {error}", err=True)
+        raise typer.Exit(2)
+    if not cfg.data.data_dir:
+        typer.echo("ovseg train: no data: pass --data DATA (a folder made by `ovseg curate`)", err=True)
+        raise typer.Exit(2)
+    from ovseg.training.data import data_dir_exists
+
+    if not data_dir_exists(cfg.data.data_dir):
+        typer.echo(f"ovseg train: {cfg.data.data_dir} has no manifest/ and downloads.parquet: run `ovseg curate` first", err=True)
+        raise typer.Exit(2)
+    if stage == "2" and init is None and not (run / "ckpt").exists():
+        typer.echo("ovseg train: stage 2 needs --init RUN/stage1/last.pt (or a run folder to resume)", err=True)
+        raise typer.Exit(2)
+
+    from dataclasses import replace
+
+    from ovseg.training.engine import TrainingError, train as train_stage, train_both
+
+    try:
+        if stage == "both":
+            summary = train_both(cfg, run, progress=not no_progress)
+        else:
+            cfg = replace(cfg, train=replace(cfg.train, stage=int(stage)))
+            summary = train_stage(cfg, run, init=init, progress=not no_progress)
+    except TrainingError as error:
+        typer.echo(f"ovseg train: {error}", err=True)
+        raise typer.Exit(1)
+    if int(os.environ.get("RANK", 0)) == 0:
+        typer.echo(json.dumps(summary, indent=2))
+
+
+def _launch_torchrun(nproc: int, nnodes: int, node_rank: int, addr: str, port: int) -> None:
+    """Re-run this very command under torchrun, without the launcher options."""
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    launcher = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in launcher:
+            skip = "=" not in arg
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={addr}",
+               f"--master-port={port}", "-m", "ovseg.cli.main", *cleaned]
+    raise typer.Exit(subprocess.call(command))

@@ -1,0 +1,64 @@
+"""Checkpoints: one `torch.save`d dict of plain containers and tensors, written atomically and
+loaded with `weights_only=True` (docs/architecture.md lists the keys)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CKPT_PATTERN = re.compile(r"step-(\d+)\.pt$")
+
+
+def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int = 2) -> Path:
+    """Write `ckpt/step-N.pt` (temp name, fsync, rename), point `last.pt` at it, drop old ones."""
+    ckpt_dir = Path(run_dir) / "ckpt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{step:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    last = Path(run_dir) / "last.pt"
+    link_tmp = Path(run_dir) / ".last.pt.tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    link_tmp.symlink_to(os.path.relpath(path, Path(run_dir)))
+    link_tmp.replace(last)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep_last] if keep_last > 0 else []:
+        old.unlink()
+    return path
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    ckpts = sorted((Path(run_dir) / "ckpt").glob("step-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def model_from_state(state: dict[str, Any], map_location: str | torch.device = "cpu"):
+    """Build the model the checkpoint describes and load its weights (strict)."""
+    from ovseg.training.config import RunConfig, _from_dict
+    from ovseg.training.model import build_model
+    from ovseg.training.tokenizer import tokenizer_from_json
+
+    config = _from_dict(RunConfig, {k: v for k, v in state["config"].items() if k != "git_sha"})
+    tokenizer = tokenizer_from_json(state["tokenizer"]) if state.get("tokenizer") else None
+    model = build_model(config.model, tokenizer=tokenizer)
+    model.load_state_dict(state["model"])
+    return model.to(map_location)
+
+
+def load_model(path: Path, map_location: str | torch.device = "cpu"):
+    """An OVSegmentor in eval mode from a training checkpoint (for evaluation and `segment`)."""
+    state = load(path, map_location="cpu")
+    return model_from_state(state, map_location).eval()

@@ -1,0 +1,174 @@
+"""The run configuration: typed dataclasses with defaults in code, a named YAML preset on top,
+an optional YAML file on top of that, then `key.sub=value` overrides from the command line.
+The resolved config (with the git SHA) is written into the run folder and every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ovseg.training.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the curated data lives and how samples become tensors."""
+
+    data_dir: str = ""  # the DATA folder of `ovseg curate` (local path or fsspec URL)
+    max_text_length: int = 32
+    num_workers: int = 0
+    prompt_template: str = "a photo of a {}."
+    tokenizer: str | None = None  # a tokenizer directory; None: train WordPiece on the captions
+    tokenizer_vocab_size: int = 4000
+    # stage 1 (DeiT-style, as the public code) and stage 2 augmentations
+    crop_scale_min: float = 0.08
+    stage2_crop_scale_min: float = 0.4
+    hflip: float = 0.5
+    randaugment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    random_erasing: float = 0.25
+    max_skip_rate: float = 0.05  # stop when more than this share of samples cannot be read
+    min_samples_for_skip_check: int = 200
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.6e-3  # at a global batch of 4096; scaled linearly by global batch / 4096
+    scale_lr: bool = True
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    clip_grad: float = 5.0
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # 1: contrastive + entity; 2: adds mask consistency, text encoder frozen
+    stage1_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
+    stage2_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "mask"])
+    batch_size: int = 32  # per process
+    steps: int = 1000
+    stage2_steps: int = 500
+    stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    eval_every: int = 0  # 0: no periodic validation
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+    git_sha: str = ""
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the dataclasses."""
+
+
+def _from_dict(cls, values: dict[str, Any], where: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {where}{key!r}; known: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[key] = _from_dict(hint, value, f"{where}{key}.")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain dicts, lists, strings and numbers: what YAML, JSON and weights-only loading take."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.steps=100` -> {"train": {"steps": 100}}; values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def resolve(preset: str | None = None, config_file: Path | None = None,
+            overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> RunConfig:
+    """Defaults < preset < config file < overrides (< nothing). `base` replaces the preset
+    (used when resuming: the saved config is the base)."""
+    from ovseg.training.presets import get_preset
+
+    values: dict[str, Any] = dict(base or {})
+    if preset and base is None:
+        values = deep_merge(get_preset(preset), {"preset": preset})
+    if config_file is not None:
+        values = deep_merge(values, yaml.safe_load(Path(config_file).read_text()) or {})
+    for text in overrides:
+        values = deep_merge(values, parse_override(text))
+    values.pop("git_sha", None)
+    config = _from_dict(RunConfig, values)
+    config.git_sha = git_sha()
+    return config
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

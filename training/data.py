@@ -1,0 +1,316 @@
+"""Training samples from the on-disk contract (docs/schemas.md), never from curation code.
+
+The samples are the manifest rows whose image downloaded (`downloads.status = 'success'`); each
+image is read from its webdataset shard by (shard, offset, size) with one seek, so nothing but
+the small tables stays in memory. Captions are tokenised; the masked-entity question and its
+answer prompt come from the manifest's `chunks`; in stage 2 a partner image sharing an entity is
+drawn from `pairs` with a fresh seeded draw each epoch.
+
+Randomness is a pure function of (seed, epoch, sample): the order comes from the sampler's
+seeded permutation and every sample's augmentation from its own seeded generator, so a resumed
+run sees exactly the batches an uninterrupted one would, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def read_member(shard_url: str, offset: int, size: int) -> bytes:
+    """The bytes of one tar member: one open, one seek, one read (local path or fsspec URL)."""
+    with fsspec.open(shard_url, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard_url}: short read at {offset} ({len(data)} of {size} bytes)")
+    return data
+
+
+@dataclass
+class SampleTable:
+    """The downloaded samples, as columns (one row per sample, ordered by sample_id)."""
+
+    sample_id: np.ndarray
+    caption: list[str]
+    chunks: list[list[dict]]
+    entities: list[list[str]]
+    shard: list[str]
+    offset: np.ndarray
+    size: np.ndarray
+    partners: dict[int, list[tuple[int, str]]]
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+
+def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
+    """Join the manifest with the successful downloads (and pairs among them)."""
+    root = str(data_dir)
+    fs, path = fsspec.core.url_to_fs(root)
+    manifest = pads.dataset(_join(path, "manifest"), format="parquet", filesystem=fs).to_table(
+        columns=["sample_id", "caption", "entities", "chunks"])
+    downloads = pq.read_table(_join(path, "downloads.parquet"), filesystem=fs,
+                              columns=["sample_id", "status", "shard", "offset", "size"])
+    downloads = downloads.filter(pc.equal(downloads["status"], "success")).drop(["status"])
+    table = manifest.join(downloads, "sample_id", join_type="inner").sort_by("sample_id")
+    if table.num_rows == 0:
+        raise ValueError(f"{root}: no downloaded samples (manifest joined with downloads where status = 'success')")
+    ids = table["sample_id"].to_numpy()
+    partners: dict[int, list[tuple[int, str]]] = {}
+    if with_pairs:
+        pairs = pq.read_table(_join(path, "pairs.parquet"), filesystem=fs,
+                              columns=["sample_id", "partner_id", "entity"])
+        keep = pc.and_(pc.is_in(pairs["sample_id"], value_set=table["sample_id"]),
+                       pc.is_in(pairs["partner_id"], value_set=table["sample_id"]))
+        pairs = pairs.filter(keep).sort_by([("sample_id", "ascending"), ("partner_id", "ascending")])
+        for sid, pid, entity in zip(pairs["sample_id"].to_pylist(), pairs["partner_id"].to_pylist(),
+                                    pairs["entity"].to_pylist()):
+            partners.setdefault(sid, []).append((pid, entity))
+    shards = [s if "://" in s or s.startswith("/") else _join(root, "images", s)
+              for s in table["shard"].to_pylist()]
+    return SampleTable(
+        sample_id=ids, caption=table["caption"].to_pylist(), chunks=table["chunks"].to_pylist(),
+        entities=table["entities"].to_pylist(), shard=shards,
+        offset=table["offset"].to_numpy(), size=table["size"].to_numpy(), partners=partners,
+    )
+
+
+def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Stage 1: DeiT-style (random resized crop, flip, RandAugment, colour jitter, random
+    erasing) through timm's factory; stage 2: random resized crop and flip only."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    if stage == 1:
+        return create_transform(
+            image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+            auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, re_prob=cfg.random_erasing,
+            interpolation="bicubic", mean=mean, std=std,
+        )
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(cfg.stage2_crop_scale_min, 1.0),
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(cfg.hflip),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def entity_prompt(entities: list[str], template: str) -> str:
+    """"a photo of a dog and a person." from ["dog", "person"]."""
+    if not entities:
+        return template.format("thing")
+    return template.format(" and a ".join(entities))
+
+
+def masked_question(caption: str, chunks: list[dict], selected: set[str], offsets: list[tuple[int, int]],
+                    input_ids: list[int], mask_id: int) -> tuple[list[int], list[str]]:
+    """Mask the tokens of each selected entity's word: the last word of its noun chunk (the
+    chunk's root in English), located through the tokenizer's character offsets."""
+    question = list(input_ids)
+    masked: list[str] = []
+    for chunk in chunks or []:
+        entity = chunk["entity"]
+        if entity not in selected:
+            continue
+        start, end = int(chunk["start"]), int(chunk["end"])
+        text = caption[start:end].rstrip()
+        word_start = start + (text.rfind(" ") + 1 if " " in text else 0)
+        word_end = start + len(text)
+        hit = False
+        for i, (a, b) in enumerate(offsets):
+            if b > a and a < word_end and b > word_start:
+                question[i] = mask_id
+                hit = True
+        if hit and entity not in masked:
+            masked.append(entity)
+    return question, masked
+
+
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """One training sample per downloaded manifest row; None when the image cannot be read."""
+
+    def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: int, cfg, seed: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.table = table
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.stage = stage
+        self.seed = seed
+        self.epoch = 0
+        self.transform = build_transform(image_size, stage, cfg, mean, std)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _image(self, index: int, rng_seed: list[int]) -> torch.Tensor:
+        data = read_member(self.table.shard[index], int(self.table.offset[index]), int(self.table.size[index]))
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = int(np.random.SeedSequence(rng_seed).generate_state(1)[0])
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image)
+            finally:
+                random.setstate(state)
+
+    def _tokens(self, text: str, offsets: bool = False) -> dict[str, Any]:
+        return self.tokenizer(text, max_length=self.cfg.max_text_length, truncation=True,
+                              padding="max_length", return_offsets_mapping=offsets)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sid = int(self.table.sample_id[index])
+        try:
+            image = self._image(index, [self.seed, self.epoch, sid, 0])
+        except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and counted
+            log.debug("sample %d skipped: %s", sid, error)
+            return None
+        caption = self.table.caption[index]
+        enc = self._tokens(caption, offsets=True)
+        question, masked = masked_question(caption, self.table.chunks[index], set(self.table.entities[index]),
+                                           enc["offset_mapping"], enc["input_ids"], self.tokenizer.mask_token_id)
+        answer = self._tokens(entity_prompt(masked, self.cfg.prompt_template))
+        item = {
+            "sample_id": sid,
+            "image": image,
+            "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "question_ids": question, "question_mask": enc["attention_mask"],
+            "answer_ids": answer["input_ids"], "answer_mask": answer["attention_mask"],
+            "has_entity": bool(masked),
+        }
+        if self.stage == 2:
+            item.update(self._partner(index, sid))
+        return item
+
+    def _partner(self, index: int, sid: int) -> dict[str, Any]:
+        options = self.table.partners.get(sid, [])
+        rng = np.random.default_rng([self.seed, self.epoch, sid, 1])
+        found = False
+        image = None
+        entity = "thing"
+        if options:
+            partner_id, entity = options[int(rng.integers(len(options)))]
+            p_index = int(np.searchsorted(self.table.sample_id, partner_id))
+            try:
+                image = self._image(p_index, [self.seed, self.epoch, sid, 2])
+                found = True
+            except Exception as error:  # noqa: BLE001
+                log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
+        if image is None:
+            image = torch.zeros(3, *self._image_shape())
+        shared = self._tokens(self.cfg.prompt_template.format(entity))
+        return {"partner_image": image, "shared_ids": shared["input_ids"],
+                "shared_mask": shared["attention_mask"], "has_partner": found}
+
+    def _image_shape(self) -> tuple[int, int]:
+        size = self.transform.transforms[0].size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def collate(items: list[dict | None]) -> dict[str, Any]:
+    """Stack the readable samples; `n_skipped` counts the unreadable ones."""
+    kept = [item for item in items if item is not None]
+    batch: dict[str, Any] = {"n_skipped": len(items) - len(kept), "n_items": len(items)}
+    if not kept:
+        return batch
+    for key in kept[0]:
+        values = [item[key] for item in kept]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], bool):
+            batch[key] = torch.tensor(values, dtype=torch.bool)
+        else:
+            batch[key] = torch.tensor(values, dtype=torch.long)
+    return batch
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, that can start mid-epoch.
+
+    Like DistributedSampler (padding by wrap-around so every rank gets the same count), plus
+    `start`: the number of this rank's samples already consumed in the epoch (for resume)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        order = (order * (total // max(len(order), 1) + 1))[:total]
+        mine = order[self.rank:total:self.world_size]
+        return iter(mine[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def seed_worker(worker_id: int) -> None:
+    """Workers take their seeds from torch's per-worker seed (numpy and random too)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: CaptionImageDataset, sampler: ResumableSampler, batch_size: int,
+                num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=collate, pin_memory=pin_memory, drop_last=True,
+        persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def captions_for_tokenizer(data_dir: str, limit: int = 200_000) -> Iterator[str]:
+    """Captions of the manifest (at most `limit`), to train a WordPiece tokenizer on."""
+    fs, path = fsspec.core.url_to_fs(str(data_dir))
+    dataset = pads.dataset(_join(path, "manifest"), format="parquet", filesystem=fs)
+    seen = 0
+    for batch in dataset.to_batches(columns=["caption"]):
+        for caption in batch.column(0).to_pylist():
+            yield caption
+            seen += 1
+            if seen >= limit:
+                return
+
+
+def data_dir_exists(data_dir: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(str(data_dir))
+    return fs.exists(_join(path, "downloads.parquet")) and fs.exists(_join(path, "manifest"))
+

@@ -1,0 +1,339 @@
+"""The training loop: one code path for one CPU process and for N GPUs on M nodes (torchrun).
+
+Read top to bottom: set-up (processes, tokenizer, model, optimiser, schedule, resume), then the
+loop in sections (data, forward, backward and step, logging, checkpoints and stopping).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from ovseg.training import checkpoint as ckpt
+from ovseg.training import distributed as dist_utils
+from ovseg.training.config import RunConfig, to_dict, write_config
+from ovseg.training.data import (
+    CaptionImageDataset, ResumableSampler, captions_for_tokenizer, load_samples, make_loader,
+)
+
+log = logging.getLogger(__name__)
+
+EvalFn = Callable[[torch.nn.Module, int], dict[str, float]]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, too many unreadable images)."""
+
+
+# -- set-up helpers ----------------------------------------------------------------------------
+
+def _tokenizer(cfg: RunConfig, run_dir: Path, info, state: dict | None):
+    """The run's tokenizer: from the checkpoint, a directory, or trained on the captions."""
+    from ovseg.training.tokenizer import load_tokenizer, tokenizer_from_json, train_wordpiece
+
+    if state is not None and state.get("tokenizer"):
+        return tokenizer_from_json(state["tokenizer"])
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    if getattr(cfg.model, "text_pretrained", None):
+        return None  # the text encoder brings its own tokenizer
+    saved = run_dir / "tokenizer.json"
+    if info.is_main and not saved.exists():
+        tokenizer = train_wordpiece(captions_for_tokenizer(cfg.data.data_dir), vocab_size=cfg.data.tokenizer_vocab_size)
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(tokenizer.backend_tokenizer.to_str())
+        tmp.replace(saved)
+    dist_utils.barrier()
+    return tokenizer_from_json(saved.read_text())
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or "token" in name or "pos_embed" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to `min_ratio` of the peak learning rate."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _StopFlag:
+    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns cleanly."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: EvalFn | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train one stage (`cfg.train.stage`) into `run_dir`; resume if it holds a checkpoint.
+    Stage 2 starts from `init` (stage 1's checkpoint) unless it resumes. Returns a summary."""
+    from ovseg.training.model import build_model
+
+    run_dir = Path(run_dir)
+    info = dist_utils.setup(cfg.train.device)
+    t = cfg.train
+    stage = t.stage
+    if stage not in (1, 2):
+        raise ValueError(f"train.stage must be 1 or 2, not {stage}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(t.seed + info.rank)
+
+        # ---- resume or start ----
+        resume_path = ckpt.latest(run_dir)
+        state = ckpt.load(resume_path) if resume_path else None
+        init_state = ckpt.load(init) if (init is not None and state is None) else None
+        tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
+        losses = t.stage1_losses if stage == 1 else t.stage2_losses
+        cfg = replace(cfg, model=replace(cfg.model, losses=list(losses)))
+        if info.is_main:
+            write_config(cfg, run_dir / "config.yaml")
+
+        model = build_model(cfg.model, tokenizer=tokenizer)
+        if init_state is not None:
+            missing, unexpected = model.load_state_dict(init_state["model"], strict=False)
+            if hasattr(model, "reset_momentum"):
+                model.reset_momentum()  # the momentum encoder starts from stage 1's encoder
+            log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
+        if stage == 2:
+            for p in model.text_encoder.parameters():
+                p.requires_grad_(False)
+        model.to(info.device)
+
+        # ---- data ----
+        table = load_samples(cfg.data.data_dir, with_pairs=stage == 2)
+        dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
+                                      mean=model.image_mean, std=model.image_std)
+        sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
+        loader = make_loader(dataset, sampler, t.batch_size, cfg.data.num_workers,
+                             pin_memory=info.device.type == "cuda")
+        batches_per_epoch = len(sampler) // t.batch_size
+        if batches_per_epoch == 0:
+            raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {t.batch_size}")
+
+        # ---- optimiser and schedule ----
+        global_batch = t.batch_size * info.world_size * cfg.optim.accum_steps
+        lr = cfg.optim.lr * (global_batch / 4096 if cfg.optim.scale_lr else 1.0)
+        total_steps = t.steps if stage == 1 else t.stage2_steps
+        if stage == 2:
+            lr *= t.stage2_lr_factor
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas))
+        scheduler = _schedule(optimizer, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr / lr if lr else 0.0)
+
+        step, epoch, batch_in_epoch = 0, 0, 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["sampler"]["batch_in_epoch"]
+            _set_rng_state(state["rng"])
+            log.info("resumed %s at step %d", resume_path, step)
+        metrics_path = run_dir / "metrics.jsonl"
+        if info.is_main:
+            _truncate_metrics(metrics_path, step)
+
+        train_model = model
+        if info.distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if t.compile:
+            train_model = torch.compile(train_model)
+        use_bf16 = info.device.type == "cuda" and t.precision == "bf16"
+
+        def state_dict() -> dict[str, Any]:
+            return {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                "sampler": {"batch_in_epoch": batch_in_epoch, "seed": t.seed},
+                "rng": _rng_state(), "config": to_dict(cfg),
+                "tokenizer": model.tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None,
+                "stage": stage,
+            }
+
+        def save() -> Path | None:
+            if info.is_main:
+                return ckpt.save(state_dict(), run_dir, step, keep_last=t.keep_last)
+            return None
+
+        # ---- the loop ----
+        seen = skipped = 0
+        started = time.perf_counter()
+        window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+        bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage}", unit="step",
+                   disable=not (progress and info.is_main), dynamic_ncols=True)
+        stop_reason = "steps"
+        last_parts: dict[str, float] = {}
+        model.train()
+        with _StopFlag() as stop:
+            while step < total_steps:
+                dataset.set_epoch(epoch)
+                sampler.set_epoch(epoch, start=batch_in_epoch * t.batch_size)
+                fetch_start = time.perf_counter()
+                micro = 0
+                for batch in loader:
+                    data_wait += time.perf_counter() - fetch_start
+                    batch_in_epoch += 1
+                    # -- data: count what could not be read --
+                    seen += batch["n_items"]
+                    skipped += batch["n_skipped"]
+                    if seen >= cfg.data.min_samples_for_skip_check and skipped / seen > cfg.data.max_skip_rate:
+                        raise TrainingError(
+                            f"{skipped} of {seen} samples could not be read ({100 * skipped / seen:.1f}% > "
+                            f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards")
+                    if "image" not in batch:
+                        fetch_start = time.perf_counter()
+                        continue
+                    batch = _to_device(batch, info.device)
+
+                    # -- forward --
+                    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+                    with autocast:
+                        parts = train_model(batch)
+                    loss = parts["loss"]
+                    if not torch.isfinite(loss.detach()).all():
+                        named = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                        raise TrainingError(f"non-finite loss at step {step}: {named}")
+
+                    # -- backward and step --
+                    (loss / cfg.optim.accum_steps).backward()
+                    micro += 1
+                    window_samples += batch["image"].shape[0] * info.world_size
+                    if micro % cfg.optim.accum_steps:
+                        fetch_start = time.perf_counter()
+                        continue
+                    if cfg.optim.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    model.momentum_update()
+                    step += 1
+                    bar.update(1)
+                    last_parts = {k: float(dist_utils.all_reduce_mean(v.detach().float()).item())
+                                  for k, v in parts.items()}
+
+                    # -- logging --
+                    if step % t.log_every == 0 or step == total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": step, "epoch": epoch, "stage": stage,
+                                  "lr": scheduler.get_last_lr()[0],
+                                  "samples_per_s": window_samples / max(elapsed, 1e-9),
+                                  "data_wait_s": data_wait, "skipped": skipped,
+                                  **{f"loss/{k}": v for k, v in last_parts.items()}}
+                        if info.is_main:
+                            with open(metrics_path, "a") as f:
+                                f.write(json.dumps(record) + "\n")
+                            bar.set_postfix(loss=f"{last_parts['loss']:.3f}",
+                                            sps=f"{record['samples_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+                        window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                    if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and info.is_main:
+                        model.eval()
+                        result = eval_fn(model, step)
+                        model.train()
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps({"step": step, "stage": stage, **{f"val/{k}": v for k, v in result.items()}}) + "\n")
+
+                    # -- checkpoints and stopping --
+                    out_of_time = t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes
+                    if dist_utils.any_rank(stop.raised or out_of_time, info.device):
+                        stop_reason = "signal" if stop.raised else "time"
+                        break
+                    if step % t.ckpt_every == 0 and step < total_steps:
+                        save()
+                    if step >= total_steps:
+                        break
+                    fetch_start = time.perf_counter()
+                else:
+                    epoch += 1
+                    batch_in_epoch = 0
+                    continue
+                break
+        bar.close()
+        final = save()
+        dist_utils.barrier()
+        return {"step": step, "epoch": epoch, "stop": stop_reason, "skipped": skipped, "seen": seen,
+                "losses": last_parts, "checkpoint": str(final) if final else None,
+                "minutes": (time.perf_counter() - started) / 60}
+    finally:
+        dist_utils.teardown()
+
+
+def train_both(cfg: RunConfig, run_dir: Path, eval_fn: EvalFn | None = None, progress: bool = True) -> dict[str, Any]:
+    """Stage 1 into RUN/stage1, then stage 2 into RUN/stage2 from stage 1's last checkpoint."""
+    run_dir = Path(run_dir)
+    first = train(replace(cfg, train=replace(cfg.train, stage=1)), run_dir / "stage1", eval_fn=eval_fn, progress=progress)
+    if first["stop"] != "steps":
+        return {"stage1": first}
+    second = train(replace(cfg, train=replace(cfg.train, stage=2)), run_dir / "stage2",
+                   init=run_dir / "stage1" / "last.pt", eval_fn=eval_fn, progress=progress)
+    return {"stage1": first, "stage2": second}
