@@ -295,7 +295,7 @@ def _sample_object(rng: np.random.Generator, cfg: WorldConfig, background) -> Sh
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("big", "large", "huge")}
 _STYLE_WORDS = ("bright", "shiny", "flat", "simple", "bold", "cute", "glossy")
 _PREFIXES = ("a photo of {}", "an illustration of {}", "a picture of {}", "a drawing of {}",
-             "clip art of {}", "a close-up of {}", "{}", "{}", "{}", "{}")
+             "clip art of {}", "a snapshot of {}", "{}", "{}", "{}", "{}")
 _SUFFIXES = (" on a {bg} background", " against a {bg} backdrop", " on {bg} paper", "", "", "", "")
 _TAILS = ("", "", "", ".", ".", " in the picture", ", vector art", ", stock image")
 
@@ -321,7 +321,7 @@ def _phrase(objs: list[ShapeObject], rng: np.random.Generator, cfg: WorldConfig,
         if rng.random() < 0.75:
             words.append(obj.colour)
         words.append(shape)
-        det = str(rng.choice(["a", "a", "a", "the", "one"])) if (lead or rng.random() < 0.9) else ""
+        det = str(rng.choice(["a", "a", "a", "the"]))
         if det == "a" and words[0][0] in "aeiou":
             det = "an"
     else:
@@ -448,7 +448,7 @@ def generate(out: str | os.PathLike, cfg: WorldConfig = WorldConfig(), force: bo
         for i in range(cfg.n_train):
             scene, image, _ = make_sample(cfg, "train", i)
             name = image_name("train", i) + ".jpg"
-            Image.fromarray(image).save(tmp_images / name, quality=cfg.jpeg_quality)
+            Image.fromarray(image).save(tmp_images / name, quality=cfg.jpeg_quality, subsampling=0)
             rows["index"].append(i)
             rows["file"].append(f"images/{name}")
             rows["caption"].append(scene.caption)
@@ -471,7 +471,7 @@ def generate(out: str | os.PathLike, cfg: WorldConfig = WorldConfig(), force: bo
             for i in range(n):
                 scene, image, depth = make_sample(cfg, split, i)
                 name = image_name(split, i)
-                Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=cfg.jpeg_quality)
+                Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=cfg.jpeg_quality, subsampling=0)
                 mask = Image.fromarray(label_map(scene, depth, names), mode="P")
                 mask.putpalette(flat_palette)
                 mask.save(voc / "SegmentationClass" / f"{name}.png")
