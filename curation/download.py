@@ -100,9 +100,10 @@ class DownloadConfig:
 
     def output_settings(self) -> dict:
         """The options that change what is written; a resume must use the same ones."""
-        return {k: getattr(self, k) for k in ("image_size", "resize_mode", "shard_size", "encode_format",
-                                              "encode_quality", "min_image_size", "max_image_area",
-                                              "max_aspect_ratio")}
+        out = {k: getattr(self, k) for k in ("image_size", "resize_mode", "shard_size", "encode_format",
+                                             "encode_quality", "min_image_size")}
+        out.update(max_image_area=float(self.max_image_area), max_aspect_ratio=float(self.max_aspect_ratio))
+        return out
 
 
 @dataclass
@@ -142,17 +143,18 @@ def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, 
         out.unlink(missing_ok=True)
         state = {}
     elif state.get("fingerprint") not in (None, fingerprint) and _done_shards(images):
-        raise DownloadError(
-            f"{images} holds a download of a different manifest or with different image options; "
-            "rerun with --force to start over")
+        before = state.get("output_settings", {})
+        changed = [f"{k} {before[k]} -> {v}" for k, v in _plain_settings(cfg).items() if k in before and before[k] != v]
+        what = f"other options ({', '.join(changed)})" if changed else "a different manifest"
+        raise DownloadError(f"{images} holds a download of {what}; rerun with --force to start over")
     elif state.get("fingerprint") == fingerprint and state.get("complete") and out.exists():
         counts = _status_counts(out)
         return DownloadResult(out, counts, state.get("shards", 0), time.perf_counter() - start, skipped=True)
 
     n_shards = math.ceil(urls.num_rows / cfg.shard_size)
     work.mkdir(parents=True, exist_ok=True)
-    _write_state(work, {"fingerprint": fingerprint, "config": _plain(cfg), "samples": urls.num_rows,
-                        "shards": n_shards, "complete": False})
+    _write_state(work, {"fingerprint": fingerprint, "config": _plain(cfg), "output_settings": _plain_settings(cfg),
+                        "samples": urls.num_rows, "shards": n_shards, "complete": False})
     if urls.num_rows:
         url_list = work / "urls.parquet"
         _write_parquet(urls, url_list)
@@ -162,8 +164,8 @@ def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, 
     _write_parquet(table, out)
     counts = _status_counts(out)
     complete = counts.get("not_downloaded", 0) == 0
-    _write_state(work, {"fingerprint": fingerprint, "config": _plain(cfg), "samples": urls.num_rows,
-                        "shards": n_shards, "complete": complete})
+    _write_state(work, {"fingerprint": fingerprint, "config": _plain(cfg), "output_settings": _plain_settings(cfg),
+                        "samples": urls.num_rows, "shards": n_shards, "complete": complete})
     _update_catalog(data)
     return DownloadResult(out, counts, n_shards, time.perf_counter() - start)
 
@@ -375,6 +377,10 @@ def _fingerprint(urls: pa.Table, cfg: DownloadConfig) -> str:
 
 def _plain(cfg: DownloadConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _plain_settings(cfg: DownloadConfig) -> dict:
+    return json.loads(json.dumps(cfg.output_settings(), default=str))
 
 
 def _read_state(work: Path) -> dict:
