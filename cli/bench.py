@@ -45,3 +45,21 @@ def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
     tmp.write_text(text)
     tmp.replace(doc)
     return doc
+
+
+@app.command("download")
+def bench_download(
+    images: int = typer.Option(3000, "--images", help="Synthetic images to serve and download."),
+    processes: int = typer.Option(2, "--processes", help="img2dataset processes."),
+    threads: int = typer.Option(32, "--threads", help="img2dataset threads per process."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Images per tar shard."),
+    repeats: int = typer.Option(2, "--repeats", help="Runs of each way (alternating); the median is reported."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """Images/s from the loopback server: `ovseg curate download` against plain img2dataset."""
+    from ovseg.curation._download_bench import benchmark_download
+
+    md, numbers = benchmark_download(n_images=images, processes=processes, threads=threads,
+                                     shard_size=shard_size, repeats=repeats, machine=machine_line())
+    write_section("download", md, doc)
+    typer.echo(md)
