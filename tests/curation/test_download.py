@@ -276,3 +276,19 @@ def test_killed_download_resumes_only_unfinished_shards(world, net_guard, tmp_pa
                 keys += [m.name for m in t if m.name.endswith(".jpg")]
         assert len(keys) == len(set(keys)) == n
     assert net_guard.exists() is False or net_guard.read_text() == ""
+
+
+def test_samples_of_an_unfinished_shard_are_reported_not_downloaded(downloaded, tmp_path):
+    import shutil
+
+    from ovseg.curation.download import join_downloads, read_manifest_urls
+
+    images = tmp_path / "images"
+    shutil.copytree(downloaded["data"] / "images", images)
+    (images / "00001_stats.json").unlink()  # as if killed while writing shard 1
+    table = join_downloads(read_manifest_urls(downloaded["data"]), images, downloaded["cfg"])
+    assert table["sample_id"].to_pylist() == downloaded["ids"]
+    status = table["status"].to_pylist()
+    shard_size = downloaded["cfg"].shard_size
+    assert set(status[shard_size:2 * shard_size]) == {"not_downloaded"}
+    assert "not_downloaded" not in status[:shard_size] + status[2 * shard_size:]

@@ -213,3 +213,23 @@ def test_generate_skips_a_finished_world_and_force_redraws_it(tmp_path):
     syn.generate(out, cfg, force=True)
     assert (out / "images" / "000000.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG again
     assert syn.load_config(out) == cfg
+
+
+def test_cli_draws_the_world_with_captions_for_the_base_url(tmp_path):
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["curate", "synthetic", str(out), "--train", "6", "--val", "2", "--test", "3",
+                                      "--image-size", "48", "--base-url", "http://127.0.0.1:8123/"])
+    assert result.exit_code == 0, result.output
+    lines = (out / "captions.tsv").read_text().splitlines()
+    assert len(lines) == 6 and lines[0].startswith("http://127.0.0.1:8123/images/000000.jpg\t")
+    assert len((out / "voc" / "ImageSets" / "Segmentation" / "test.txt").read_text().split()) == 3
+    with Image.open(out / "images" / "000005.jpg") as image:
+        assert image.size == (48, 48)
+    for bad in (["--base-url", "ftp://host/x"], ["--image-size", "4"], ["--serve", "--base-url", "http://example.com"]):
+        result = CliRunner().invoke(app, ["curate", "synthetic", str(tmp_path / "bad"), *bad])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (bad, result.output)
+    assert not (tmp_path / "bad").exists()
