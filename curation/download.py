@@ -160,7 +160,7 @@ def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, 
         _write_parquet(urls, url_list)
         run_img2dataset(url_list, images, cfg, log_path=work / "img2dataset.log", n_shards=n_shards,
                         progress=progress)
-    table = join_downloads(urls, images, cfg)
+    table = join_downloads(urls, images, cfg, cache=work / "shards")
     _write_parquet(table, out)
     counts = _status_counts(out)
     complete = counts.get("not_downloaded", 0) == 0
@@ -269,36 +269,50 @@ def member_offsets(tar_path: str, extension: str) -> dict[str, tuple[int, int]]:
     return offsets
 
 
-def join_downloads(urls: pa.Table, images: Path, cfg: DownloadConfig) -> pa.Table:
-    """One row per sample of `urls`: img2dataset's status for it, and where its image lies."""
-    done = _done_shards(images)
+def shard_rows(images: Path, shard_id: int, cfg: DownloadConfig) -> pa.Table:
+    """downloads.parquet rows of one finished shard: img2dataset's metadata joined with the
+    offsets of the images in the tar."""
+    name = shard_name(shard_id)
+    meta = pq.read_table(images / f"{name}.parquet",
+                         columns=["sample_id", "key", "status", "error_message", "width", "height",
+                                  "original_width", "original_height"])
+    offsets = member_offsets(str(images / f"{name}.tar"), cfg.encode_format)
+    status = meta["status"].to_pylist()
+    errors = meta["error_message"].to_pylist()
+    located = [offsets.get(k) if s == "success" else None for k, s in zip(meta["key"].to_pylist(), status)]
+    for i, (s, where) in enumerate(zip(status, located)):
+        if s == "success" and where is None:  # should not happen: the image is not in the tar
+            status[i], errors[i] = "failed_to_download", "image missing from the shard"
+    return pa.table({
+        "sample_id": meta["sample_id"].cast(pa.int64()),
+        "status": pa.array(status, pa.string()),
+        "error_message": pa.array(errors, pa.string()),
+        "shard": pa.array([f"{name}.tar"] * meta.num_rows, pa.string()),
+        "key": meta["key"].cast(pa.string()),
+        "offset": pa.array([w[0] if w else None for w in located], pa.int64()),
+        "size": pa.array([w[1] if w else None for w in located], pa.int64()),
+        "width": meta["width"].cast(pa.int32()),
+        "height": meta["height"].cast(pa.int32()),
+        "original_width": meta["original_width"].cast(pa.int32()),
+        "original_height": meta["original_height"].cast(pa.int32()),
+    }, schema=DOWNLOADS_SCHEMA)
+
+
+def join_downloads(urls: pa.Table, images: Path, cfg: DownloadConfig, cache: Optional[Path] = None) -> pa.Table:
+    """One row per sample of `urls`: img2dataset's status for it, and where its image lies.
+    With `cache`, each finished shard's rows are kept there, so a resumed run reads the tar
+    headers of new shards only."""
     parts = []
-    for shard_id in sorted(done):
-        name = shard_name(shard_id)
-        meta = pq.read_table(images / f"{name}.parquet",
-                             columns=["sample_id", "key", "status", "error_message", "width", "height",
-                                      "original_width", "original_height"])
-        offsets = member_offsets(str(images / f"{name}.tar"), cfg.encode_format)
-        keys = meta["key"].to_pylist()
-        located = [offsets.get(k) if s == "success" else None for k, s in zip(keys, meta["status"].to_pylist())]
-        status = meta["status"].to_pylist()
-        errors = meta["error_message"].to_pylist()
-        for i, (s, where) in enumerate(zip(status, located)):
-            if s == "success" and where is None:  # should not happen: the image is not in the tar
-                status[i], errors[i] = "failed_to_download", "image missing from the shard"
-        parts.append(pa.table({
-            "sample_id": pa.array(meta["sample_id"].to_pylist(), pa.int64()),
-            "status": pa.array(status, pa.string()),
-            "error_message": pa.array(errors, pa.string()),
-            "shard": pa.array([f"{name}.tar"] * meta.num_rows, pa.string()),
-            "key": meta["key"].cast(pa.string()),
-            "offset": pa.array([w[0] if w else None for w in located], pa.int64()),
-            "size": pa.array([w[1] if w else None for w in located], pa.int64()),
-            "width": meta["width"].cast(pa.int32()),
-            "height": meta["height"].cast(pa.int32()),
-            "original_width": meta["original_width"].cast(pa.int32()),
-            "original_height": meta["original_height"].cast(pa.int32()),
-        }, schema=DOWNLOADS_SCHEMA))
+    for shard_id, stats in sorted(_done_shards(images).items()):
+        cached = cache / f"{shard_name(shard_id)}.parquet" if cache is not None else None
+        if cached is not None and cached.exists() and cached.stat().st_mtime_ns >= stats.stat().st_mtime_ns:
+            parts.append(pq.read_table(cached).cast(DOWNLOADS_SCHEMA))
+            continue
+        rows = shard_rows(images, shard_id, cfg)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _write_parquet(rows, cached)
+        parts.append(rows)
     found = pa.concat_tables(parts) if parts else DOWNLOADS_SCHEMA.empty_table()
     # Exactly one row per manifest sample: samples of unfinished shards are `not_downloaded`.
     found = found.filter(pc.is_in(found["sample_id"], value_set=urls["sample_id"]))

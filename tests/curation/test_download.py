@@ -124,6 +124,10 @@ def test_every_manifest_row_has_exactly_one_downloads_row(downloaded):
     for column in ("sample_id", "status", "error_message", "shard", "offset", "size", "width", "height"):
         assert column in table.column_names
     assert downloaded["result"].counts == {"success": N_IMAGES + 1, "failed_to_download": 2, "failed_to_resize": 2}
+    # Each finished shard's rows are kept, so a resumed run reads only new shards' tar headers.
+    cached = sorted((downloaded["data"] / ".download" / "shards").glob("*.parquet"))
+    assert len(cached) == downloaded["result"].shards == 3
+    assert pa.concat_tables(pq.read_table(p) for p in cached).sort_by("sample_id").equals(table)
 
 
 def test_failures_get_img2dataset_status_and_message(downloaded):
