@@ -1,0 +1,45 @@
+"""The model's settings: one dataclass, filled from a preset (training/presets/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    # image encoder: a ViT whose first blocks see patches + group tokens, then a grouping block
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    depth_before: int = 6  # blocks over patch and group tokens
+    depth_after: int = 6   # blocks over the output groups
+    num_group_tokens: int = 64
+    num_groups: int = 8
+    gumbel_tau: float = 1.0
+    hard_assignment: bool = True  # Gumbel straight-through hard assignment in training
+    vision_init: str | None = None  # DINO checkpoint file (or timm model name, needs the hub)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # text encoder: BERT-style, from a hub name or directory, or a config with random init
+    text_pretrained: str | None = None
+    text_width: int = 768
+    text_depth: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_text_length: int = 32
+    # projectors into the shared space
+    embed_dim: int = 256
+    proj_hidden: int = 4096
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+    # masked entity completion: a small cross-modal decoder
+    decoder_depth: int = 2
+    # cross-image mask consistency
+    momentum: float = 0.99
+    mask_keep_groups: int = 4  # groups most related to the shared entity that get the loss
+    mask_target_threshold: float = 0.5
+    # which losses are on, and their weights
+    losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "entity": 1.0, "mask": 1.0})

@@ -1,0 +1,126 @@
+"""The image encoder: a timm ViT whose first blocks see patch tokens plus learnable group
+tokens, a grouping block that turns them into K groups and assigns every patch to one, and
+more blocks over the groups."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from ovseg.training.model.config import ModelConfig
+from ovseg.training.model.grouping import GroupingBlock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderOutput:
+    groups: torch.Tensor      # (B, K, C) output group tokens, normalised
+    assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
+    queries: torch.Tensor     # (B, K, C) the grouping block's group queries
+    patches: torch.Tensor     # (B, N, C) patch tokens entering the grouping block
+
+
+class GroupingViT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+        self.patch_size = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, cfg.width,
+                                      strict_img_size=False, output_fmt="NHWC")
+        self.grid = (cfg.image_size // cfg.patch_size,) * 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
+        self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))
+        self.blocks_before = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_before))
+        self.grouping = GroupingBlock(cfg.width, cfg.heads, cfg.num_group_tokens, cfg.num_groups,
+                                      cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment)
+        self.blocks_after = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_after))
+        self.norm = nn.LayerNorm(cfg.width)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.group_token, std=0.02)
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        if (h, w) == self.grid:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, [h, w], old_size=list(self.grid), num_prefix_tokens=0)
+
+    def before_grouping(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Patch tokens (B, N, C) and group tokens (B, G, C) after the first blocks."""
+        if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(images)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c) + self._pos_embed(h, w)
+        n = x.shape[1]
+        tokens = torch.cat([x, self.group_token.expand(b, -1, -1)], dim=1)  # (B, N + G, C)
+        for block in self.blocks_before:
+            tokens = block(tokens)
+        return tokens[:, :n], tokens[:, n:], (h, w)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        patches, group_tokens, (h, w) = self.before_grouping(images)
+        groups, soft, queries = self.grouping(patches, group_tokens)  # (B, K, C), (B, K, N)
+        for block in self.blocks_after:
+            groups = block(groups)
+        groups = self.norm(groups)
+        b, k, _ = soft.shape
+        return EncoderOutput(groups, soft.view(b, k, h, w), queries, patches)
+
+
+def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[list[str], list[str]]:
+    """Load a DINO ViT (a local checkpoint file, or a timm model name when the hub is reachable)
+    into the blocks before and after grouping: DINO block i goes to blocks_before[i] for
+    i < depth_before and to blocks_after[i - depth_before] after. Returns (missing, unexpected)."""
+    if Path(source).exists():
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        for key in ("teacher", "student", "model", "state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    else:
+        import timm
+
+        state = timm.create_model(source, pretrained=True).state_dict()
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            i = int(index)
+            target = f"blocks_before.{i}.{rest}" if i < depth_before else f"blocks_after.{i - depth_before}.{rest}"
+            mapped[target] = value
+        elif key == "pos_embed":
+            n = value.shape[1]
+            side = int(round((n - 1) ** 0.5))
+            if side * side == n - 1:  # DINO keeps a class-token position first: drop it
+                value, n = value[:, 1:], n - 1
+            side = int(round(n ** 0.5))
+            if (side, side) != encoder.grid:
+                value = resample_abs_pos_embed(value, list(encoder.grid), old_size=[side, side], num_prefix_tokens=0)
+            mapped["pos_embed"] = value
+        elif key.startswith(("patch_embed.", "norm.")):
+            mapped[key] = value
+        else:
+            unexpected.append(key)  # cls_token, heads: nothing to load them into
+    own = encoder.state_dict()
+    for key in list(mapped):
+        if key not in own:
+            unexpected.append(key)
+            del mapped[key]
+        elif own[key].shape != mapped[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(mapped[key].shape)}, the model {tuple(own[key].shape)}")
+    result = encoder.load_state_dict(mapped, strict=False)
+    missing = list(result.missing_keys)
+    log.info("DINO init from %s: %d tensors loaded, %d missing (%s...), %d unexpected (%s)",
+             source, len(mapped), len(missing), ", ".join(missing[:4]), len(unexpected), ", ".join(unexpected[:6]))
+    return missing, unexpected

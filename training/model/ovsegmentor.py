@@ -1,0 +1,168 @@
+"""OVSegmentor: the top model wires the image encoder, text encoder, projectors and losses.
+Which losses run is `cfg.losses`; the model holds no stage flags."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ovseg.training.losses import EntityCompletionLoss, MaskConsistencyLoss, contrastive_loss
+from ovseg.training.model.config import ModelConfig
+from ovseg.training.model.image_encoder import GroupingViT
+from ovseg.training.model.projector import Projector
+from ovseg.training.model.text_encoder import TextEncoder
+
+LOSS_NAMES = ("contrastive", "entity", "mask")
+
+
+@dataclass
+class ImageEncoding:
+    embedding: torch.Tensor         # (B, D) normalised image embedding
+    group_embeddings: torch.Tensor  # (B, K, D) normalised group embeddings
+    assignment: torch.Tensor        # (B, K, h, w) soft patch-to-group assignment
+    groups: torch.Tensor            # (B, K, C) group tokens before the projector
+    queries: torch.Tensor           # (B, K, C) grouping queries
+
+
+class OVSegmentor(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_encoder: GroupingViT, text_encoder: TextEncoder,
+                 image_projector: nn.Module, text_projector: nn.Module, tokenizer,
+                 entity_loss: EntityCompletionLoss | None = None, mask_loss: MaskConsistencyLoss | None = None):
+        super().__init__()
+        unknown = set(cfg.losses) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown losses {sorted(unknown)}; choose from {', '.join(LOSS_NAMES)}")
+        self.cfg = cfg
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_projector = image_projector
+        self.text_projector = text_projector
+        self.tokenizer = tokenizer
+        self.entity_loss = entity_loss
+        self.mask_loss = mask_loss
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        # the momentum (EMA) image encoder exists only when the mask-consistency loss is on
+        self.momentum_encoder = None
+        if mask_loss is not None:
+            self.momentum_encoder = copy.deepcopy(image_encoder).requires_grad_(False)
+        self.patch_size = cfg.patch_size
+        self.image_size = cfg.image_size
+        self.image_mean = tuple(cfg.image_mean)
+        self.image_std = tuple(cfg.image_std)
+
+    # -- encoders -------------------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.logit_scale_max)
+
+    def encode_image(self, images: torch.Tensor) -> ImageEncoding:
+        out = self.image_encoder(images)
+        groups = F.normalize(self.image_projector(out.groups), dim=-1)  # (B, K, D)
+        # the image embedding is the mean of the projected groups, so every group lives in
+        # the space the contrastive loss trains (what segmentation reads group by group)
+        embedding = F.normalize(groups.mean(dim=1), dim=-1)  # (B, D)
+        return ImageEncoding(embedding, groups, out.assignment, out.groups, out.queries)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, attention_mask)  # (B, L, Ct)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cls = self.text_features(input_ids, attention_mask)[:, 0]
+        return F.normalize(self.text_projector(cls), dim=-1)  # (B, D)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        device = self.logit_scale.device
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_text_length,
+                             return_tensors="pt")
+        return self.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    # -- momentum encoder -----------------------------------------------------------------------
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        if self.momentum_encoder is None:
+            return
+        m = self.cfg.momentum
+        for teacher, student in zip(self.momentum_encoder.parameters(), self.image_encoder.parameters()):
+            teacher.mul_(m).add_(student.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Copy the image encoder into the momentum encoder (start of stage 2)."""
+        if self.momentum_encoder is not None:
+            self.momentum_encoder.load_state_dict(self.image_encoder.state_dict())
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        scale = self.scale()
+        image = self.encode_image(batch["image"])
+        parts: dict[str, torch.Tensor] = {}
+        if "contrastive" in self.cfg.losses:
+            text = self.embed_text(batch["input_ids"], batch["attention_mask"])
+            parts["contrastive"] = contrastive_loss(image.embedding, text, scale)
+        if "entity" in self.cfg.losses:
+            question = self.text_features(batch["question_ids"], batch["question_mask"])
+            answer = self.embed_text(batch["answer_ids"], batch["answer_mask"])
+            parts["entity"] = self.entity_loss(question, batch["question_mask"], image.groups, answer,
+                                               batch["has_entity"], scale)
+        if "mask" in self.cfg.losses:
+            parts["mask"] = self._mask_consistency(image, batch)
+        weights = self.cfg.loss_weights
+        parts["loss"] = sum(weights.get(name, 1.0) * value for name, value in parts.items())
+        return parts
+
+    def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
+        partner = batch["partner_image"]
+        patches, _, _ = self.image_encoder.before_grouping(partner)  # (B, N, C)
+        student = self.image_encoder.grouping.masks(image.queries, patches)  # (B, K, N)
+        with torch.no_grad():
+            teacher = self.momentum_encoder(partner).assignment.flatten(2)  # (B, K, N)
+            shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
+            relevance = torch.einsum("bkd,bd->bk", image.group_embeddings, shared)
+        return self.mask_loss(student, teacher, relevance, batch["has_partner"])
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
+    """Build the model a config describes. The tokenizer is passed in (trained on the captions)
+    or, for a pretrained text encoder, loaded with it."""
+    from ovseg.training.model.image_encoder import load_dino
+    from ovseg.training.model.text_encoder import load_text_tokenizer
+
+    if tokenizer is None and cfg.text_pretrained:
+        tokenizer = load_text_tokenizer(cfg)
+    image_encoder = GroupingViT(cfg)
+    if cfg.vision_init:
+        load_dino(image_encoder, cfg.vision_init, cfg.depth_before)
+    text_encoder = TextEncoder(cfg, tokenizer)
+    entity = mask = None
+    if "entity" in cfg.losses:
+        entity = EntityCompletionLoss(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
+                                      cfg.proj_hidden, cfg.embed_dim)
+    if "mask" in cfg.losses:
+        mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold)
+    return OVSegmentor(
+        cfg, image_encoder, text_encoder,
+        image_projector=Projector(cfg.width, cfg.proj_hidden, cfg.embed_dim),
+        text_projector=Projector(text_encoder.width, cfg.proj_hidden, cfg.embed_dim),
+        tokenizer=tokenizer, entity_loss=entity, mask_loss=mask,
+    )
+
+
+def parameter_counts(model: OVSegmentor) -> dict[str, int]:
+    """Parameters per part (trainable and frozen), for logs and docs."""
+    parts = {
+        "image encoder": model.image_encoder,
+        "text encoder": model.text_encoder,
+        "image projector": model.image_projector,
+        "text projector": model.text_projector,
+    }
+    if model.entity_loss is not None:
+        parts["entity decoder"] = model.entity_loss
+    if model.momentum_encoder is not None:
+        parts["momentum encoder (frozen)"] = model.momentum_encoder
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

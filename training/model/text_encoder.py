@@ -1,0 +1,39 @@
+"""The text encoder: a BERT-style encoder from transformers, from a hub name (the paper:
+bert-base-uncased), a local directory, or a config with random init for small presets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ovseg.training.model.config import ModelConfig
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
+        from transformers import AutoModel, BertConfig, BertModel
+
+        if cfg.text_pretrained:
+            self.bert = AutoModel.from_pretrained(cfg.text_pretrained, add_pooling_layer=False)
+        else:
+            if tokenizer is None:
+                raise ValueError("a randomly initialised text encoder needs a tokenizer (its vocabulary size)")
+            config = BertConfig(
+                vocab_size=len(tokenizer), hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
+                num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
+                max_position_embeddings=max(64, cfg.max_text_length), pad_token_id=tokenizer.pad_token_id,
+            )
+            self.bert = BertModel(config, add_pooling_layer=False)
+        self.width = self.bert.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token features (B, L, C); the first token is [CLS]."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_text_tokenizer(cfg: ModelConfig):
+    """The tokenizer that comes with a pretrained text encoder (hub name or directory)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.text_pretrained, use_fast=True)
