@@ -15,6 +15,7 @@ download only the shards that did not finish; the join then covers all shards ag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -132,14 +133,24 @@ def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, 
     cfg.validate()
     start = time.perf_counter()
     data = Path(data_dir)
-    work, images, out = data / ".download", data / "images", data / "downloads.parquet"
     urls = read_manifest_urls(data)
+    with _exclusive(data / ".download"):
+        return _download(data, urls, cfg, force, progress, start)
+
+
+def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, progress: bool,
+              start: float) -> DownloadResult:
+    work, images, out = data / ".download", data / "images", data / "downloads.parquet"
     fingerprint = _fingerprint(urls, cfg)
     state = _read_state(work)
 
     if force:
         shutil.rmtree(images, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        for stale in work.iterdir():  # all but the lock held now
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.name != "lock":
+                stale.unlink()
         out.unlink(missing_ok=True)
         state = {}
     elif state.get("fingerprint") not in (None, fingerprint) and _done_shards(images):
@@ -217,7 +228,8 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
     command = [sys.executable, "-m", "ovseg.curation._download_worker", str(args_path)]
     before = len(_done_shards(output_folder))
     with open(log_path, "ab") as logf, _shard_bar(n_shards, before, progress) as bar:
-        child = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=worker_env())
+        child = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=worker_env(),
+                                 preexec_fn=_stop_with_parent)
         try:
             while child.poll() is None:
                 time.sleep(0.25)
@@ -234,6 +246,34 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise DownloadError(f"img2dataset exited with status {child.returncode}; log {log_path}:\n" + "\n".join(tail))
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: get SIGINT if this process dies, so that no orphaned
+    img2dataset keeps writing shards that a rerun writes too (Linux; elsewhere a no-op).
+    img2dataset's SIGINT handler stops its pool and exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _exclusive(work: Path):
+    """One download at a time per data folder."""
+    import fcntl
+
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"another download is running in {work.parent}") from None
+        yield
 
 
 def _shard_bar(total: int, initial: int, enabled: bool):

@@ -296,3 +296,39 @@ def test_samples_of_an_unfinished_shard_are_reported_not_downloaded(downloaded, 
     shard_size = downloaded["cfg"].shard_size
     assert set(status[shard_size:2 * shard_size]) == {"not_downloaded"}
     assert "not_downloaded" not in status[:shard_size] + status[2 * shard_size:]
+
+
+def test_img2dataset_stops_when_the_command_that_started_it_is_killed(world, tmp_path):
+    from ovseg.curation.download import _exclusive
+
+    data = tmp_path / "data"
+    with serve(world, delay=3) as server:  # 40 images x 3 s / 2 threads: a minute left to run
+        write_manifest(data, [server.url_for(f) for f, _ in syn.captions(world)][:40])
+        child = subprocess.Popen([sys.executable, "-m", "ovseg.cli.main", "curate", "download", str(data),
+                                  "--processes", "1", "--threads", "2", "--shard-size", "10", "--image-size", "32"],
+                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while server.requests.total() == 0:  # img2dataset is downloading
+                assert child.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            child.kill()  # only the command, not its process group
+            child.wait()
+            deadline = time.monotonic() + 12
+            while _group_alive(child.pid):
+                assert time.monotonic() < deadline, "img2dataset outlived the command that started it"
+                time.sleep(0.2)
+        finally:
+            if _group_alive(child.pid):
+                os.killpg(child.pid, signal.SIGKILL)
+    assert not list((data / "images").glob("*_stats.json"))
+    with _exclusive(data / ".download"):  # the lock died with the command: a rerun may start
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
