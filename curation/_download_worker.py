@@ -21,7 +21,25 @@ QUIET_ENV = {
 }
 
 
+def stop_with_parent() -> None:
+    """Get SIGINT when the process that started us dies (Linux), so that no orphaned img2dataset
+    keeps writing shards that a rerun writes too; img2dataset's SIGINT handler stops its pool."""
+    parent = os.environ.get("OVSEG_DOWNLOAD_PARENT")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        sys.exit(1)
+
+
 def main(args_path: str) -> None:
+    stop_with_parent()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     with open(args_path) as f:

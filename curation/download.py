@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -228,14 +229,16 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
     command = [sys.executable, "-m", "ovseg.curation._download_worker", str(args_path)]
     before = len(_done_shards(output_folder))
     with open(log_path, "ab") as logf, _shard_bar(n_shards, before, progress) as bar:
-        child = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=worker_env(),
-                                 preexec_fn=_stop_with_parent)
+        env = worker_env()
+        env["OVSEG_DOWNLOAD_PARENT"] = str(os.getpid())  # the child stops if this process dies
+        child = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=env)
         try:
             while child.poll() is None:
                 time.sleep(0.25)
                 if (done := len(_done_shards(output_folder))) > bar.n:
                     bar.update(done - bar.n)
-        except BaseException:  # Ctrl-C reached the child too; give it a moment to stop
+        except BaseException:  # Ctrl-C (which reached the child too) or an error here: stop the child
+            child.send_signal(signal.SIGINT)  # img2dataset's handler stops its pool and exits
             try:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -246,20 +249,6 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise DownloadError(f"img2dataset exited with status {child.returncode}; log {log_path}:\n" + "\n".join(tail))
-
-
-def _stop_with_parent() -> None:
-    """In the child, before exec: get SIGINT if this process dies, so that no orphaned
-    img2dataset keeps writing shards that a rerun writes too (Linux; elsewhere a no-op).
-    img2dataset's SIGINT handler stops its pool and exits."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 @contextlib.contextmanager
