@@ -294,10 +294,12 @@ def _sample_object(rng: np.random.Generator, cfg: WorldConfig, background) -> Sh
 
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("big", "large", "huge")}
 _STYLE_WORDS = ("bright", "shiny", "flat", "simple", "bold", "cute", "glossy")
-_PREFIXES = ("a photo of {}", "an illustration of {}", "a picture of {}", "a drawing of {}",
-             "clip art of {}", "a snapshot of {}", "{}", "{}", "{}", "{}")
-_SUFFIXES = (" on a {bg} background", " against a {bg} backdrop", " on {bg} paper", "", "", "", "")
-_TAILS = ("", "", "", ".", ".", " in the picture", ", vector art", ", stock image")
+# Distractor nouns (photo, backdrop, paper, art, ...) are each rarer than any shape, as generic
+# words are rarer than a data set's objects, so a frequency-ranked vocabulary starts with shapes.
+_PREFIXES = ("a photo of {}", "an illustration of {}", "a sketch of {}", "a drawing of {}",
+             "a cartoon of {}", "a snapshot of {}") + ("{}",) * 8
+_SUFFIXES = (" on a {bg} background", " against a {bg} backdrop", " on {bg} paper") + ("",) * 8
+_TAILS = ("", "", "", "", "", ".", ".", ".", " in the picture", ", vector art", ", stock image")
 
 
 def plural(shape: str) -> str:
