@@ -17,7 +17,7 @@ STAGES = ("1", "2", "both")
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key.sub=value, e.g. train.steps=200 model.num_groups=8."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The curated DATA folder (manifest, downloads, images, pairs); sets data.data_dir."),
-    run: Path = typer.Option(Path("runs/ovseg"), "--run", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed."),
+    run: Path = typer.Option(Path("runs/ovseg"), "--run", "--run-dir", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed."),
     preset: str = typer.Option("synthetic-small", "--preset", "-p", help="Named preset (see `ovseg train --list-presets`)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset, before the overrides."),
     stage: str = typer.Option("both", "--stage", help="1: contrastive + masked entity; 2: adds mask consistency from --init; both: stage 1 then stage 2 into RUN/stage1 and RUN/stage2."),
@@ -82,6 +82,9 @@ def train(
         typer.echo(json.dumps(summary, indent=2))
 
 
+_UNAMBIGUOUS = {"--run": "--run-dir", "-r": "--run-dir", "-d": "--data", "-p": "--preset"}
+
+
 def _launch_torchrun(nproc: int, nnodes: int, node_rank: int, addr: str, port: int) -> None:
     """Re-run this very command under torchrun, without the launcher options."""
     argv = sys.argv[1:]
@@ -95,7 +98,9 @@ def _launch_torchrun(nproc: int, nnodes: int, node_rank: int, addr: str, port: i
         if name in launcher:
             skip = "=" not in arg
             continue
-        cleaned.append(arg)
+        # torchrun's own parser reads every argument and takes a unique prefix of its options
+        # (--run of --run-path) or its short flags (-r, -d): pass ours in unambiguous spellings
+        cleaned.append(_UNAMBIGUOUS.get(name, name) + arg[len(name):])
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={addr}",
                f"--master-port={port}", "-m", "ovseg.cli.main", *cleaned]

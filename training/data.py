@@ -72,8 +72,15 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
         columns=["sample_id", "caption", "entities", "chunks"])
     downloads = pq.read_table(_join(path, "downloads.parquet"), filesystem=fs,
                               columns=["sample_id", "status", "shard", "offset", "size"])
-    downloads = downloads.filter(pc.equal(downloads["status"], "success")).drop(["status"])
-    table = manifest.join(downloads, "sample_id", join_type="inner").sort_by("sample_id")
+    downloads = downloads.filter(pc.equal(downloads["status"], "success"))
+    # an inner join on sample_id (Arrow's join cannot carry list columns, so: filter both, sort both)
+    manifest = manifest.filter(pc.is_in(manifest["sample_id"], value_set=downloads["sample_id"])).sort_by("sample_id")
+    downloads = downloads.filter(pc.is_in(downloads["sample_id"], value_set=manifest["sample_id"])).sort_by("sample_id")
+    if not manifest["sample_id"].equals(downloads["sample_id"]):
+        raise ValueError(f"{root}: downloads.parquet has duplicate sample_ids")
+    table = manifest
+    for name in ("shard", "offset", "size"):
+        table = table.append_column(name, downloads[name])
     if table.num_rows == 0:
         raise ValueError(f"{root}: no downloaded samples (manifest joined with downloads where status = 'success')")
     ids = table["sample_id"].to_numpy()
@@ -294,6 +301,9 @@ def make_loader(dataset: CaptionImageDataset, sampler: ResumableSampler, batch_s
         collate_fn=collate, pin_memory=pin_memory, drop_last=True,
         persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
         prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator: making an iterator must not draw from the global RNG, or a resumed
+        # run (one more iterator) would see different Gumbel noise than an uninterrupted one
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
 
 

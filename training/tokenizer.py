@@ -19,19 +19,34 @@ def _wrap(backend):
 
 
 def train_wordpiece(captions: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2):
-    """A lower-casing BERT-style WordPiece tokenizer ([CLS] text [SEP]) learnt from `captions`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing BERT-style WordPiece tokenizer ([CLS] text [SEP]) learnt from `captions`.
 
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    The vocabulary is the special tokens, every character seen (alone and as a `##`
+    continuation, so no word is ever unknown), then whole words by frequency with ties broken
+    alphabetically. Unlike the `tokenizers` WordPiece trainer, whose ties fall out of hash-map
+    order, the same captions always give the same vocabulary: runs are reproducible."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for caption in captions:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    room = max(0, vocab_size - len(vocab))
+    taken = set(vocab)
+    ranked = sorted((w for w, n in words.items() if n >= min_frequency and w not in taken), key=lambda w: (-words[w], w))
+    vocab += ranked[:room]
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
-    backend.train_from_iterator(captions, trainer=trainer)
-    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
     return _wrap(backend)
 
 

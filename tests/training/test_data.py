@@ -1,0 +1,107 @@
+"""The data set over the on-disk contract: reading by offset, masking, pairs, skipping, order."""
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg.training.config import DataConfig
+from ovseg.training.tokenizer import train_wordpiece
+from ovseg.training.data import (
+    CaptionImageDataset, ResumableSampler, collate, entity_prompt, load_samples, masked_question,
+    read_member,
+)
+
+from .conftest import make_contract
+
+WORDS = ["a", "photo", "of", "red", "circle", "square", "star", "on", "striped", "background", "and", "thing", "."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    captions = [" ".join(WORDS)] * 3 + ["a photo of a red circle on a striped background"] * 3
+    return train_wordpiece(captions, vocab_size=100, min_frequency=1)
+
+
+def _cfg(**kw):
+    base = dict(randaugment=None, random_erasing=0.0, color_jitter=0.0, max_text_length=16)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_only_successful_downloads_are_samples(tmp_path):
+    table = load_samples(str(make_contract(tmp_path / "D", n=12, failed=(3, 7))))
+    assert sorted(table.sample_id.tolist()) == [i for i in range(12) if i not in (3, 7)]
+
+
+def test_member_read_by_offset_is_the_image(contract):
+    table = load_samples(str(contract))
+    data = read_member(table.shard[0], int(table.offset[0]), int(table.size[0]))
+    assert data[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_question_masks_the_entity_word_and_answer_names_it(tokenizer):
+    caption = "a photo of a red circle on a striped background"
+    chunks = [{"start": 11, "end": 23, "entity": "circle"},
+              {"start": 27, "end": len(caption), "entity": "background"}]
+    enc = tokenizer(caption, return_offsets_mapping=True)
+    question, masked = masked_question(caption, chunks, {"circle"}, enc["offset_mapping"],
+                                       enc["input_ids"], tokenizer.mask_token_id)
+    words = tokenizer.convert_ids_to_tokens(question)
+    assert masked == ["circle"]
+    assert words.count("[MASK]") == 1 and "red" in words and "background" in words  # only the selected root
+    assert entity_prompt(["dog", "person"], "a photo of a {}.") == "a photo of a dog and a person."
+
+
+def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 32, 32)
+    for key in ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask"):
+        assert batch[key].shape[0] == 2 and batch[key].dtype == torch.long
+    assert batch["has_entity"].all()
+    assert (batch["question_ids"] == tokenizer.mask_token_id).any(dim=1).all()
+
+
+def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):
+    root = make_contract(tmp_path / "D", n=6, corrupt=(2,))
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["n_skipped"] == 1 and batch["image"].shape[0] == 5
+    assert 2 not in batch["sample_id"].tolist()
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_sample(contract, tokenizer):
+    table = load_samples(str(contract))
+    a = CaptionImageDataset(table, tokenizer, 32, 1, _cfg(), seed=3)
+    b = CaptionImageDataset(table, tokenizer, 32, 1, _cfg(), seed=3)
+    torch.rand(5)  # disturbing the global RNG changes nothing
+    assert torch.equal(a[4]["image"], b[4]["image"])
+    a.set_epoch(1)
+    assert not torch.equal(a[4]["image"], b[4]["image"])
+
+
+def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokenizer):
+    table = load_samples(str(contract), with_pairs=True)
+    ds = CaptionImageDataset(table, tokenizer, 32, 2, _cfg(), seed=0)
+    item = ds[0]
+    assert item["has_partner"] and item["partner_image"].shape == (3, 32, 32)
+    words = tokenizer.convert_ids_to_tokens(item["shared_ids"])
+    assert "circle" in words  # sample 0 is a circle; its partners are circles
+    partners = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        partners.add(ds[0]["partner_image"].sum().item())
+    assert len(partners) > 1
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    full = list(ResumableSampler(10, seed=1))
+    resumed = ResumableSampler(10, seed=1)
+    resumed.set_epoch(0, start=4)
+    assert list(resumed) == full[4:]
+    ranks = [list(ResumableSampler(10, rank=r, world_size=3, seed=1)) for r in range(3)]
+    assert all(len(r) == 4 for r in ranks)
+    assert set(sum(ranks, [])) == set(range(10))
+    other = ResumableSampler(10, seed=1)
+    other.set_epoch(1)
+    assert list(other) != full and sorted(other) == list(range(10))

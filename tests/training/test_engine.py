@@ -1,0 +1,165 @@
+"""The training engine through the real CLI: both stages, resume after kill -9, checkpoints in
+a fresh process, overrides, unreadable images, torchrun with two gloo processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ovseg.cli.main import app
+
+from .conftest import make_contract
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], round(r["loss/loss"], 5)) for r in lines if "loss/loss" in r]
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["train", "--preset", "test", "--no-progress", *args])
+
+
+def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
+    data = make_contract(tmp_path / "D", n=16)
+    run = tmp_path / "run"
+    result = _cli("--data", str(data), "--run", str(run), "train.steps=3", "train.stage2_steps=2")
+    assert result.exit_code == 0, result.output
+    assert len(_losses(run / "stage1")) == 3 and len(_losses(run / "stage2")) == 2
+    state = torch.load(run / "stage2" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "epoch", "sampler", "rng", "config", "tokenizer"} <= set(state)
+    assert state["config"]["model"]["losses"] == ["contrastive", "entity", "mask"]
+    assert any(k.startswith("momentum_encoder.") for k in state["model"])
+    stage2_parts = json.loads((run / "stage2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss/mask" in stage2_parts and "loss/entity" in stage2_parts
+    # the text encoder is frozen in stage 2
+    s1 = torch.load(run / "stage1" / "last.pt", weights_only=True)["model"]
+    s2 = state["model"]
+    text_keys = [k for k in s1 if k.startswith("text_encoder.")]
+    assert text_keys and all(torch.equal(s1[k], s2[k]) for k in text_keys)
+    assert (run / "stage1" / "config.yaml").exists()
+
+
+def test_checkpoint_loads_into_a_fresh_process(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=2").exit_code == 0
+    code = (
+        "import sys, torch; from ovseg.training.checkpoint import load_model; "
+        f"m = load_model(r'{run / 'last.pt'}'); "
+        "e = m.encode_image(torch.zeros(1, 3, 32, 32)); t = m.encode_text(['a photo of a circle.']); "
+        "print(tuple(e.assignment.shape), tuple(t.shape))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 4, 4, 4) (1, 32)"
+
+
+def test_overrides_reach_the_model(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1", "model.num_groups=3")
+    assert result.exit_code == 0, result.output
+    from ovseg.training.checkpoint import load_model
+
+    model = load_model(run / "last.pt")
+    assert model.encode_image(torch.zeros(1, 3, 32, 32)).assignment.shape[1] == 3
+
+
+def test_unknown_override_is_a_clear_error(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    result = _cli("--data", str(data), "--run", str(tmp_path / "r"), "train.stepz=1")
+    assert result.exit_code == 2 and "unknown config key" in result.output
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    result = _cli("--data", str(tmp_path / "nothing"), "--run", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "ovseg curate" in result.output
+
+
+def test_unreadable_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path):
+    data = make_contract(tmp_path / "D", n=12, corrupt=(1, 5))
+    run = tmp_path / "run"
+    ok = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=4",
+              "data.max_skip_rate=0.5", "data.min_samples_for_skip_check=4")
+    assert ok.exit_code == 0, ok.output
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped"] >= 1
+    bad = make_contract(tmp_path / "B", n=12, corrupt=tuple(range(0, 12, 2)))
+    stopped = _cli("--data", str(bad), "--run", str(tmp_path / "run2"), "--stage", "1", "train.steps=6",
+                   "data.max_skip_rate=0.2", "data.min_samples_for_skip_check=4")
+    assert stopped.exit_code == 1 and "could not be read" in stopped.output
+
+
+def test_non_finite_loss_stops_naming_step_and_parts(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    result = _cli("--data", str(data), "--run", str(tmp_path / "r"), "--stage", "1", "train.steps=2",
+                  "model.logit_scale_init=.inf", "model.logit_scale_max=.inf")
+    assert result.exit_code == 1
+    assert "non-finite loss at step 0" in result.output and "contrastive=" in result.output
+
+
+def _train_process(data, run, steps, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "ovseg.cli.main", "train", "--preset", "test", "--no-progress", "--stage", "1",
+         "--data", str(data), "--run", str(run), f"train.steps={steps}", "train.ckpt_every=2",
+         "train.batch_size=2", "train.keep_last=10", *extra],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
+    data = make_contract(tmp_path / "D", n=24)
+    straight = tmp_path / "straight"
+    assert _train_process(data, straight, 12).wait(timeout=300) == 0
+    expected = _losses(straight)
+
+    resumed = tmp_path / "resumed"
+    proc = _train_process(data, resumed, 12)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((resumed / "ckpt").glob("step-*.pt")):
+        time.sleep(0.05)
+    while time.time() < deadline and len(list((resumed / "ckpt").glob("step-*.pt"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_losses(resumed)) < 12, "the run finished before it could be killed"
+    assert _train_process(data, resumed, 12).wait(timeout=300) == 0
+    assert _losses(resumed) == expected
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    data = make_contract(tmp_path / "D", n=24)
+    run = tmp_path / "run"
+    proc = _train_process(data, run, 100000, extra=("train.ckpt_every=100000",))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert '"stop": "signal"' in out
+    assert (run / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_train_together(tmp_path):
+    data = make_contract(tmp_path / "D", n=16)
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "ovseg.cli.main", "train", "--preset", "test", "--no-progress", "--stage", "1",
+         "--data", str(data), "--run", str(run), "train.steps=2", "--nproc-per-node", "2",
+         "--master-port", "29531"],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] == 2
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2  # one writer: rank 0
