@@ -232,11 +232,23 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
         env = worker_env()
         env["OVSEG_DOWNLOAD_PARENT"] = str(os.getpid())  # the child stops if this process dies
         child = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        seen: dict[Path, tuple[int, int]] = {}
+
+        def refresh() -> None:
+            done = _done_shards(output_folder)
+            for path in done.values():
+                if path not in seen:
+                    stats = json.loads(path.read_text())
+                    seen[path] = (stats["count"], stats["successes"])
+            if len(done) > bar.n:
+                images, ok = (sum(v) for v in zip(*seen.values()))
+                bar.set_postfix_str(f"{images} images, {100 * ok / max(images, 1):.0f}% ok", refresh=False)
+                bar.update(len(done) - bar.n)
+
         try:
             while child.poll() is None:
-                time.sleep(0.25)
-                if (done := len(_done_shards(output_folder))) > bar.n:
-                    bar.update(done - bar.n)
+                time.sleep(0.5)
+                refresh()
         except BaseException:  # Ctrl-C (which reached the child too) or an error here: stop the child
             child.send_signal(signal.SIGINT)  # img2dataset's handler stops its pool and exits
             try:
@@ -244,8 +256,7 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
             except subprocess.TimeoutExpired:
                 child.kill()
             raise
-        if (done := len(_done_shards(output_folder))) > bar.n:
-            bar.update(done - bar.n)
+        refresh()
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise DownloadError(f"img2dataset exited with status {child.returncode}; log {log_path}:\n" + "\n".join(tail))
