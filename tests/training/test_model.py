@@ -1,0 +1,307 @@
+"""The OVSegmentor model on the tiny `test` preset: gradients under each loss, the grouping
+block's assignment, any input size, padding, the momentum encoder, DINO init, text encoders."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ovseg.training.model import ModelConfig, build_model, parameter_counts, parameter_table  # noqa: E402
+from ovseg.training.model.grouping import gumbel_softmax_over_groups  # noqa: E402
+from ovseg.training.model.image_encoder import load_dino  # noqa: E402
+from ovseg.training.presets import get_preset  # noqa: E402
+from ovseg.training.tokenizer import train_wordpiece  # noqa: E402
+
+torch.set_num_threads(1)
+
+CAPTIONS = ["a photo of a red circle on grass", "a blue square next to a star", "a dog and a person",
+            "two people walk a dog on the beach", "a star above a square"] * 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_wordpiece(CAPTIONS, vocab_size=200, min_frequency=1)
+
+
+def tiny_config(**changes) -> ModelConfig:
+    cfg = ModelConfig(**get_preset("test")["model"])
+    return dataclasses.replace(cfg, **changes)
+
+
+def make_batch(tokenizer, b: int = 4, size: int = 32, length: int = 16) -> dict:
+    def enc(texts):
+        e = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return e["input_ids"], e["attention_mask"]
+
+    captions = ["a red circle on grass", "a blue square", "a dog and a person", "a star"][:b]
+    ids, mask = enc(captions)
+    q_ids, q_mask = enc([c.replace("circle", "[MASK]").replace("dog", "[MASK]") for c in captions])
+    a_ids, a_mask = enc(["a photo of a circle", "a photo of a square", "a photo of a dog and a person",
+                         "a photo of a star"][:b])
+    s_ids, s_mask = enc(["a photo of a circle"] * b)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g),
+        "input_ids": ids, "attention_mask": mask,
+        "question_ids": q_ids, "question_mask": q_mask,
+        "answer_ids": a_ids, "answer_mask": a_mask,
+        "has_entity": torch.tensor([True, True, False, True][:b]),
+        "partner_image": torch.randn(b, 3, size, size, generator=g),
+        "shared_ids": s_ids, "shared_mask": s_mask,
+        "has_partner": torch.tensor([True, False, True, True][:b]),
+        "sample_id": torch.arange(b),
+    }
+
+
+# -- gradients --------------------------------------------------------------------------------
+
+# parameters a loss cannot reach by design
+UNREACHED = {
+    # the contrastive loss reads only the text encoder's [CLS] output: BERT's last-layer
+    # attention/MLP on the other tokens still shape CLS, so every parameter is reached
+    "contrastive": (),
+    # the entity loss reads group tokens, not the image embedding; the text projector is
+    # reached through the answer embedding
+    "entity": ("image_projector.",),
+    # the mask loss reads only the group queries and patch tokens (before the blocks after
+    # grouping) and text only without gradient
+    "mask": ("text_encoder.", "text_projector.", "image_encoder.blocks_after.", "image_encoder.norm.",
+             "image_encoder.grouping.mlp_channels.", "image_encoder.grouping.norm_new_x.",
+             "image_encoder.grouping.assign.v_proj.", "image_encoder.grouping.assign.proj.",
+             "image_projector.", "logit_scale"),
+}
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "entity", "mask"])
+def test_every_trainable_parameter_gets_a_finite_gradient_under_each_loss(tokenizer, loss):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(losses=[loss]), tokenizer=tokenizer)
+    model.train()
+    out = model(make_batch(tokenizer))
+    assert set(out) == {loss, "loss"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith(UNREACHED[loss]):
+            continue
+        assert p.grad is not None, f"{name} got no gradient from the {loss} loss"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        # the word embedding rows of tokens not in the batch are exactly zero; all else moves
+        if "word_embeddings" not in name:
+            assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient under the {loss} loss"
+
+
+def test_all_losses_together_give_weighted_sum(tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config(losses=["contrastive", "entity", "mask"],
+                      loss_weights={"contrastive": 1.0, "entity": 0.5, "mask": 2.0})
+    model = build_model(cfg, tokenizer=tokenizer).eval()
+    out = model(make_batch(tokenizer))
+    expected = out["contrastive"] + 0.5 * out["entity"] + 2.0 * out["mask"]
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_unknown_loss_name_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="unknown losses"):
+        build_model(tiny_config(losses=["contrastive", "clip"]), tokenizer=tokenizer)
+
+
+# -- grouping -----------------------------------------------------------------------------------
+
+def test_gumbel_straight_through_is_one_hot_forward_and_passes_gradient_backward():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)  # (B, K, N)
+    hard = gumbel_softmax_over_groups(logits, tau=1.0, hard=True)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(hard.sum(dim=1), torch.ones(2, 7))
+    weights = torch.randn(2, 5, 7)
+    (hard * weights).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_soft_assignment_sums_to_one_over_groups_in_eval(tokenizer):
+    model = build_model(tiny_config(), tokenizer=tokenizer).eval()
+    out = model.encode_image(torch.randn(3, 3, 32, 32))
+    assert out.assignment.shape == (3, 4, 4, 4)
+    torch.testing.assert_close(out.assignment.sum(dim=1), torch.ones(3, 4, 4))
+    assert (out.assignment > 0).all() and (out.assignment < 1).all()  # soft, not one-hot
+
+
+def test_training_forward_uses_hard_assignment_for_merging(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), tokenizer=tokenizer)
+    assign = model.image_encoder.grouping.assign
+    queries, x = torch.randn(2, 4, 32), torch.randn(2, 16, 32)
+    seen = {}
+    hook = assign.proj.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0]))
+    assign.train()
+    torch.manual_seed(1)
+    out_train, _ = assign(queries, x)
+    hook.remove()
+    # with a hard assignment each group is the mean of its patches' values: recompute it
+    assign.eval()
+    out_eval, soft = assign(queries, x)
+    assert not torch.allclose(out_train, out_eval)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(2, 16))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (64, 16), (8, 8)])
+def test_any_input_size_divisible_by_the_patch_gives_assignment_maps_of_that_grid(tokenizer, size):
+    model = build_model(tiny_config(), tokenizer=tokenizer).eval()
+    h, w = size
+    out = model.encode_image(torch.randn(2, 3, h, w))
+    assert out.assignment.shape == (2, 4, h // 8, w // 8)
+    assert out.embedding.shape == (2, 32) and out.group_embeddings.shape == (2, 4, 32)
+    torch.testing.assert_close(out.embedding.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(out.group_embeddings.norm(dim=-1), torch.ones(2, 4))
+
+
+def test_input_size_not_divisible_by_the_patch_is_a_clear_error(tokenizer):
+    model = build_model(tiny_config(), tokenizer=tokenizer).eval()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.encode_image(torch.randn(1, 3, 30, 32))
+
+
+# -- text and entity decoder --------------------------------------------------------------------
+
+def test_padding_a_question_changes_nothing(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(losses=["entity"]), tokenizer=tokenizer).eval()
+    groups = torch.randn(2, 4, 32)
+    short = tokenizer(["a red [MASK]", "a [MASK] and a person"], padding=True, return_tensors="pt")
+    long = tokenizer(["a red [MASK]", "a [MASK] and a person"], padding="max_length", max_length=20,
+                     return_tensors="pt")
+    assert long["input_ids"].shape[1] > short["input_ids"].shape[1]
+    with torch.no_grad():
+        a = model.entity_loss.decode(model.text_features(short["input_ids"], short["attention_mask"]),
+                                     short["attention_mask"], groups)
+        b = model.entity_loss.decode(model.text_features(long["input_ids"], long["attention_mask"]),
+                                     long["attention_mask"], groups)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_decoder_reads_the_groups(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(losses=["entity"]), tokenizer=tokenizer).eval()
+    q = tokenizer(["a red [MASK]"], return_tensors="pt")
+    feats = model.text_features(q["input_ids"], q["attention_mask"])
+    with torch.no_grad():
+        a = model.entity_loss.decode(feats, q["attention_mask"], torch.randn(1, 4, 32))
+        b = model.entity_loss.decode(feats, q["attention_mask"], torch.randn(1, 4, 32))
+    assert not torch.allclose(a, b)
+
+
+def test_encode_text_is_normalised_and_ignores_batch_padding(tokenizer):
+    model = build_model(tiny_config(), tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        alone = model.encode_text(["a dog"])
+        batched = model.encode_text(["a dog", "two people walk a dog on the beach"])
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100(tokenizer):
+    model = build_model(tiny_config(), tokenizer=tokenizer)
+    torch.testing.assert_close(model.scale(), torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model.scale()) == 100.0
+
+
+# -- momentum encoder ---------------------------------------------------------------------------
+
+def test_momentum_copy_takes_no_gradient_and_follows_by_ema(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(losses=["contrastive", "mask"], momentum=0.9), tokenizer=tokenizer)
+    assert all(not p.requires_grad for p in model.momentum_encoder.parameters())
+    before = [p.clone() for p in model.momentum_encoder.parameters()]
+    model(make_batch(tokenizer))["loss"].backward()
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    with torch.no_grad():  # move the student, as an optimiser step would
+        for p in model.image_encoder.parameters():
+            p.add_(1.0)
+    model.momentum_update()
+    for old, new, student in zip(before, model.momentum_encoder.parameters(), model.image_encoder.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * student)
+
+
+def test_no_momentum_encoder_without_the_mask_loss(tokenizer):
+    model = build_model(tiny_config(losses=["contrastive"]), tokenizer=tokenizer)
+    assert model.momentum_encoder is None
+    model.momentum_update()  # a no-op, so the engine can always call it
+
+
+# -- initialisation from files ------------------------------------------------------------------
+
+def write_dino_checkpoint(path, width=32, depth=2, grid=6, patch=8):
+    """A checkpoint in DINO's key layout (cls token, pos_embed with a class position, blocks)."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=width, depth=depth,
+                            num_heads=2, patch_size=patch, img_size=grid * patch, num_classes=0)
+    state = {k: torch.randn_like(v) for k, v in vit.state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def test_dino_checkpoint_loads_into_blocks_before_and_after_grouping_with_a_report(tokenizer, tmp_path, caplog):
+    path = tmp_path / "dino_vit.pth"
+    state = write_dino_checkpoint(path)
+    assert "cls_token" in state and "blocks.1.attn.qkv.weight" in state and "norm.weight" in state
+    model = build_model(tiny_config(), tokenizer=tokenizer)
+    with caplog.at_level("INFO"):
+        missing, unexpected = load_dino(model.image_encoder, str(path), depth_before=1)
+    enc = model.image_encoder
+    torch.testing.assert_close(enc.blocks_before[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(enc.blocks_after[0].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
+    torch.testing.assert_close(enc.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+    torch.testing.assert_close(enc.norm.weight, state["norm.weight"])
+    # DINO's 6x6 positions (after its class position) are resampled to the model's 4x4 grid
+    assert enc.pos_embed.shape == (1, 16, 32)
+    assert "cls_token" in unexpected
+    assert "group_token" in missing and any(k.startswith("grouping.") for k in missing)
+    assert not any(k.startswith(("blocks_before.", "blocks_after.")) for k in missing)
+    assert "DINO init" in caplog.text and "missing" in caplog.text
+
+
+def test_dino_init_through_the_config_and_shape_mismatch_is_an_error(tokenizer, tmp_path):
+    path = tmp_path / "dino.pth"
+    state = write_dino_checkpoint(path)
+    model = build_model(tiny_config(vision_init=str(path)), tokenizer=tokenizer)
+    torch.testing.assert_close(model.image_encoder.blocks_before[0].norm1.weight, state["blocks.0.norm1.weight"])
+    wide = tmp_path / "wide.pth"
+    write_dino_checkpoint(wide, width=64)
+    with pytest.raises(ValueError, match="shape"):
+        build_model(tiny_config(vision_init=str(wide)), tokenizer=tokenizer)
+
+
+def test_text_encoder_and_tokenizer_load_from_a_local_directory(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "photo", "of", "cat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64))
+    local = tmp_path / "tiny-bert"
+    bert.save_pretrained(local)
+    tok.save_pretrained(local)
+    model = build_model(tiny_config(text_pretrained=str(local)))
+    torch.testing.assert_close(model.text_encoder.bert.embeddings.word_embeddings.weight,
+                               bert.embeddings.word_embeddings.weight)
+    assert model.tokenizer.mask_token == "[MASK]"
+    assert model.encode_text(["a photo of a dog"]).shape == (1, 32)
+
+
+def test_parameter_counts_cover_the_parts_and_add_up(tokenizer):
+    model = build_model(tiny_config(losses=["contrastive", "entity", "mask"]), tokenizer=tokenizer)
+    counts = parameter_counts(model)
+    parts = [v for k, v in counts.items() if k not in ("total", "trainable")]
+    assert sum(parts) + 1 == counts["total"]  # + the logit scale
+    assert counts["trainable"] == counts["total"] - counts["momentum encoder (frozen)"]
+    table = parameter_table(model)
+    assert "| image encoder |" in table and f"{counts['total']:,}" in table
