@@ -131,22 +131,27 @@ def test_soft_assignment_sums_to_one_over_groups_in_eval(tokenizer):
     assert (out.assignment > 0).all() and (out.assignment < 1).all()  # soft, not one-hot
 
 
-def test_training_forward_uses_hard_assignment_for_merging(tokenizer):
+def test_training_merges_patches_by_a_hard_assignment_and_eval_by_the_soft_one(tokenizer):
     torch.manual_seed(0)
     model = build_model(tiny_config(), tokenizer=tokenizer)
     assign = model.image_encoder.grouping.assign
-    queries, x = torch.randn(2, 4, 32), torch.randn(2, 16, 32)
-    seen = {}
-    hook = assign.proj.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0]))
+    queries, x = torch.randn(2, 4, 32), torch.randn(2, 16, 32)  # (B, K, C), (B, N, C)
+    raw = assign.logits(queries, x)  # (B, K, N)
+
+    def merged(attn):  # each group takes the mean of the values of the patches assigned to it
+        return assign.proj(attn / (attn.sum(-1, keepdim=True) + 1.0) @ assign.v_proj(x))
+
     assign.train()
     torch.manual_seed(1)
-    out_train, _ = assign(queries, x)
-    hook.remove()
-    # with a hard assignment each group is the mean of its patches' values: recompute it
+    out_train, soft = assign(queries, x)
+    torch.manual_seed(1)  # the same Gumbel noise
+    one_hot = gumbel_softmax_over_groups(raw, assign.tau, hard=True)
+    assert set(one_hot.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(out_train, merged(one_hot))
     assign.eval()
-    out_eval, soft = assign(queries, x)
-    assert not torch.allclose(out_train, out_eval)
-    torch.testing.assert_close(soft.sum(dim=1), torch.ones(2, 16))
+    out_eval, soft_eval = assign(queries, x)
+    torch.testing.assert_close(out_eval, merged(raw.softmax(dim=1)))
+    torch.testing.assert_close(soft, soft_eval)  # the returned assignment is always the soft one
 
 
 @pytest.mark.parametrize("size", [(32, 32), (40, 24), (64, 16), (8, 8)])
@@ -209,7 +214,7 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100(tokenizer):
     torch.testing.assert_close(model.scale(), torch.tensor(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert float(model.scale()) == 100.0
+    assert float(model.scale().detach()) == 100.0
 
 
 # -- momentum encoder ---------------------------------------------------------------------------

@@ -61,10 +61,10 @@ class OVSegmentor(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> ImageEncoding:
         out = self.image_encoder(images)
+        # the image embedding is the mean of the groups through the projector (the paper); each
+        # group through the same projector is what segmentation compares with class prompts
+        embedding = F.normalize(self.image_projector(out.groups.mean(dim=1)), dim=-1)  # (B, D)
         groups = F.normalize(self.image_projector(out.groups), dim=-1)  # (B, K, D)
-        # the image embedding is the mean of the projected groups, so every group lives in
-        # the space the contrastive loss trains (what segmentation reads group by group)
-        embedding = F.normalize(groups.mean(dim=1), dim=-1)  # (B, D)
         return ImageEncoding(embedding, groups, out.assignment, out.groups, out.queries)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -165,4 +165,12 @@ def parameter_counts(model: OVSegmentor) -> dict[str, int]:
         parts["momentum encoder (frozen)"] = model.momentum_encoder
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts
+
+
+def parameter_table(model: OVSegmentor) -> str:
+    """`parameter_counts` as a Markdown table (millions and exact counts)."""
+    rows = ["| part | parameters | millions |", "|---|---:|---:|"]
+    rows += [f"| {name} | {n:,} | {n / 1e6:.2f} |" for name, n in parameter_counts(model).items()]
+    return "\n".join(rows)
