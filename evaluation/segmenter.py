@@ -100,7 +100,7 @@ class ZeroShotSegmenter:
     # -- image side --------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> normalised (1, 3, h, w) with the short side at the protocol's."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
         h, w = x.shape[-2:]
         scale = self.protocol.short_side / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))

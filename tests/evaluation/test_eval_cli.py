@@ -1,0 +1,74 @@
+"""`ovseg eval synthetic` and `ovseg segment` end to end with a real (tiny, untrained) model
+checkpoint and a real synthetic-world split."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ovseg.cli.main import app
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from ovseg.training.config import resolve, to_dict
+    from ovseg.training.model import build_model
+    from ovseg.training.tokenizer import tokenizer_to_json, train_wordpiece
+
+    cfg = resolve("test", overrides=["model.image_size=64"])
+    tokenizer = train_wordpiece(["a photo of a red circle and a blue star on a striped background"] * 3, vocab_size=200)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "tokenizer": tokenizer_to_json(tokenizer)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ovseg.curation.synthetic import WorldConfig, generate
+
+    return generate(tmp_path_factory.mktemp("world"), WorldConfig(n_train=4, n_val=4, n_test=6, image_size=64))
+
+
+def test_eval_synthetic_writes_metrics_and_pictures(checkpoint, world, tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(checkpoint), "--data", str(world / "voc"),
+                                      "--output", str(out), "--tune-threshold-on", "val", "--save-pictures", "2",
+                                      "--diagnostics", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    classes = json.loads((world / "voc" / "classes.json").read_text())["classes"]
+    assert set(metrics["per_class"]) == set(classes)
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["n_images"] == 6
+    assert 0.0 < metrics["bg_threshold"] < 1.0  # chosen on val
+    assert 0.0 <= metrics["group_majority_miou"] <= 1.0
+    assert len(list((out / "pictures").glob("*_panel.png"))) == 2
+    assert "mIoU" in result.output
+
+
+def test_threshold_cannot_be_tuned_on_the_measured_split(checkpoint, world, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(checkpoint), "--data", str(world),
+                                      "--split", "test", "--tune-threshold-on", "test", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "another split" in result.output
+
+
+def test_segment_writes_overlay_labels_and_groups(checkpoint, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "seg"
+    result = CliRunner().invoke(app, ["segment", str(image), "--checkpoint", str(checkpoint), "--vocab", "circle, star",
+                                      "--output", str(out), "--groups", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    labels = np.asarray(Image.open(out / "photo_labels.png"))
+    assert labels.shape == (50, 70) and labels.max() <= 2
+    assert Image.open(out / "photo_overlay.png").size[0] > 70  # image plus legend
+    assert (out / "photo_groups.png").exists()
+
+
+def test_segment_without_words_is_an_error(checkpoint, tmp_path):
+    result = CliRunner().invoke(app, ["segment", str(checkpoint), "--checkpoint", str(checkpoint), "--vocab", " , "])
+    assert result.exit_code == 2 and "--vocab" in result.output
