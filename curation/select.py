@@ -1,0 +1,114 @@
+"""The select stage: entity frequencies over ``DATA/parsed/`` into ``DATA/entities.parquet``.
+
+One row per distinct entity with ``n_samples`` (captions naming it), ``n_mentions`` (noun chunks
+rooted on it), ``rank`` (1 = most samples; ties broken alphabetically), ``selected`` and, for each
+entity left out, ``excluded_reason``:
+
+- ``stoplist``: a non-visual word of the stoplist (``curation/data/stoplist.txt`` by default);
+- ``below_top_k``: not among the K most frequent entities that are not stoplisted;
+- ``not_in_vocabulary``: a fixed vocabulary was given and does not list it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ovseg.curation import stage
+
+ENTITIES_SCHEMA_SQL = "entity VARCHAR, n_samples BIGINT, n_mentions BIGINT, rank BIGINT, selected BOOLEAN, excluded_reason VARCHAR"
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """Words of a list file: one per line, lower-cased, '#' comments and blank lines ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise stage.StageError(f"cannot read word list {path}: {error.strerror or error}") from error
+    words = []
+    for line in text.splitlines():
+        word = line.split("#", 1)[0].strip().lower()
+        if word and word not in words:
+            words.append(word)
+    return words
+
+
+def default_stoplist() -> list[str]:
+    with resources.as_file(resources.files("ovseg.curation") / "data" / "stoplist.txt") as path:
+        return read_word_list(path)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    top_k: int | None = 100                 # the K most frequent non-stoplisted entities
+    vocabulary: tuple[str, ...] | None = None  # or exactly these entities (then top_k is ignored)
+    stoplist: tuple[str, ...] = field(default_factory=lambda: tuple(default_stoplist()))
+
+    @classmethod
+    def from_files(cls, top_k: int | None = 100, vocabulary: str | Path | None = None,
+                   stoplist: str | Path | None = None, stoplist_add: list[str | Path] = ()) -> "SelectConfig":
+        words = read_word_list(stoplist) if stoplist else default_stoplist()
+        for extra in stoplist_add:
+            words += [w for w in read_word_list(extra) if w not in words]
+        vocab = tuple(read_word_list(vocabulary)) if vocabulary else None
+        if vocab is None and (top_k is None or top_k < 1):
+            raise stage.StageError("--top-k-entities must be at least 1 (or give --vocabulary FILE)")
+        return cls(top_k=None if vocab else top_k, vocabulary=vocab, stoplist=tuple(words))
+
+
+@dataclass
+class SelectResult:
+    entities: int
+    selected: int
+    missing_vocabulary: list[str]
+    skipped: bool = False
+
+
+def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, threads: int | None = None,
+           memory_limit: str | None = None) -> SelectResult:
+    data = Path(data)
+    parse_marker = stage.require(data, "parse", "select")
+    settings = {**asdict(cfg), "stoplist": sorted(cfg.stoplist),
+                "vocabulary": sorted(cfg.vocabulary) if cfg.vocabulary else None, "parse": parse_marker["settings"]}
+    if not force and stage.is_done(data, "select", settings):
+        counts = stage.read_marker(data, "select")["counts"]
+        return SelectResult(counts["entities"], counts["selected"], counts["missing_vocabulary"], skipped=True)
+    stage.start(data, "select")
+    con = stage.duckdb_connect(threads, memory_limit)
+    parsed = stage.sql_path(data / "parsed" / "part-*.parquet")
+    con.execute(f"CREATE TEMP TABLE stop AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.stoplist)])
+    con.execute(f"CREATE TEMP TABLE vocab AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.vocabulary or [])])
+    con.execute(f"""
+        CREATE TEMP TABLE freq AS
+        WITH samples AS (SELECT entity, count(*) AS n_samples
+                         FROM (SELECT unnest(entities) AS entity FROM read_parquet({parsed})) GROUP BY entity),
+             mentions AS (SELECT entity, count(*) AS n_mentions
+                          FROM (SELECT unnest(chunks).entity AS entity FROM read_parquet({parsed})) GROUP BY entity)
+        SELECT s.entity, s.n_samples, m.n_mentions,
+               row_number() OVER (ORDER BY s.n_samples DESC, s.entity) AS rank,
+               s.entity IN (SELECT entity FROM stop) AS stopped
+        FROM samples s JOIN mentions m USING (entity)""")
+    if cfg.vocabulary is not None:
+        rule = ("CASE WHEN stopped THEN 'stoplist' "
+                "WHEN entity NOT IN (SELECT entity FROM vocab) THEN 'not_in_vocabulary' END")
+    else:
+        rule = ("CASE WHEN stopped THEN 'stoplist' "
+                f"WHEN row_number() OVER (PARTITION BY stopped ORDER BY rank) > {int(cfg.top_k)} THEN 'below_top_k' END")
+    out = data / "entities.parquet"
+    tmp = out.with_name(out.name + ".tmp")
+    con.execute(f"""
+        COPY (SELECT entity, n_samples, n_mentions, rank, reason IS NULL AS selected, reason AS excluded_reason
+              FROM (SELECT *, {rule} AS reason FROM freq) ORDER BY rank)
+        TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
+    tmp.replace(out)
+    n_entities, n_selected = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE selected) FROM read_parquet({stage.sql_path(out)})").fetchone()
+    missing = [r[0] for r in con.execute(
+        "SELECT entity FROM vocab WHERE entity NOT IN (SELECT entity FROM freq) ORDER BY entity").fetchall()]
+    con.close()
+    stage.finish(data, "select", settings, {"entities": n_entities, "selected": n_selected, "missing_vocabulary": missing})
+    from ovseg.curation.catalog import build_catalog
+
+    build_catalog(data)
+    return SelectResult(n_entities, n_selected, missing)

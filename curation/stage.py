@@ -1,0 +1,115 @@
+"""What every curation stage shares: atomic Parquet writes and completion markers.
+
+A stage writes its outputs under temporary names (``*.tmp``) and renames each one when it is
+complete, then writes ``DATA/_markers/<stage>.json`` last. The marker holds the stage's settings;
+a stage whose marker exists with the same settings is skipped, and a stage that runs again
+removes the markers of every later stage, so they run again too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGES = ("ingest", "parse", "select", "manifest", "entity_index", "pairs")
+MARKERS = "_markers"
+
+
+def marker_path(data: Path, stage: str) -> Path:
+    return Path(data) / MARKERS / f"{stage}.json"
+
+
+def read_marker(data: Path, stage: str) -> dict | None:
+    path = marker_path(data, stage)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_done(data: Path, stage: str, settings: dict) -> bool:
+    """True when `stage` completed in `data` with exactly these settings."""
+    marker = read_marker(data, stage)
+    return marker is not None and marker.get("settings") == json.loads(json.dumps(settings))
+
+
+def start(data: Path, stage: str) -> None:
+    """Forget `stage` and every later stage: their outputs are about to change."""
+    for later in STAGES[STAGES.index(stage):]:
+        marker_path(data, later).unlink(missing_ok=True)
+
+
+def finish(data: Path, stage: str, settings: dict, counts: dict) -> None:
+    """Write the completion marker of `stage` (the last write of the stage)."""
+    write_text_atomic(marker_path(data, stage), json.dumps({"settings": settings, "counts": counts}, indent=2) + "\n")
+
+
+def require(data: Path, stage: str, needed_by: str) -> dict:
+    marker = read_marker(data, stage)
+    if marker is None:
+        raise StageError(f"{needed_by} needs the {stage} stage to have completed in {data} "
+                         f"(run `ovseg curate {stage.replace('_', '-')} {data}` first)")
+    return marker
+
+
+class StageError(RuntimeError):
+    """A user-facing error of a curation stage (bad input, missing earlier stage)."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def reset_dir(path: Path) -> Path:
+    """An empty folder at `path` (whatever an interrupted run left there is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def remove_temporaries(folder: Path) -> None:
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink()
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def parts(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def duckdb_connect(threads: int | None = None, memory_limit: str | None = None):
+    """A DuckDB connection for a stage's queries (in memory; reads and writes Parquet files)."""
+    import duckdb
+
+    config = {"preserve_insertion_order": "true"}
+    if threads:
+        config["threads"] = str(threads)
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    return duckdb.connect(":memory:", config=config)
+
+
+def sql_path(path: Path) -> str:
+    """A path quoted for a DuckDB string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
