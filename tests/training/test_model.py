@@ -182,9 +182,9 @@ def test_padding_a_question_changes_nothing(tokenizer):
                      return_tensors="pt")
     assert long["input_ids"].shape[1] > short["input_ids"].shape[1]
     with torch.no_grad():
-        a = model.entity_loss.decode(model.text_features(short["input_ids"], short["attention_mask"]),
+        a = model.entity_decoder(model.text_features(short["input_ids"], short["attention_mask"]),
                                      short["attention_mask"], groups)
-        b = model.entity_loss.decode(model.text_features(long["input_ids"], long["attention_mask"]),
+        b = model.entity_decoder(model.text_features(long["input_ids"], long["attention_mask"]),
                                      long["attention_mask"], groups)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -195,8 +195,8 @@ def test_the_decoder_reads_the_groups(tokenizer):
     q = tokenizer(["a red [MASK]"], return_tensors="pt")
     feats = model.text_features(q["input_ids"], q["attention_mask"])
     with torch.no_grad():
-        a = model.entity_loss.decode(feats, q["attention_mask"], torch.randn(1, 4, 32))
-        b = model.entity_loss.decode(feats, q["attention_mask"], torch.randn(1, 4, 32))
+        a = model.entity_decoder(feats, q["attention_mask"], torch.randn(1, 4, 32))
+        b = model.entity_decoder(feats, q["attention_mask"], torch.randn(1, 4, 32))
     assert not torch.allclose(a, b)
 
 

@@ -7,6 +7,8 @@ gather is the identity."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -26,7 +28,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated for a private API; still the public autograd gather
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
@@ -54,8 +58,3 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     # mean over the valid rows of the global batch, so ranks with fewer valid rows weigh less
     _, world = _world()
     return per_row.sum() * world / all_valid.sum()
-
-
-class ContrastiveLoss(nn.Module):
-    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(image, text, logit_scale)

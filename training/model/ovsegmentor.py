@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ovseg.training.losses import EntityCompletionLoss, MaskConsistencyLoss, contrastive_loss
+from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, entity_completion_loss
 from ovseg.training.model.config import ModelConfig
+from ovseg.training.model.entity_decoder import EntityDecoder
 from ovseg.training.model.image_encoder import GroupingViT
 from ovseg.training.model.projector import Projector
 from ovseg.training.model.text_encoder import TextEncoder
@@ -32,7 +33,7 @@ class ImageEncoding:
 class OVSegmentor(nn.Module):
     def __init__(self, cfg: ModelConfig, image_encoder: GroupingViT, text_encoder: TextEncoder,
                  image_projector: nn.Module, text_projector: nn.Module, tokenizer,
-                 entity_loss: EntityCompletionLoss | None = None, mask_loss: MaskConsistencyLoss | None = None):
+                 entity_decoder: EntityDecoder | None = None, mask_loss: MaskConsistencyLoss | None = None):
         super().__init__()
         unknown = set(cfg.losses) - set(LOSS_NAMES)
         if unknown:
@@ -43,7 +44,7 @@ class OVSegmentor(nn.Module):
         self.image_projector = image_projector
         self.text_projector = text_projector
         self.tokenizer = tokenizer
-        self.entity_loss = entity_loss
+        self.entity_decoder = entity_decoder
         self.mask_loss = mask_loss
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         # the momentum (EMA) image encoder exists only when the mask-consistency loss is on
@@ -106,8 +107,8 @@ class OVSegmentor(nn.Module):
         if "entity" in self.cfg.losses:
             question = self.text_features(batch["question_ids"], batch["question_mask"])
             answer = self.embed_text(batch["answer_ids"], batch["answer_mask"])
-            parts["entity"] = self.entity_loss(question, batch["question_mask"], image.groups, answer,
-                                               batch["has_entity"], scale)
+            predicted = self.entity_decoder(question, batch["question_mask"], image.groups)  # (B, D)
+            parts["entity"] = entity_completion_loss(predicted, answer, batch["has_entity"], scale)
         if "mask" in self.cfg.losses:
             parts["mask"] = self._mask_consistency(image, batch)
         weights = self.cfg.loss_weights
@@ -139,7 +140,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
     text_encoder = TextEncoder(cfg, tokenizer)
     entity = mask = None
     if "entity" in cfg.losses:
-        entity = EntityCompletionLoss(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
+        entity = EntityDecoder(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
                                       cfg.proj_hidden, cfg.embed_dim)
     if "mask" in cfg.losses:
         mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold)
@@ -147,7 +148,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         cfg, image_encoder, text_encoder,
         image_projector=Projector(cfg.width, cfg.proj_hidden, cfg.embed_dim),
         text_projector=Projector(text_encoder.width, cfg.proj_hidden, cfg.embed_dim),
-        tokenizer=tokenizer, entity_loss=entity, mask_loss=mask,
+        tokenizer=tokenizer, entity_decoder=entity, mask_loss=mask,
     )
 
 
@@ -159,8 +160,8 @@ def parameter_counts(model: OVSegmentor) -> dict[str, int]:
         "image projector": model.image_projector,
         "text projector": model.text_projector,
     }
-    if model.entity_loss is not None:
-        parts["entity decoder"] = model.entity_loss
+    if model.entity_decoder is not None:
+        parts["entity decoder"] = model.entity_decoder
     if model.momentum_encoder is not None:
         parts["momentum encoder (frozen)"] = model.momentum_encoder
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}

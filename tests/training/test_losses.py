@@ -1,0 +1,156 @@
+"""The three losses on small tensors: contrastive against a hand computation and across two
+real gloo processes, dice values known by hand, the mask loss's matching and group selection."""
+
+import importlib.util
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, dice_loss
+from ovseg.training.losses.mask_consistency import pairwise_dice_cost
+
+torch.set_num_threads(1)
+WORKER = Path(__file__).with_name("gloo_contrastive_worker.py")
+
+
+# -- contrastive --------------------------------------------------------------------------------
+
+def hand_infonce(a: list[list[float]], b: list[list[float]], scale: float) -> float:
+    """Symmetric InfoNCE with plain Python arithmetic."""
+    n = len(a)
+
+    def dot(u, v):
+        return sum(x * y for x, y in zip(u, v))
+
+    def direction(p, q):
+        total = 0.0
+        for i in range(n):
+            logits = [scale * dot(p[i], q[j]) for j in range(n)]
+            total += -logits[i] + math.log(sum(math.exp(z) for z in logits))
+        return total / n
+
+    return 0.5 * (direction(a, b) + direction(b, a))
+
+
+def test_contrastive_loss_equals_a_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    b = torch.tensor([[0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+    got = contrastive_loss(a, b, torch.tensor(3.0))
+    assert got.item() == pytest.approx(hand_infonce(a.tolist(), b.tolist(), 3.0), rel=1e-6)
+
+
+def test_contrastive_loss_is_low_when_pairs_match_and_high_when_shuffled():
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    matched = contrastive_loss(a, a, torch.tensor(50.0))
+    shuffled = contrastive_loss(a, a.roll(1, dims=0), torch.tensor(50.0))
+    assert matched < 0.1 < shuffled
+
+
+def test_invalid_rows_drop_out_of_both_sides_of_the_contrastive_loss():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    valid = torch.tensor([True, False, True, True, False])
+    got = contrastive_loss(a, b, torch.tensor(4.0), valid=valid)
+    kept = contrastive_loss(a[valid], b[valid], torch.tensor(4.0))
+    torch.testing.assert_close(got, kept)
+
+
+def test_contrastive_loss_with_no_valid_row_is_zero_and_keeps_the_graph():
+    a = torch.randn(3, 4, requires_grad=True)
+    loss = contrastive_loss(a, a.detach(), torch.tensor(1.0), valid=torch.zeros(3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and a.grad is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_give_the_one_process_loss_and_gradients_on_the_concatenated_batch(tmp_path):
+    port, out = _free_port(), tmp_path / "rank0.pt"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    for p in procs:
+        output, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, output.decode()[-2000:]
+    gathered = torch.load(out, weights_only=True)
+
+    spec = importlib.util.spec_from_file_location("gloo_contrastive_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    x_img, x_txt, w_img, w_txt, valid = worker.problem()
+    for name, mask in (("all", None), ("valid", valid)):
+        loss, grads = worker.loss_and_grads(x_img, x_txt, w_img, w_txt, mask)
+        dist_loss, dist_grads = gathered[name]
+        torch.testing.assert_close(dist_loss, loss, rtol=1e-5, atol=1e-6)
+        for got, want in zip(dist_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- dice and mask consistency ------------------------------------------------------------------
+
+def test_dice_loss_has_known_values():
+    pred = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    # (2*inter + 1) / (|p| + |t| + 1): 3/4, 5/5, 1/3, 3/4
+    torch.testing.assert_close(dice_loss(pred, target), torch.tensor([0.25, 0.0, 2 / 3, 0.25]))
+    cost = pairwise_dice_cost(pred, target)
+    torch.testing.assert_close(cost.diagonal(), dice_loss(pred, target))
+    torch.testing.assert_close(cost[0, 1], dice_loss(pred[0], target[1]))
+
+
+def _mask_problem(seed=0, b=3, k=5, n=12):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, k, n, generator=g).softmax(dim=1)
+    teacher = torch.randn(b, k, n, generator=g).mul(3).softmax(dim=1)
+    relevance = torch.randn(b, k, generator=g)
+    return student, teacher, relevance, torch.tensor([True, True, True])
+
+
+def test_permuting_one_images_groups_leaves_the_mask_loss_unchanged():
+    loss_fn = MaskConsistencyLoss(keep_groups=3)
+    student, teacher, relevance, has = _mask_problem()
+    base = loss_fn(student, teacher, relevance, has)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    s2, r2 = student.clone(), relevance.clone()
+    s2[1], r2[1] = student[1, perm], relevance[1, perm]  # the image's own groups, reordered
+    torch.testing.assert_close(loss_fn(s2, teacher, r2, has), base)
+    t2 = teacher.clone()
+    t2[2] = teacher[2, perm]  # the partner's groups, reordered
+    torch.testing.assert_close(loss_fn(student, t2, relevance, has), base)
+
+
+def test_mask_loss_matches_groups_so_identical_masks_in_another_order_cost_nothing():
+    teacher = torch.eye(4).repeat_interleave(3, dim=1)[None]  # (1, K=4, N=12), one-hot groups
+    student = teacher[:, [2, 0, 3, 1]]
+    loss = MaskConsistencyLoss(keep_groups=4)(student, teacher, torch.zeros(1, 4), torch.tensor([True]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_groups_least_related_to_the_shared_entity_receive_no_gradient():
+    student, teacher, relevance, has = _mask_problem()
+    student.requires_grad_(True)
+    MaskConsistencyLoss(keep_groups=2)(student, teacher, relevance, has).backward()
+    for b in range(3):
+        kept = set(relevance[b].topk(2).indices.tolist())
+        for k in range(5):
+            moved = student.grad[b, k].abs().sum().item()
+            assert (moved > 0) == (k in kept), (b, k, moved)
+
+
+def test_samples_without_a_partner_do_not_count():
+    student, teacher, relevance, _ = _mask_problem()
+    loss_fn = MaskConsistencyLoss(keep_groups=2)
+    only_first = loss_fn(student, teacher, relevance, torch.tensor([True, False, False]))
+    torch.testing.assert_close(only_first, loss_fn(student[:1], teacher[:1], relevance[:1], torch.tensor([True])))
+    none = loss_fn(student.requires_grad_(True), teacher, relevance, torch.zeros(3, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0
