@@ -76,6 +76,8 @@ class OVSegmentor(nn.Module):
         return F.normalize(self.text_projector(cls), dim=-1)  # (B, D)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: build it with one to encode text")
         device = self.logit_scale.device
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_text_length,
                              return_tensors="pt")

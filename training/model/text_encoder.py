@@ -17,12 +17,14 @@ class TextEncoder(nn.Module):
         if cfg.text_pretrained:
             self.bert = AutoModel.from_pretrained(cfg.text_pretrained, add_pooling_layer=False)
         else:
-            if tokenizer is None:
-                raise ValueError("a randomly initialised text encoder needs a tokenizer (its vocabulary size)")
+            if tokenizer is None and cfg.text_vocab_size is None:
+                raise ValueError("a randomly initialised text encoder needs a tokenizer or model.text_vocab_size")
             config = BertConfig(
-                vocab_size=len(tokenizer), hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
+                vocab_size=len(tokenizer) if tokenizer is not None else cfg.text_vocab_size,
+                hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
                 num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
-                max_position_embeddings=max(64, cfg.max_text_length), pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=max(64, cfg.max_text_length),
+                pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
             )
             self.bert = BertModel(config, add_pooling_layer=False)
         self.width = self.bert.config.hidden_size
