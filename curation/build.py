@@ -7,8 +7,9 @@
 
 Pairs are drawn without a random number generator: each entity's samples are put in a seeded
 pseudo-random order (DuckDB's ``hash`` of sample, entity and seed), each sample's entities are
-visited in a seeded order too, and the t-th partner through an entity is the sample t places
-further along that entity's order (wrapping around). The same seed gives the same pairs, a
+visited in a seeded order too (round-robin), and the t-th partner through an entity is the
+sample t places further along that entity's order (wrapping around); the first P distinct
+partners are kept. The same seed gives the same pairs, a
 partner is never the sample itself, and the work is linear in the index.
 """
 
@@ -119,22 +120,27 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
         SELECT entity, sample_id,
                count(*) OVER (PARTITION BY entity) AS n,
                row_number() OVER (PARTITION BY entity ORDER BY hash(sample_id, entity, {s}), sample_id) - 1 AS pos,
-               row_number() OVER (PARTITION BY sample_id ORDER BY hash(entity, sample_id, {s} + 1), entity) - 1 AS turn,
-               count(*) OVER (PARTITION BY sample_id) AS k
+               row_number() OVER (PARTITION BY sample_id ORDER BY hash(entity, sample_id, {s} + 1), entity) - 1 AS turn
         FROM read_parquet({index})""")
-    # Slot j of a sample goes to its entity with turn = j % k, as that entity's (j // k + 1)-th step.
+    # Candidate t of (sample, entity) is the sample t places further along the entity's order;
+    # candidates are taken round-robin over the sample's entities (t, then turn), the first P
+    # distinct partners kept, so a sample whose entity runs out of partners takes more from another.
     out = data / "pairs.parquet"
     tmp = out.with_name(out.name + ".tmp")
     con.execute(f"""
         COPY (
           WITH steps AS (
-            SELECT i.entity, i.sample_id, j AS slot, (i.pos + j // i.k + 1) % i.n AS partner_pos
-            FROM idx i, range({p}) r(j)
-            WHERE j % i.k = i.turn AND j // i.k + 1 <= i.n - 1)
-          SELECT s.sample_id, t.sample_id AS partner_id, s.entity
-          FROM steps s JOIN idx t ON t.entity = s.entity AND t.pos = s.partner_pos
-          QUALIFY row_number() OVER (PARTITION BY s.sample_id, t.sample_id ORDER BY s.slot) = 1
-          ORDER BY s.sample_id, s.slot)
+            SELECT i.entity, i.sample_id, t, i.turn, (i.pos + t) % i.n AS partner_pos
+            FROM idx i, range(1, {p} + 1) r(t)
+            WHERE t <= i.n - 1),
+          candidates AS (
+            SELECT s.sample_id, c.sample_id AS partner_id, s.entity, s.t, s.turn
+            FROM steps s JOIN idx c ON c.entity = s.entity AND c.pos = s.partner_pos
+            QUALIFY row_number() OVER (PARTITION BY s.sample_id, c.sample_id ORDER BY s.t, s.turn) = 1)
+          SELECT sample_id, partner_id, entity
+          FROM candidates
+          QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY t, turn) <= {p}
+          ORDER BY sample_id, t, turn)
         TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
     tmp.replace(out)
     rows = con.execute(f"SELECT count(*) FROM read_parquet({stage.sql_path(out)})").fetchone()[0]

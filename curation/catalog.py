@@ -49,3 +49,80 @@ def build_catalog(data: Path) -> Path:
         con.close()
     os.replace(tmp, path)
     return path
+
+
+class QueryError(RuntimeError):
+    """DuckDB refused a query (its message is the error's text)."""
+
+
+def connect_read_only(data: Path):
+    """A read-only connection to DATA/catalog.duckdb (FileNotFoundError when there is none)."""
+    import duckdb
+
+    path = Path(data) / CATALOG
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return duckdb.connect(str(path), read_only=True)
+
+
+def write_result(con, query: str, fmt: str = "table", output: Path | None = None, max_rows: int = 40) -> str:
+    """Run `query`; write it to `output` in `fmt` (csv/json/parquet), or return it as text."""
+    import duckdb
+
+    try:
+        relation = con.sql(query)
+        if relation is None:  # a statement without a result
+            return ""
+        if output is not None:
+            output = Path(output)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = output.with_name(output.name + ".tmp")
+            if fmt == "parquet":
+                relation.write_parquet(str(tmp), compression="zstd")
+            elif fmt == "csv":
+                relation.write_csv(str(tmp), header=True)
+            elif fmt == "json":
+                literal = "'" + str(tmp).replace("'", "''") + "'"
+                relation.to_view("ovseg_sql_result", replace=True)
+                con.execute(f"COPY (SELECT * FROM ovseg_sql_result) TO {literal} (FORMAT json)")
+            else:
+                tmp.write_text(_table_text(relation, max_rows) + "\n")
+            os.replace(tmp, output)
+            return ""
+        if fmt == "csv":
+            return _csv_text(relation)
+        if fmt == "json":
+            return _json_text(relation)
+        return _table_text(relation, max_rows)
+    except duckdb.Error as error:
+        raise QueryError(str(error).strip()) from None
+
+
+def _table_text(relation, max_rows: int) -> str:
+    """DuckDB's own box rendering of the first `max_rows` rows."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        relation.show(max_rows=max_rows, max_width=10_000)
+    return buffer.getvalue()
+
+
+def _csv_text(relation) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(relation.columns)
+    for row in relation.fetchall():
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _json_text(relation) -> str:
+    import json
+
+    columns = relation.columns
+    return "".join(json.dumps(dict(zip(columns, row)), default=str) + "\n" for row in relation.fetchall())

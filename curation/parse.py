@@ -54,11 +54,25 @@ def default_model() -> str:
         f"en_core_web_sm), or name an installed model with --spacy-model / ${MODEL_ENV}")
 
 
+_LOADED: dict[str, object] = {}  # chunking pipelines of this process, by model name
+
+
 def load_nlp(model: str | None = None, full: bool = False):
-    """The spaCy pipeline for chunking (`full`: every pipe of the model, for comparison)."""
+    """The spaCy pipeline for chunking (`full`: every pipe of the model, for comparison).
+
+    Chunking pipelines are loaded once per process and reused."""
+    model = model or default_model()
+    if not full and model in _LOADED:
+        return _LOADED[model]
+    nlp = _load(model, full)
+    if not full:
+        _LOADED[model] = nlp
+    return nlp
+
+
+def _load(model: str, full: bool):
     import spacy
 
-    model = model or default_model()
     try:
         nlp = spacy.load(model)
     except OSError as error:
@@ -75,6 +89,13 @@ def load_nlp(model: str | None = None, full: bool = False):
 def _lemma(token, lemmatizer) -> str:
     if lemmatizer is None:
         return token.lemma_ or token.text
+    if token.tag_ == "NNPS":  # a Title-Cased plural ("Red Cars"): lemmatize it as the noun it is
+        pos = token.pos_
+        token.pos_ = "NOUN"
+        try:
+            return lemmatizer.lemmatize(token)[0]
+        finally:
+            token.pos_ = pos
     return lemmatizer.lemmatize(token)[0]
 
 
