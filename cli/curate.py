@@ -82,20 +82,30 @@ def cc12m(
     threads: _Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP_DB),
     memory_limit: _Optional[str] = typer.Option(None, "--memory-limit", help=MEMORY_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    no_download: bool = typer.Option(False, "--no-download", help="Stop after the manifest; download later with `ovseg curate download`."),
+    image_size: int = typer.Option(256, "--image-size", help="Download: images are resized to this size (img2dataset's image_size)."),
+    processes: int = typer.Option(_os.cpu_count() or 1, "--processes", help="Download: processes (img2dataset's processes_count)."),
+    download_threads: int = typer.Option(64, "--download-threads", help="Download: threads per process (img2dataset's thread_count)."),
+    resize_mode: str = typer.Option("keep_ratio", "--resize-mode", help="Download: img2dataset's resize mode (keep_ratio, border, center_crop, keep_ratio_largest, no)."),
+    distributor: str = typer.Option("multiprocessing", "--distributor", help="Download: multiprocessing, pyspark or ray (docs/download.md)."),
 ) -> None:
-    """Curate CC12M: ingest, parse, select, manifest, entity_index and pairs into DATA.
+    """Curate CC12M: ingest, parse, select, manifest, entity_index and pairs into DATA, then download.
 
     Each stage is skipped when it already completed with the same settings, so rerunning after an
     interruption finishes only what is missing (docs/pipeline.md)."""
     from ovseg.curation.ingest import CC12M_URL
     from ovseg.curation.pipeline import CurateConfig, curate
 
+    download_cfg = None if no_download else download_config(
+        "cc12m", image_size, processes, download_threads, resize_mode, distributor)  # checked before hours of parsing
     cfg = CurateConfig(source=source or CC12M_URL, ingest=_ingest_config(shard_size, max_caption_chars),
                        workers=workers, batch_size=batch_size, spacy_model=spacy_model,
                        select=_select_config("cc12m", top_k, vocabulary, stoplist, stoplist_add),
                        pairs_per_sample=pairs_per_sample, seed=seed, threads=threads, memory_limit=memory_limit)
     with _stage_errors("cc12m"):
         curate(data, cfg, force=force, report=_report)
+    if download_cfg is not None:  # the last step: img2dataset over the manifest (docs/download.md)
+        run_download(data, download_cfg, command="cc12m")
 
 
 @app.command("captions")
@@ -258,24 +268,35 @@ def synthetic(
                 pass
 
 
-def run_download(data: _Path, image_size: int, processes: int, threads: int, resize_mode: str,
-                 distributor: str, shard_size: int = 10_000, timeout: float = 10.0, retries: int = 0,
-                 max_image_area: _Optional[float] = None, force: bool = False, command: str = "download") -> None:
-    """The download step, shared by `ovseg curate download` and `ovseg curate cc12m`."""
+def download_config(command: str, image_size: int, processes: int, threads: int, resize_mode: str,
+                    distributor: str, shard_size: int = 10_000, timeout: float = 10.0, retries: int = 0,
+                    max_image_area: _Optional[float] = None):
+    """The download options, checked (a one-line error and exit 2 when one is wrong)."""
     import math
 
-    from ovseg.curation.download import DownloadConfig, DownloadError, download
+    from ovseg.curation.download import DownloadConfig
 
     cfg = DownloadConfig(image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
                          shard_size=shard_size, timeout=timeout, retries=retries, distributor=distributor,
                          max_image_area=math.inf if max_image_area is None else max_image_area)
+    try:
+        cfg.validate()
+    except ValueError as error:
+        _fail(command, str(error))
+    return cfg
+
+
+def run_download(data: _Path, cfg, force: bool = False, command: str = "download") -> None:
+    """The download step, shared by `ovseg curate download` and `ovseg curate cc12m`."""
+    from ovseg.curation.download import DownloadError, download
+
     try:
         result = download(data, cfg, force=force)
     except (DownloadError, ValueError) as error:
         _fail(command, str(error))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if result.skipped:
-        typer.echo(f"download already complete ({counts}); --force to download again")
+        typer.echo(f"download already complete ({counts}); `ovseg curate download DATA --force` downloads again")
         return
     typer.echo(f"wrote {result.path}: {counts} in {result.seconds:.1f} s")
     if not result.complete:
@@ -311,5 +332,6 @@ def download_command(
     what is missing (docs/download.md)."""
     if not (data / "manifest").is_dir():
         _fail("download", f"no manifest in {data / 'manifest'} (run `ovseg curate cc12m` first)")
-    run_download(data, image_size, processes, threads, resize_mode, distributor, shard_size, timeout, retries,
-                 max_image_area, force)
+    cfg = download_config("download", image_size, processes, threads, resize_mode, distributor, shard_size, timeout,
+                          retries, max_image_area)
+    run_download(data, cfg, force=force)

@@ -158,7 +158,8 @@ def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, prog
         before = state.get("output_settings", {})
         changed = [f"{k} {before[k]} -> {v}" for k, v in _plain_settings(cfg).items() if k in before and before[k] != v]
         what = f"other options ({', '.join(changed)})" if changed else "a different manifest"
-        raise DownloadError(f"{images} holds a download of {what}; rerun with --force to start over")
+        raise DownloadError(f"{images} holds a download of {what}; "
+                            f"`ovseg curate download {data} --force` starts over")
     elif state.get("fingerprint") == fingerprint and state.get("complete") and out.exists():
         counts = _status_counts(out)
         return DownloadResult(out, counts, state.get("shards", 0), time.perf_counter() - start, skipped=True)
