@@ -83,8 +83,7 @@ def write_result(con, query: str, fmt: str = "table", output: Path | None = None
                 relation.write_csv(str(tmp), header=True)
             elif fmt == "json":
                 literal = "'" + str(tmp).replace("'", "''") + "'"
-                relation.to_view("ovseg_sql_result", replace=True)
-                con.execute(f"COPY (SELECT * FROM ovseg_sql_result) TO {literal} (FORMAT json)")
+                con.execute(f"COPY ({query.strip().rstrip(';')}) TO {literal} (FORMAT json)")
             else:
                 tmp.write_text(_table_text(relation, max_rows) + "\n")
             os.replace(tmp, output)
