@@ -28,7 +28,7 @@ class ModelConfig:
     text_depth: int = 12
     text_heads: int = 12
     text_intermediate: int = 3072
-    text_vocab_size: int | None = None  # random init without a tokenizer (benchmarks); default: the tokenizer's
+    text_vocab_size: int | None = None  # random init: embedding rows (default: the tokenizer's vocabulary)
     max_text_length: int = 32
     # projectors into the shared space
     embed_dim: int = 256

@@ -19,8 +19,11 @@ class TextEncoder(nn.Module):
         else:
             if tokenizer is None and cfg.text_vocab_size is None:
                 raise ValueError("a randomly initialised text encoder needs a tokenizer or model.text_vocab_size")
+            if tokenizer is not None and cfg.text_vocab_size and cfg.text_vocab_size < len(tokenizer):
+                raise ValueError(f"model.text_vocab_size {cfg.text_vocab_size} is smaller than the tokenizer's "
+                                 f"vocabulary ({len(tokenizer)})")
             config = BertConfig(
-                vocab_size=len(tokenizer) if tokenizer is not None else cfg.text_vocab_size,
+                vocab_size=cfg.text_vocab_size or len(tokenizer),
                 hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
                 num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
                 max_position_embeddings=max(64, cfg.max_text_length),

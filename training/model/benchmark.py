@@ -1,0 +1,219 @@
+"""`ovseg bench model`: what the model costs.
+
+- a training step (forward + backward, all three losses) of each CPU preset: time and peak memory;
+- the image encoder alone against a plain timm ViT of the same width, depth and input (the
+  grouping overhead);
+- forward FLOPs (torch.utils.flop_counter) and parameters of the `paper` preset.
+
+Memory on a CPU is the peak resident set of a fresh process (each measurement runs in its own
+spawned process), reported with its increase over the process after the model was built; on
+CUDA it is `torch.cuda.max_memory_allocated`."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from ovseg.training.model.config import ModelConfig
+
+CAPTIONS = ["a photo of a red circle and a blue square", "a green star on a striped background",
+            "a dog and a person on the beach", "two yellow triangles next to a circle"]
+
+
+def _config(preset: str, **changes) -> ModelConfig:
+    from ovseg.training.presets import get_preset
+
+    return dataclasses.replace(ModelConfig(**get_preset(preset)["model"]), **changes)
+
+
+def _batch(cfg: ModelConfig, tokenizer, b: int, device: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    size = cfg.image_size
+
+    def text(texts):
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_text_length,
+                        return_tensors="pt")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(b)]
+    ids, mask = text(captions)
+    q_ids, q_mask = text([c.replace("circle", "[MASK]").replace("star", "[MASK]") for c in captions])
+    a_ids, a_mask = text(["a photo of a circle"] * b)
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g).to(device),
+        "partner_image": torch.randn(b, 3, size, size, generator=g).to(device),
+        "input_ids": ids, "attention_mask": mask, "question_ids": q_ids, "question_mask": q_mask,
+        "answer_ids": a_ids, "answer_mask": a_mask, "shared_ids": a_ids, "shared_mask": a_mask,
+        "has_entity": torch.ones(b, dtype=torch.bool, device=device),
+        "has_partner": torch.ones(b, dtype=torch.bool, device=device),
+    }
+
+
+def _tokenizer(cfg: ModelConfig):
+    from ovseg.training.tokenizer import train_wordpiece
+
+    return train_wordpiece(CAPTIONS * 4, vocab_size=1000, min_frequency=1)
+
+
+def _timed(step, repeats: int, device: str) -> float:
+    """Median seconds of `step()` over `repeats` runs, after one warm-up run."""
+    step()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _memory_start(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _rss_mib()
+
+
+def _memory_peak(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib()
+
+
+def measure_train_step(preset: str, batch_size: int, repeats: int, device: str, threads: int) -> dict:
+    """One preset's training step with all three losses (run in a fresh process for memory)."""
+    from ovseg.training.model import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = _config(preset, losses=["contrastive", "entity", "mask"], vision_init=None)
+    model = build_model(cfg, tokenizer=_tokenizer(cfg)).to(device).train()
+    batch = _batch(cfg, model.tokenizer, batch_size, device)
+    base = _memory_start(device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+
+    seconds = _timed(step, repeats, device)
+    peak = _memory_peak(device)
+    return {"preset": preset, "batch": batch_size, "seconds": seconds, "images_per_s": batch_size / seconds,
+            "peak_mib": peak, "step_mib": peak - base}
+
+
+def measure_encoder_vs_vit(preset: str, batch_size: int, repeats: int, device: str, threads: int) -> dict:
+    """Forward + backward of the grouping image encoder and of a plain timm ViT of the same
+    width, depth, heads, patch and input size."""
+    import timm
+
+    from ovseg.training.model.image_encoder import GroupingViT
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = _config(preset, vision_init=None)
+    ours = GroupingViT(cfg).to(device).train()
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.image_size,
+                            patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth_before + cfg.depth_after,
+                            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio).to(device).train()
+    images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        ours(images).groups.float().mean().backward()
+
+    def vit_step():
+        vit.zero_grad(set_to_none=True)
+        vit(images).float().mean().backward()
+
+    # alternate the two so that a busy machine slows both alike
+    ours_times, vit_times = [], []
+    for _ in range(repeats):
+        ours_times.append(_timed(ours_step, 1, device))
+        vit_times.append(_timed(vit_step, 1, device))
+    t_ours, t_vit = statistics.median(ours_times), statistics.median(vit_times)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"preset": preset, "batch": batch_size, "grouping_vit_s": t_ours, "timm_vit_s": t_vit,
+            "overhead": t_ours / t_vit - 1, "grouping_vit_params": count(ours), "timm_vit_params": count(vit),
+            "tokens": f"{(cfg.image_size // cfg.patch_size) ** 2} patches + {cfg.num_group_tokens} group tokens "
+                      f"x {cfg.depth_before}, then {cfg.num_groups} groups x {cfg.depth_after}"}
+
+
+def paper_flops_and_parameters(batch_size: int = 2, threads: int = 2) -> dict:
+    """Forward FLOPs of the `paper` preset (random weights: no hub here) and its parameters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ovseg.training.model import build_model, parameter_table
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    # bert-base-uncased's architecture and vocabulary size, random weights (no hub here)
+    cfg = _config("paper", text_pretrained=None, vision_init=None, text_vocab_size=30522,
+                  losses=["contrastive", "entity", "mask"])
+    tokenizer = _tokenizer(cfg)
+    model = build_model(cfg, tokenizer=tokenizer).train()
+    batch = _batch(cfg, tokenizer, batch_size, "cpu")
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    image = flops(lambda: model.encode_image(batch["image"][:1]))
+    text = flops(lambda: model.embed_text(batch["input_ids"][:1], batch["attention_mask"][:1]))
+    train = flops(lambda: model(batch)) / batch_size
+    return {"image_gflops": image / 1e9, "text_gflops": text / 1e9, "train_forward_gflops_per_sample": train / 1e9,
+            "text_length": cfg.max_text_length, "parameters": parameter_table(model)}
+
+
+def _in_fresh_process(fn, *args):
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def benchmark_model(presets: tuple[str, ...] = ("test", "synthetic-small"), batch_size: int = 16,
+                    repeats: int = 5, paper_batch: int = 2, paper_repeats: int = 3, device: str = "cpu",
+                    threads: int | None = None, machine: str = "") -> tuple[str, dict]:
+    """Run every measurement (each in its own process) and return (Markdown, numbers)."""
+    import os
+
+    threads = threads or min(4, os.cpu_count() or 1)
+    steps = [_in_fresh_process(measure_train_step, p, batch_size, repeats, device, threads) for p in presets]
+    encoders = [_in_fresh_process(measure_encoder_vs_vit, p, batch_size, repeats, device, threads)
+                for p in presets if p != "test"]
+    encoders.append(_in_fresh_process(measure_encoder_vs_vit, "paper", paper_batch, paper_repeats, device, threads))
+    paper = _in_fresh_process(paper_flops_and_parameters, paper_batch, threads)
+
+    memory = "peak CUDA memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
+    lines = [f"{machine} Device `{device}`, {threads} torch threads.", "",
+             f"**Training step** (forward + backward, contrastive + entity + mask losses; median of {repeats}):", "",
+             "| preset | batch | step (s) | images/s | peak memory (MiB) | increase during the steps (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s['preset']} | {s['batch']} | {s['seconds']:.3f} | {s['images_per_s']:.1f} | "
+              f"{s['peak_mib']:.0f} | {s['step_mib']:.0f} |" for s in steps]
+    lines += ["", f"Memory is the {memory}.", "",
+              "**Image encoder vs a plain timm ViT** of the same width, depth, heads and input "
+              "(forward + backward; target: grouping overhead under 25%):", "",
+              "| preset | batch | tokens per block | grouping ViT (s) | timm ViT (s) | overhead | params (grouping / timm) |",
+              "|---|---:|---|---:|---:|---:|---|"]
+    lines += [f"| {e['preset']} | {e['batch']} | {e['tokens']} | {e['grouping_vit_s']:.3f} | {e['timm_vit_s']:.3f} | "
+              f"{100 * e['overhead']:+.1f}% | {e['grouping_vit_params'] / 1e6:.2f}M / {e['timm_vit_params'] / 1e6:.2f}M |"
+              for e in encoders]
+    lines += ["", f"**`paper` preset** (ViT-B/16, 64 -> 8 groups, BERT-base architecture with random weights): "
+              f"forward FLOPs {paper['image_gflops']:.1f} GFLOPs per 224 px image (image encoder + projector), "
+              f"{paper['text_gflops']:.1f} GFLOPs per caption of {paper['text_length']} tokens (text encoder + "
+              f"projector), {paper['train_forward_gflops_per_sample']:.1f} GFLOPs per sample for the training "
+              "forward with all three losses (image, partner image, momentum encoder, caption, question, "
+              "answer and shared-entity prompts).", "", paper["parameters"]]
+    return "\n".join(lines) + "\n", {"steps": steps, "encoders": encoders, "paper": paper}
