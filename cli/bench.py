@@ -63,3 +63,32 @@ def bench_download(
                                      shard_size=shard_size, repeats=repeats, machine=machine_line())
     write_section("download", md, doc)
     typer.echo(md)
+
+
+@app.command("model")
+def bench_model(
+    presets: str = typer.Option("test,synthetic-small", "--presets", help="Comma-separated CPU presets to time."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per training step for the CPU presets."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs of each measurement (the median is reported)."),
+    paper_batch: int = typer.Option(2, "--paper-batch", help="Images per step for the paper-preset encoder timing."),
+    paper_repeats: int = typer.Option(3, "--paper-repeats", help="Timed runs of the paper-preset encoders."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda to measure on a GPU."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: up to 4, the machine's CPUs)."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """Model cost: training-step time and memory of the CPU presets, the grouping image encoder
+    against a plain timm ViT, and the paper preset's FLOPs and parameters."""
+    from ovseg.training.model.benchmark import benchmark_model
+
+    from ovseg.training.presets import list_presets
+
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
+                                 param_hint="--presets")
+    md, _ = benchmark_model(names, batch_size=batch_size, repeats=repeats, paper_batch=paper_batch,
+                            paper_repeats=paper_repeats, device=device, threads=threads or None,
+                            machine=machine_line())
+    write_section("model", "## Model cost (`ovseg bench model`)\n\n" + md, doc)
+    typer.echo(md)
