@@ -26,7 +26,7 @@ DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade2
 def _run(name: str, data: Path, checkpoint: Path, output: Path, split: Optional[str], protocol: str,
          bg_threshold: Optional[float], tune_threshold_on: Optional[str], ensemble: bool,
          top_k: Optional[int], save_pictures: int, limit: Optional[int], device: Optional[str],
-         diagnostics: bool) -> None:
+         diagnostics: bool, batch_size: int) -> None:
     from ovseg.evaluation.datasets import DatasetNotFound
     from ovseg.evaluation.evaluate import run_evaluation
 
@@ -38,7 +38,7 @@ def _run(name: str, data: Path, checkpoint: Path, output: Path, split: Optional[
             name, data, checkpoint, output_dir=output, split=split or DEFAULT_SPLIT[name],
             protocol=protocol, bg_threshold=bg_threshold, tune_threshold_on=tune_threshold_on,
             ensemble=ensemble, top_k=top_k, save_pictures=save_pictures, limit=limit,
-            device=device, diagnostics=diagnostics,
+            device=device, diagnostics=diagnostics, batch_size=batch_size,
         )
     except DatasetNotFound as error:
         typer.echo(f"ovseg eval {name}: data set not found: {error}", err=True)
@@ -71,9 +71,10 @@ def _make_command(name: str):
         limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images (smoke tests)."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda if available]."),
         diagnostics: bool = typer.Option(False, help="Also report group-majority mIoU (each group given its majority true label)."),
+        batch_size: int = typer.Option(16, min=1, help="Windows per forward pass (across images when each image is one window)."),
     ) -> None:
         _run(name, data, checkpoint, output, split, protocol, bg_threshold, tune_threshold_on,
-             ensemble, top_k, save_pictures, limit, device, diagnostics)
+             ensemble, top_k, save_pictures, limit, device, diagnostics, batch_size)
 
     command.__doc__ = f"Zero-shot segmentation on {name}: mIoU, pixel accuracy, per-class IoU."
     return command

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def load_dataset(name: str, data: Path, split: str | None = None, protocol: str 
 
 def make_segmenter(model, dataset: ds.SegmentationDataset, *, protocol: str = "paper",
                    bg_threshold: float | None = None, ensemble: bool = False,
-                   top_k: int | None = None, device: str = "cpu") -> ZeroShotSegmenter:
+                   top_k: int | None = None, device: str = "cpu", batch_size: int = 16) -> ZeroShotSegmenter:
     if dataset.name == "synthetic":
         chosen = synthetic_protocol(int(getattr(model, "image_size", 64)))
     elif protocol in PROTOCOLS:
@@ -55,8 +56,24 @@ def make_segmenter(model, dataset: ds.SegmentationDataset, *, protocol: str = "p
         model, dataset.prompt_classes,
         templates=ENSEMBLE_TEMPLATES if ensemble else (PAPER_TEMPLATE,),
         with_background=dataset.has_background, bg_threshold=threshold,
-        protocol=chosen, top_k=top_k, device=device,
+        protocol=chosen, top_k=top_k, device=device, batch_size=batch_size,
     )
+
+
+def _batches(dataset: ds.SegmentationDataset, n: int, size: int):
+    """(indices, images, labels) of the first n items in batches of `size`; the next batch is
+    decoded in a background thread while the current one is segmented."""
+    starts = list(range(0, n, size))
+    if not starts:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        load = lambda start: [dataset.load(i) for i in range(start, min(start + size, n))]  # noqa: E731
+        pending = pool.submit(load, starts[0])
+        for k, start in enumerate(starts):
+            items = pending.result()
+            if k + 1 < len(starts):
+                pending = pool.submit(load, starts[k + 1])
+            yield list(range(start, start + len(items))), [im for im, _ in items], [lb for _, lb in items]
 
 
 def tune_threshold(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDataset,
@@ -64,11 +81,12 @@ def tune_threshold(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDataset
     """The background threshold that maximises mIoU on `dataset` (a validation split)."""
     matrices = {t: ConfusionMatrix(len(dataset.classes)) for t in grid}
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in tqdm(range(n), desc=f"tune threshold on {dataset.name}", unit="img"):
-        image, label = dataset.load(i)
-        scores, _ = segmenter.scores(image)
-        for t, matrix in matrices.items():
-            matrix.update(label, segmenter.predict_from_scores(scores, t))
+    with tqdm(total=n, desc=f"tune threshold on {dataset.name}", unit="img") as bar:
+        for _, images, labels in _batches(dataset, n, segmenter.batch_size):
+            for (scores, _), label in zip(segmenter.scores_batch(images), labels):
+                for t, matrix in matrices.items():
+                    matrix.update(label, segmenter.predict_from_scores(scores, t))
+            bar.update(len(images))
     best = max(grid, key=lambda t: np.nan_to_num(matrices[t].compute().miou, nan=-1.0))
     log.info("background threshold %.2f chosen on %s", best, dataset.name)
     return float(best)
@@ -87,24 +105,27 @@ def evaluate_dataset(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDatas
     if output_dir is not None and save_pictures:
         pictures_dir = Path(output_dir) / "pictures"
         pictures_dir.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(n), desc=f"eval {dataset.name}", unit="img", disable=not progress):
-        image, label = dataset.load(i)
-        want_groups = diagnostics or (pictures_dir is not None and i < save_pictures)
-        scores, groups = segmenter.scores(image, with_groups=want_groups)
-        prediction = segmenter.predict_from_scores(scores)
-        confusion.update(label, prediction)
-        if majority is not None:
-            majority.update(label, group_majority_labels(groups.numpy(), label, n_classes))
-        if pictures_dir is not None and i < save_pictures:
-            stem = dataset.items[i][0].stem
-            palette_png(prediction, dataset.palette, pictures_dir / f"{stem}_pred.png")
-            panel = side_by_side(
-                [image, colourise(label, dataset.palette), colourise(prediction, dataset.palette),
-                 group_picture(groups.numpy())],
-                ["image", "truth", "prediction", "groups"],
-                scale=max(1, 256 // max(image.shape[:2])),
-            )
-            panel.save(pictures_dir / f"{stem}_panel.png")
+    bar = tqdm(total=n, desc=f"eval {dataset.name}", unit="img", disable=not progress)
+    for indices, images, labels in _batches(dataset, n, segmenter.batch_size):
+        want_groups = diagnostics or (pictures_dir is not None and indices[0] < save_pictures)
+        outputs = segmenter.scores_batch(images, with_groups=want_groups)
+        for i, image, label, (scores, groups) in zip(indices, images, labels, outputs):
+            prediction = segmenter.predict_from_scores(scores)
+            confusion.update(label, prediction)
+            if majority is not None:
+                majority.update(label, group_majority_labels(groups.numpy(), label, n_classes))
+            if pictures_dir is not None and i < save_pictures:
+                stem = dataset.items[i][0].stem
+                palette_png(prediction, dataset.palette, pictures_dir / f"{stem}_pred.png")
+                panel = side_by_side(
+                    [image, colourise(label, dataset.palette), colourise(prediction, dataset.palette),
+                     group_picture(groups.numpy())],
+                    ["image", "truth", "prediction", "groups"],
+                    scale=max(1, 256 // max(image.shape[:2])),
+                )
+                panel.save(pictures_dir / f"{stem}_panel.png")
+        bar.update(len(images))
+    bar.close()
     metrics = confusion.compute(dataset.classes)
     majority_metrics = majority.compute(dataset.classes) if majority is not None else None
     if output_dir is not None:
@@ -124,7 +145,7 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
                    split: str | None = None, protocol: str = "paper", bg_threshold: float | None = None,
                    tune_threshold_on: str | None = None, ensemble: bool = False,
                    top_k: int | None = None, save_pictures: int = 0, limit: int | None = None,
-                   device: str | None = None, diagnostics: bool = False) -> EvalResult:
+                   device: str | None = None, diagnostics: bool = False, batch_size: int = 16) -> EvalResult:
     """Load the checkpoint and the data set, optionally choose the background threshold on
     another split (never the one being measured), and evaluate."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +156,7 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
 
     model = load_model(checkpoint, map_location=device)
     segmenter = make_segmenter(model, dataset, protocol=protocol, bg_threshold=bg_threshold,
-                               ensemble=ensemble, top_k=top_k, device=device)
+                               ensemble=ensemble, top_k=top_k, device=device, batch_size=batch_size)
     if tune_threshold_on is not None and dataset.has_background:
         tuning = load_dataset(name, data, tune_threshold_on, protocol)
         segmenter.bg_threshold = tune_threshold(segmenter, tuning, limit=limit)

@@ -109,9 +109,10 @@ class ZeroShotSegmenter:
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def _window_scores(self, crops: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pixel class scores (N, C, h, w) and group maps (N, K, h, w) for crops whose sides
-        are multiples of the patch size."""
+    def _window_scores(self, crops: torch.Tensor, classes: torch.Tensor,
+                       with_groups: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-pixel class scores (N, C, h, w) and, if asked, group maps (N, K, h, w) for crops
+        whose sides are multiples of the patch size."""
         with self._autocast():
             out = self.model.encode_image(crops.to(self.device))
         groups = F.normalize(out.group_embeddings.float(), dim=-1)  # (N, K, D)
@@ -127,7 +128,7 @@ class ZeroShotSegmenter:
         assignment = out.assignment.float()  # (N, K, h', w')
         assignment = F.interpolate(assignment, size=crops.shape[-2:], mode="bilinear", align_corners=False)
         scores = torch.einsum("nkhw,nkc->nchw", assignment, group_scores)
-        return scores.cpu(), assignment.cpu()
+        return scores.cpu(), (assignment.cpu() if with_groups else None)
 
     def _pad_to_patch(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         h, w = x.shape[-2:]
@@ -151,37 +152,53 @@ class ZeroShotSegmenter:
                with_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class scores (C, H, W) at the image's own size and, if asked, the soft group map
         (K, H, W) of the whole image (for pictures and diagnostics; None otherwise)."""
+        return self.scores_batch([image], slide=slide, with_groups=with_groups)[0]
+
+    @torch.no_grad()
+    def scores_batch(self, images: list[np.ndarray], slide: bool = True,
+                     with_groups: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """`scores` of several images at once: the windows of all of them go through the model
+        in batches of `batch_size` crops of one size, so small images (one window each) are
+        batched across images and large ones across their windows."""
         classes = self.class_embeddings().to(self.device)
-        x = self._prepare(image)
-        h, w = x.shape[-2:]
-        boxes = self._windows(h, w) if slide else [(0, 0, h, w)]
-        total = torch.zeros(len(self.class_names), h, w)
-        count = torch.zeros(1, h, w)
-        groups = None
-        for start in range(0, len(boxes), self.batch_size):
-            batch = boxes[start:start + self.batch_size]
-            sizes = {(b[2] - b[0], b[3] - b[1]) for b in batch}
-            for size in sizes:  # crops of one size go through the model together
-                same = [b for b in batch if (b[2] - b[0], b[3] - b[1]) == size]
-                crops = torch.cat([x[..., y0:y1, x0:x1] for y0, x0, y1, x1 in same])
+        prepared = [self._prepare(image) for image in images]
+        by_size: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
+        n_windows = [0] * len(images)
+        for i, x in enumerate(prepared):
+            h, w = x.shape[-2:]
+            for box in (self._windows(h, w) if slide else [(0, 0, h, w)]):
+                by_size.setdefault((box[2] - box[0], box[3] - box[1]), []).append((i, box))
+                n_windows[i] += 1
+        totals = [torch.zeros(len(self.class_names), *x.shape[-2:]) for x in prepared]
+        counts = [torch.zeros(1, *x.shape[-2:]) for x in prepared]
+        groups: list[torch.Tensor | None] = [None] * len(images)
+        for jobs in by_size.values():  # crops of one size go through the model together
+            for start in range(0, len(jobs), self.batch_size):
+                chunk = jobs[start:start + self.batch_size]
+                crops = torch.cat([prepared[i][..., y0:y1, x0:x1] for i, (y0, x0, y1, x1) in chunk])
                 padded, ch, cw = self._pad_to_patch(crops)
-                s, g = self._window_scores(padded, classes)
-                for (y0, x0, y1, x1), si in zip(same, s[..., :ch, :cw]):
-                    total[:, y0:y1, x0:x1] += si
-                    count[:, y0:y1, x0:x1] += 1
-                if with_groups and len(boxes) == 1:
-                    groups = g[0, :, :ch, :cw]
-        total /= count.clamp(min=1)
-        H, W = image.shape[:2]
-        total = F.interpolate(total[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        if not with_groups:
-            return total, None
-        if groups is None:  # several windows: the group map comes from one whole-image pass
-            padded, ch, cw = self._pad_to_patch(x)
-            _, g = self._window_scores(padded, classes)
-            groups = g[0, :, :ch, :cw]
-        groups = F.interpolate(groups[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        return total, groups
+                s, g = self._window_scores(padded, classes, with_groups)
+                for j, (i, (y0, x0, y1, x1)) in enumerate(chunk):
+                    totals[i][:, y0:y1, x0:x1] += s[j, :, :ch, :cw]
+                    counts[i][:, y0:y1, x0:x1] += 1
+                    if with_groups and n_windows[i] == 1:
+                        groups[i] = g[j, :, :ch, :cw]
+        results = []
+        for i, image in enumerate(images):
+            H, W = image.shape[:2]
+            total = totals[i] / counts[i].clamp(min=1)
+            total = F.interpolate(total[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            if not with_groups:
+                results.append((total, None))
+                continue
+            group_map = groups[i]
+            if group_map is None:  # several windows: the group map comes from one whole-image pass
+                padded, ch, cw = self._pad_to_patch(prepared[i])
+                _, g = self._window_scores(padded, classes, True)
+                group_map = g[0, :, :ch, :cw]
+            group_map = F.interpolate(group_map[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            results.append((total, group_map))
+        return results
 
     def predict_from_scores(self, scores: torch.Tensor, bg_threshold: float | None = None) -> np.ndarray:
         """Label map (H, W): with a background class, 0 is background and class i is i + 1."""

@@ -72,3 +72,19 @@ def test_segment_writes_overlay_labels_and_groups(checkpoint, tmp_path):
 def test_segment_without_words_is_an_error(checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["segment", str(checkpoint), "--checkpoint", str(checkpoint), "--vocab", " , "])
     assert result.exit_code == 2 and "--vocab" in result.output
+
+
+def test_batched_inference_of_mixed_sizes_equals_one_image_at_a_time_with_the_real_model(checkpoint):
+    from ovseg.evaluation.segmenter import Protocol, ZeroShotSegmenter
+    from ovseg.training.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(64, 64, 3), (64, 100, 3), (64, 64, 3), (90, 64, 3)]]
+    seg = ZeroShotSegmenter(model, ["circle", "star", "square"], protocol=Protocol("t", 64, 64, 32), batch_size=3)
+    batched = seg.scores_batch(images)
+    for image, (scores, _) in zip(images, batched):
+        alone, _ = seg.scores(image)
+        assert scores.shape == (3, *image.shape[:2])
+        torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-4)

@@ -86,3 +86,15 @@ def test_ensemble_of_templates_is_normalised(redness_model):
                      templates=("a photo of a {}.", "an image of a {}."))
     emb = seg.class_embeddings()
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+def test_small_images_are_batched_across_images_in_one_forward_pass(redness_model):
+    images = [red_square_image(box=(4 * k, 4, 4 * k + 12, 20))[0] for k in range(4)]
+    seg = _segmenter(redness_model, Protocol("t", 32, 32, 16), batch_size=4)
+    redness_model.calls = 0
+    batched = seg.scores_batch(images, with_groups=True)
+    assert redness_model.calls == 1
+    for image, (scores, groups) in zip(images, batched):
+        alone, alone_groups = seg.scores(image, with_groups=True)
+        torch.testing.assert_close(scores, alone)
+        torch.testing.assert_close(groups, alone_groups)
