@@ -298,8 +298,8 @@ _STYLE_WORDS = ("bright", "shiny", "flat", "simple", "bold", "cute", "glossy")
 # words are rarer than a data set's objects, so a frequency-ranked vocabulary starts with shapes.
 _PREFIXES = ("a photo of {}", "an illustration of {}", "a sketch of {}", "a drawing of {}",
              "a cartoon of {}", "a snapshot of {}") + ("{}",) * 8
-_SUFFIXES = (" on a {bg} background", " against a {bg} backdrop", " on {bg} paper") + ("",) * 8
-_TAILS = ("", "", "", "", "", ".", ".", ".", " in the picture", ", vector art", ", stock image")
+_SUFFIXES = (" on a {bg} background", " against a {bg} backdrop", " on {bg} paper") + ("",) * 14
+_TAILS = ("",) * 8 + (".",) * 5 + (" in the picture", ", vector art", ", stock image")
 
 
 def plural(shape: str) -> str:
