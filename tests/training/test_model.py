@@ -310,3 +310,10 @@ def test_parameter_counts_cover_the_parts_and_add_up(tokenizer):
     assert counts["trainable"] == counts["total"] - counts["momentum encoder (frozen)"]
     table = parameter_table(model)
     assert "| image encoder |" in table and f"{counts['total']:,}" in table
+
+
+def test_missing_vision_init_file_and_unreachable_hub_are_clear_errors(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model(tiny_config(vision_init=str(tmp_path / "dino.pth")), tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="local DINO checkpoint"):
+        build_model(tiny_config(vision_init="vit_small_patch16_224.dino"), tokenizer=tokenizer)

@@ -81,15 +81,26 @@ def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[lis
     into the blocks before and after grouping: DINO block i goes to blocks_before[i] for
     i < depth_before and to blocks_after[i - depth_before] after. Returns (missing, unexpected)."""
     if Path(source).exists():
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        if source.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(source)
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
         for key in ("teacher", "student", "model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
+    elif source.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in source.removeprefix("hf-hub:"):
+        raise FileNotFoundError(f"vision init checkpoint {source} does not exist")
     else:
         import timm
 
-        state = timm.create_model(source, pretrained=True).state_dict()
+        try:
+            state = timm.create_model(source, pretrained=True).state_dict()
+        except Exception as error:  # no hub access, unknown name: say what to do instead
+            raise RuntimeError(f"could not fetch the timm model {source!r} ({type(error).__name__}: {error}); "
+                               "pass a local DINO checkpoint file as model.vision_init") from error
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
