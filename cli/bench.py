@@ -92,3 +92,66 @@ def bench_model(
                             machine=machine_line())
     write_section("model", "## Model cost (`ovseg bench model`)\n\n" + md, doc)
     typer.echo(md)
+
+
+@app.command("eval")
+def bench_eval(
+    presets: str = typer.Option("test,synthetic-small", "--presets", help="Comma-separated presets to time (random weights)."),
+    images: int = typer.Option(16, "--images", help="VOC-sized (500x375) images evaluated at the paper's protocol."),
+    synthetic_images: int = typer.Option(128, "--synthetic-images", help="64 px images evaluated at the synthetic world's protocol."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda to measure on a GPU (bf16 autocast)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """Evaluation speed: images/s of the whole `ovseg eval` loop at the paper's protocol and the
+    synthetic world's, per preset."""
+    from ovseg.evaluation.benchmark import benchmark_eval
+    from ovseg.training.presets import list_presets
+
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
+                                 param_hint="--presets")
+    md, _ = benchmark_eval(names, n_images=images, synthetic_images=synthetic_images, batch_size=batch_size,
+                           device=device, threads=threads or None, machine=machine_line())
+    write_section("eval", "## Evaluation speed (`ovseg bench eval`)\n\n" + md, doc)
+    typer.echo(md)
+
+
+@app.command("synthetic")
+def bench_synthetic(
+    out: Path = typer.Option(Path("bench-synthetic"), "--out", help="Folder for the world, data, runs and logs."),
+    minutes: str = typer.Option("5,15,30", help="Comma-separated training budgets in wall-clock minutes."),
+    seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
+    threads: int = typer.Option(2, help="CPU threads per training run."),
+    parallel: int = typer.Option(1, help="Runs at a time (each pinned to its own cores when there are enough)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda to train on a GPU."),
+    n_train: int = typer.Option(6000, help="Training images in the synthetic world."),
+    variants: str = typer.Option("all", help="Comma-separated variants (contrastive, entity, full) or all."),
+    doc: Path = typer.Option(Path("docs/benchmarks.md"), help="Markdown file to write the results into."),
+) -> None:
+    """Quality: each proxy task's contribution at equal training time on the synthetic world."""
+    import os
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
+    from ovseg.cli.quality import VARIANTS, patch_grid_ceiling, random_init, run_parallel, summarise
+    from ovseg.curation.synthetic import WorldConfig, captions
+
+    names = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
+    chosen = list(VARIANTS) if variants == "all" else [names[v.strip()] for v in variants.split(",")]
+    world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300)
+    prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
+    jobs = [{"name": f"{v.split()[-1].strip('()')}-{m}min-seed{s}", "variant": v, "minutes": float(m), "seed": int(s),
+             "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device, "threads": threads,
+             "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-{m}min-seed{s}")}
+            for v in chosen for m in minutes.split(",") for s in seeds.split(",")]
+    results = run_parallel(jobs, threads, parallel, out / "logs")
+    chance = random_init(prepared["world"], out / "random", 0, captions=[c for _, c in captions(prepared["world"])])
+    ceiling = patch_grid_ceiling(prepared["world"], 8)
+    md = summarise(results, chance, ceiling, machine_line(), threads)
+    (out / "results.json").write_text(__import__("json").dumps(results, indent=2))
+    write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
+    typer.echo(md)

@@ -59,35 +59,18 @@ class Stopwatch:
 
 def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
     """Run every stage into `cfg.out`; returns the summary written to `cfg.out/report/summary.json`."""
-    from ovseg.curation.download import DownloadConfig, download
-    from ovseg.curation.pipeline import CurateConfig, curate, describe
-    from ovseg.curation.select import SelectConfig
-    from ovseg.curation.serve import serve
-    from ovseg.curation.synthetic import WorldConfig, generate, write_captions_tsv
+    from ovseg.curation.pipeline import describe
+    from ovseg.curation.synthetic import WorldConfig
 
     out = Path(cfg.out)
-    world_dir, data_dir, run_dir, report_dir = out / "world", out / "data", out / "run", out / "report"
+    run_dir, report_dir = out / "run", out / "report"
     watch = Stopwatch(report)
     world_cfg = WorldConfig(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                             image_size=cfg.image_size, seed=cfg.seed)
-    watch.run("generate the synthetic world", generate, world_dir, world_cfg)
+    prepared = prepare_synthetic_data(out, world_cfg, cfg.workers, watch)
+    world_dir, data_dir = prepared["world"], prepared["data"]
+    results, selected, downloads = prepared["curation"], prepared["selected"], prepared["downloads"]
     shapes = list(world_cfg.shapes)
-
-    with serve(world_dir) as server:
-        report(f"   serving {world_dir} at {server.url}")
-        write_captions_tsv(world_dir, server.url)
-        curate_cfg = CurateConfig(source=f"{server.url}/captions.tsv", workers=cfg.workers,
-                                  select=SelectConfig(top_k=len(shapes)), seed=cfg.seed)
-        results = watch.run("curate: ingest over HTTP, spaCy parse, DuckDB select, manifest, index, pairs",
-                            curate, data_dir, curate_cfg, report=lambda line: report(f"   {line}"))
-        selected = _selected_entities(data_dir)
-        report(f"   selected entities: {', '.join(selected)}")
-        if set(selected) != set(shapes):
-            report(f"   warning: the selected entities differ from the shapes ({', '.join(sorted(set(shapes) ^ set(selected)))})")
-        downloads = watch.run("download with img2dataset from the loopback server", download, data_dir,
-                              DownloadConfig(image_size=cfg.image_size, resize_mode="no", processes=1,
-                                             threads=16, shard_size=2000))
-        report(f"   {downloads.counts}")
 
     train_summary = watch.run("train stage 1 then stage 2 on the CPU", _train, cfg, data_dir, run_dir)
     evaluation = watch.run("zero-shot evaluation on the synthetic test split", _evaluate, run_dir, world_dir, report_dir)
@@ -100,6 +83,38 @@ def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
     report(f"== done in {sum(watch.times.values()) / 60:.1f} min: test mIoU {100 * evaluation['miou']:.1f} "
            f"(background threshold {evaluation['bg_threshold']:.2f} chosen on val); report in {report_dir}")
     return summary
+
+
+def prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch) -> dict:
+    """Generate the world into OUT/world, serve it on loopback, curate its captions into
+    OUT/data and download the manifest's images from the server (each step skipped when done)."""
+    from ovseg.curation.download import DownloadConfig, download
+    from ovseg.curation.pipeline import CurateConfig, curate
+    from ovseg.curation.select import SelectConfig
+    from ovseg.curation.serve import serve
+    from ovseg.curation.synthetic import generate, write_captions_tsv
+
+    report = watch.report
+    world_dir, data_dir = Path(out) / "world", Path(out) / "data"
+    watch.run("generate the synthetic world", generate, world_dir, world_cfg)
+    shapes = list(world_cfg.shapes)
+    with serve(world_dir) as server:
+        report(f"   serving {world_dir} at {server.url}")
+        write_captions_tsv(world_dir, server.url)
+        curate_cfg = CurateConfig(source=f"{server.url}/captions.tsv", workers=workers,
+                                  select=SelectConfig(top_k=len(shapes)), seed=world_cfg.seed)
+        results = watch.run("curate: ingest over HTTP, spaCy parse, DuckDB select, manifest, index, pairs",
+                            curate, data_dir, curate_cfg, report=lambda line: report(f"   {line}"))
+        selected = _selected_entities(data_dir)
+        report(f"   selected entities: {', '.join(selected)}")
+        if set(selected) != set(shapes):
+            report(f"   warning: the selected entities differ from the shapes ({', '.join(sorted(set(shapes) ^ set(selected)))})")
+        downloads = watch.run("download with img2dataset from the loopback server", download, data_dir,
+                              DownloadConfig(image_size=world_cfg.image_size, resize_mode="no", processes=1,
+                                             threads=16, shard_size=2000))
+        report(f"   {downloads.counts}")
+    return {"world": world_dir, "data": data_dir, "curation": results, "selected": selected,
+            "downloads": downloads}
 
 
 def _selected_entities(data_dir: Path) -> list[str]:
