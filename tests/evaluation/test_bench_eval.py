@@ -1,0 +1,24 @@
+"""`ovseg bench eval` times the real evaluation loop and writes its own section."""
+
+from typer.testing import CliRunner
+
+from ovseg.cli.main import app
+
+
+def test_bench_eval_writes_a_measured_section_per_preset_and_protocol(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    result = CliRunner().invoke(app, ["bench", "eval", "--presets", "test", "--images", "2",
+                                      "--synthetic-images", "3", "--threads", "1", "--doc", str(doc)])
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert "kept" in text and "<!-- bench:eval -->" in text
+    rows = [line for line in text.splitlines() if line.startswith("| test |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["paper", "synthetic"]
+    assert rows[0].split("|")[6].strip() == "2"  # 500x375 at short side 448: two 448 windows
+    assert all(float(r.split("|")[7]) > 0 for r in rows)
+
+
+def test_bench_eval_rejects_an_unknown_preset(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "eval", "--presets", "nope", "--doc", str(tmp_path / "b.md")])
+    assert result.exit_code == 2 and not (tmp_path / "b.md").exists()
