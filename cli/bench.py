@@ -118,3 +118,40 @@ def bench_eval(
                            device=device, threads=threads or None, machine=machine_line())
     write_section("eval", "## Evaluation speed (`ovseg bench eval`)\n\n" + md, doc)
     typer.echo(md)
+
+
+@app.command("synthetic")
+def bench_synthetic(
+    out: Path = typer.Option(Path("bench-synthetic"), "--out", help="Folder for the world, data, runs and logs."),
+    minutes: str = typer.Option("5,15,30", help="Comma-separated training budgets in wall-clock minutes."),
+    seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
+    threads: int = typer.Option(2, help="CPU threads per training run."),
+    parallel: int = typer.Option(1, help="Runs at a time (each pinned to its own cores when there are enough)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda to train on a GPU."),
+    n_train: int = typer.Option(6000, help="Training images in the synthetic world."),
+    variants: str = typer.Option("all", help="Comma-separated variants (contrastive, entity, full) or all."),
+    doc: Path = typer.Option(Path("docs/benchmarks.md"), help="Markdown file to write the results into."),
+) -> None:
+    """Quality: each proxy task's contribution at equal training time on the synthetic world."""
+    import os
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
+    from ovseg.cli.quality import VARIANTS, patch_grid_ceiling, random_init, run_parallel, summarise
+    from ovseg.curation.synthetic import WorldConfig, captions
+
+    names = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
+    chosen = list(VARIANTS) if variants == "all" else [names[v.strip()] for v in variants.split(",")]
+    world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300)
+    prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
+    jobs = [{"name": f"{v.split()[-1].strip('()')}-{m}min-seed{s}", "variant": v, "minutes": float(m), "seed": int(s),
+             "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device, "threads": threads,
+             "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-{m}min-seed{s}")}
+            for v in chosen for m in minutes.split(",") for s in seeds.split(",")]
+    results = run_parallel(jobs, threads, parallel, out / "logs")
+    chance = random_init(prepared["world"], out / "random", 0, captions=[c for _, c in captions(prepared["world"])])
+    ceiling = patch_grid_ceiling(prepared["world"], 8)
+    md = summarise(results, chance, ceiling, machine_line(), threads)
+    (out / "results.json").write_text(__import__("json").dumps(results, indent=2))
+    write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
+    typer.echo(md)
