@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
@@ -154,4 +155,26 @@ def bench_synthetic(
     md = summarise(results, chance, ceiling, machine_line(), threads)
     (out / "results.json").write_text(__import__("json").dumps(results, indent=2))
     write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
+    typer.echo(md)
+
+
+@app.command("train")
+def bench_train(
+    presets: str = typer.Option("test,synthetic-small", help="Comma-separated presets to time."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the preset's]."),
+    steps: int = typer.Option(10, help="Timed steps per preset."),
+    loader: bool = typer.Option(True, help="Also measure loader throughput per core."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every preset, key.sub=value."),
+    doc: Path = typer.Option(DEFAULT_DOC, help="Markdown file to write the results into."),
+) -> None:
+    """Loader samples/s per core and training steps/s (and peak memory) of presets."""
+    from ovseg.training.bench import loader_throughput, report, train_throughput
+
+    load = loader_throughput() if loader else None
+    runs = [(p, device, train_throughput(p, device, batch_size, steps, overrides=tuple(overrides or ())))
+            for p in presets.split(",")]
+    section = "train-cuda" if device.startswith("cuda") else "train"
+    md = f"## Training throughput (`ovseg bench train --device {device}`)\n\n{machine_line()}\n\n" + report(load, runs)
+    write_section(section, md, doc)
     typer.echo(md)

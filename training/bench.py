@@ -1,0 +1,147 @@
+"""Training benchmarks (`ovseg bench train`): loader throughput per process with the paper's
+augmentations on 256 px JPEGs, and training steps/s (and peak memory) of a preset on a device."""
+
+from __future__ import annotations
+
+import io
+import resource
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+CHUNK = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("entity", pa.string())]))
+
+
+def _write_jpeg_contract(root: Path, n: int, size: int) -> None:
+    """A DATA folder in the on-disk contract with n smooth random JPEGs of size x size."""
+    rng = np.random.default_rng(0)
+    (root / "manifest").mkdir(parents=True)
+    (root / "images").mkdir()
+    captions, chunks, ids = [], [], list(range(n))
+    rows = []
+    with tarfile.open(root / "images" / "00000.tar", "w") as tar:
+        for i in ids:
+            small = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+            image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=90)
+            info = tarfile.TarInfo(f"{i:09d}.jpg")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+            captions.append("a photo of a dog and a person on a beach")
+            chunks.append([{"start": 11, "end": 16, "entity": "dog"}, {"start": 21, "end": 29, "entity": "person"}])
+    with tarfile.open(root / "images" / "00000.tar") as tar:
+        for member in tar.getmembers():
+            rows.append({"sample_id": int(member.name.split(".")[0]), "status": "success", "shard": "00000.tar",
+                         "offset": member.offset_data, "size": member.size})
+    pq.write_table(pa.table({"sample_id": pa.array(ids, pa.int64()), "url": [""] * n, "caption": captions,
+                             "entities": pa.array([["dog", "person"]] * n, pa.list_(pa.string())),
+                             "chunks": pa.array(chunks, CHUNK)}), root / "manifest" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), root / "downloads.parquet")
+    pairs = [{"sample_id": i, "partner_id": (i + 1) % n, "entity": "dog"} for i in ids]
+    pq.write_table(pa.Table.from_pylist(pairs, schema=pa.schema([("sample_id", pa.int64()), ("partner_id", pa.int64()),
+                                                                 ("entity", pa.string())])), root / "pairs.parquet")
+
+
+def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 256) -> dict[str, float]:
+    """Samples/s of one process (one core) reading, decoding, augmenting and tokenising:
+    stage 1 with the paper's DeiT-style augmentations, stage 2 with pairs (two images)."""
+    from ovseg.training.config import DataConfig
+    from ovseg.training.data import CaptionImageDataset, collate, load_samples
+    from ovseg.training.tokenizer import train_wordpiece
+
+    torch.set_num_threads(1)
+    tokenizer = train_wordpiece(["a photo of a dog and a person on a beach"] * 4, vocab_size=200)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "DATA"
+        _write_jpeg_contract(root, n, source_size)
+        for stage in (1, 2):
+            table = load_samples(str(root), with_pairs=stage == 2)
+            dataset = CaptionImageDataset(table, tokenizer, image_size, stage, DataConfig(), seed=0)
+            start = time.perf_counter()
+            batch = []
+            for i in range(len(dataset)):
+                batch.append(dataset[i])
+                if len(batch) == 32:
+                    collate(batch)
+                    batch = []
+            out[f"stage{stage}"] = len(dataset) / (time.perf_counter() - start)
+    return out
+
+
+def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int = 10,
+                     warmup: int = 3, losses: tuple[str, ...] = ("contrastive", "entity", "mask"),
+                     overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """Optimizer steps/s and images/s of a preset on random tensors (no data loading), with
+    bf16 autocast on CUDA; peak memory of the device (CUDA) or of the process (CPU)."""
+    from contextlib import nullcontext
+
+    from ovseg.training.config import resolve
+    from ovseg.training.model import build_model
+    from ovseg.training.tokenizer import train_wordpiece
+
+    cfg = resolve(preset, overrides=[f"model.losses=[{','.join(losses)}]", *overrides])
+    b = batch_size or cfg.train.batch_size
+    tokenizer = train_wordpiece(["a photo of a dog and a person on a beach"] * 4, vocab_size=cfg.data.tokenizer_vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size, length = cfg.model.image_size, cfg.model.max_text_length
+    ids = torch.randint(5, len(tokenizer), (b, length), device=device)
+    mask = torch.ones(b, length, dtype=torch.long, device=device)
+    batch = {"image": torch.randn(b, 3, size, size, device=device), "input_ids": ids, "attention_mask": mask,
+             "question_ids": ids, "question_mask": mask, "answer_ids": ids, "answer_mask": mask,
+             "has_entity": torch.ones(b, dtype=torch.bool, device=device),
+             "partner_image": torch.randn(b, 3, size, size, device=device), "shared_ids": ids, "shared_mask": mask,
+             "has_partner": torch.ones(b, dtype=torch.bool, device=device)}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else nullcontext
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with autocast():
+            loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.momentum_update()
+
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    seconds = (time.perf_counter() - start) / steps
+    return {"steps_per_s": 1 / seconds, "images_per_s": b / seconds, "batch_size": b, "peak_gib": peak,
+            "threads": torch.get_num_threads()}
+
+
+def report(loader: dict | None, runs: list[tuple[str, str, dict]]) -> str:
+    lines = []
+    if loader:
+        lines += ["Loader, one process (one core), 256 px JPEGs to 224 px, with tokenising and entity masking:", "",
+                  "| stage | samples/s per core | target |", "|---|---:|---:|",
+                  f"| 1 (DeiT-style: crop, flip, RandAugment, jitter, erasing) | {loader['stage1']:.0f} | 300 |",
+                  f"| 2 (crop, flip; an image and its partner) | {loader['stage2']:.0f} pairs/s | 150 |", ""]
+    if runs:
+        lines += ["Training steps on random tensors (all three losses on; bf16 autocast on CUDA):", "",
+                  "| preset | device | batch | steps/s | images/s | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {p} | {d} | {r['batch_size']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.1f} | {r['peak_gib']:.2f} |"
+                  for p, d, r in runs]
+    return "\n".join(lines) + "\n"
