@@ -117,7 +117,9 @@ def bench_eval(
                                  param_hint="--presets")
     md, _ = benchmark_eval(names, n_images=images, synthetic_images=synthetic_images, batch_size=batch_size,
                            device=device, threads=threads or None, machine=machine_line())
-    write_section("eval", "## Evaluation speed (`ovseg bench eval`)\n\n" + md, doc)
+    section = "eval" if device == "cpu" else f"eval-{device.split(':')[0]}"
+    title = "## Evaluation speed (`ovseg bench eval`)" + ("" if device == "cpu" else f" on {device}")
+    write_section(section, title + "\n\n" + md, doc)
     typer.echo(md)
 
 
@@ -177,4 +179,23 @@ def bench_train(
     section = "train-cuda" if device.startswith("cuda") else "train"
     md = f"## Training throughput (`ovseg bench train --device {device}`)\n\n{machine_line()}\n\n" + report(load, runs)
     write_section(section, md, doc)
+    typer.echo(md)
+
+
+@app.command("eval")
+def bench_eval(
+    presets: str = typer.Option("test,synthetic-small", help="Comma-separated presets."),
+    protocols: str = typer.Option("paper,training-free", help="Comma-separated protocols."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    images: int = typer.Option(4, help="Timed images (500 x 375, VOC's typical size)."),
+    doc: Path = typer.Option(DEFAULT_DOC, help="Markdown file to write the results into."),
+) -> None:
+    """Zero-shot segmentation images/s at the benchmark protocols."""
+    from ovseg.evaluation.bench import eval_throughput, report
+
+    rows = [(p, proto, device, eval_throughput(p, proto, images, device=device))
+            for p in presets.split(",") for proto in protocols.split(",")]
+    md = (f"## Evaluation speed (`ovseg bench eval --device {device}`)\n\n{machine_line()} Random-init models, "
+          f"20 classes, 500 x 375 images resized to the protocol's short side, sliding windows.\n\n" + report(rows))
+    write_section("eval" if device == "cpu" else "eval-cuda", md, doc)
     typer.echo(md)

@@ -101,7 +101,7 @@ def patch_grid_ceiling(world_dir: Path, patch: int) -> float:
     return cm.compute().miou
 
 
-def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path) -> list[dict]:
+def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, first_core: int = 0) -> list[dict]:
     """Run `train_and_evaluate` jobs as child processes, `parallel` at a time, each limited to
     `threads` CPU threads (and pinned to its own cores where the OS allows)."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,9 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path) -
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             result_file = log_dir / f"{job['name']}.json"
             args = [sys.executable, "-m", "ovseg.cli.quality", json.dumps({**job, "result": str(result_file)})]
-            if hasattr(os, "sched_setaffinity") and cores >= parallel * threads:
-                args = ["taskset", "-c", ",".join(str(slot * threads + i) for i in range(threads)), *args]
+            if hasattr(os, "sched_setaffinity") and cores >= first_core + parallel * threads:
+                first = first_core + slot * threads
+                args = ["taskset", "-c", ",".join(str(first + i) for i in range(threads)), *args]
             log = open(log_dir / f"{job['name']}.log", "w")
             running.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), slot, result_file, log))
         time.sleep(1)
