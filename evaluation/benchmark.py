@@ -99,10 +99,13 @@ def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *, n_
                                     batch_size=batch_size, device=device, workdir=Path(tmp)))
     finally:
         torch.set_num_threads(previous)
+    where = f"{n_threads} torch threads on the CPU"
+    if device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name(device)} with bf16 autocast ({n_threads} CPU threads)"
     lines = [
         f"Evaluation speed: the whole `ovseg eval` loop (decode, resize, windows, model, scores, "
         f"confusion matrix) on random images with a randomly initialised model of each preset; "
-        f"{n_threads} torch threads on {device}, "
+        f"{where}, "
         f"batches of {batch_size} windows. {machine}",
         "",
         "| preset | protocol | image | short side | window / stride | windows per image | images/s | s/image |",
