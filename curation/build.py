@@ -9,7 +9,8 @@ Pairs are drawn without a random number generator: each entity's samples are put
 pseudo-random order (DuckDB's ``hash`` of sample, entity and seed), each sample's entities are
 visited in a seeded order too (round-robin), and the t-th partner through an entity is the
 sample t places further along that entity's order (wrapping around); the first P distinct
-partners are kept. The same seed gives the same pairs, a
+partners are kept. A sample gets fewer than P partners only when its entities have fewer other
+samples (or, rarely, when several of its partners each share two entities with it). The same seed gives the same pairs, a
 partner is never the sample itself, and the work is linear in the index.
 """
 
@@ -56,7 +57,7 @@ def build_manifest(data: Path, force: bool = False, threads: int | None = None,
     if (done := _skip(data, "manifest", settings, force)) is not None:
         return done
     out_dir = stage.reset_dir(data / "manifest")
-    con = stage.duckdb_connect(threads, memory_limit)
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     selected = _selected(con, data)
     rows = 0
     for captions in stage.parts(data / "captions"):
@@ -85,7 +86,7 @@ def build_entity_index(data: Path, force: bool = False, threads: int | None = No
     settings = {"manifest": stage.require(data, "manifest", "entity_index")["settings"]}
     if (done := _skip(data, "entity_index", settings, force)) is not None:
         return done
-    con = stage.duckdb_connect(threads, memory_limit)
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     out = data / "entity_index.parquet"
     tmp = out.with_name(out.name + ".tmp")
     con.execute(f"""
@@ -111,36 +112,53 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
                 "entity_index": stage.require(data, "entity_index", "pairs")["settings"]}
     if (done := _skip(data, "pairs", settings, force)) is not None:
         return done
-    con = stage.duckdb_connect(threads, memory_limit)
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     index = stage.sql_path(data / "entity_index.parquet")
     p, s = int(pairs_per_sample), int(seed)
-    # Position of each sample in its entity's seeded order, and of each entity in its sample's.
+    # Position of each sample in its entity's seeded order (pos), of each entity in its sample's
+    # (turn), and a global row number g = base(entity) + pos so a partner is found by one integer.
     con.execute(f"""
         CREATE TEMP TABLE idx AS
         SELECT entity, sample_id,
                count(*) OVER (PARTITION BY entity) AS n,
                row_number() OVER (PARTITION BY entity ORDER BY hash(sample_id, entity, {s}), sample_id) - 1 AS pos,
-               row_number() OVER (PARTITION BY sample_id ORDER BY hash(entity, sample_id, {s} + 1), entity) - 1 AS turn
+               row_number() OVER (PARTITION BY sample_id ORDER BY hash(entity, sample_id, {s} + 1), entity) - 1 AS turn,
+               count(*) OVER (PARTITION BY sample_id) AS k
         FROM read_parquet({index})""")
-    # Candidate t of (sample, entity) is the sample t places further along the entity's order;
-    # candidates are taken round-robin over the sample's entities (t, then turn), the first P
-    # distinct partners kept, so a sample whose entity runs out of partners takes more from another.
+    con.execute("""
+        CREATE TEMP TABLE bases AS
+        SELECT entity, sum(n) OVER (ORDER BY entity) - n AS base
+        FROM (SELECT entity, any_value(n) AS n FROM idx GROUP BY entity)""")
+    con.execute("CREATE TEMP TABLE members AS SELECT b.base + i.pos AS g, i.sample_id FROM idx i JOIN bases b USING (entity)")
+    # Candidate t of (sample, entity) is the sample t places further along the entity's order
+    # (wrapping around; t < n so never the sample itself), ranked by key = (t, turn): round-robin
+    # over the sample's entities. A sample with one entity takes t = 1..P directly. A sample with
+    # k > 1 entities takes t up to ceil(P/k) + 1 when every entity has that many partners, else up
+    # to P, drops repeated partners (keeping the first), and keeps the first P.
+    con.execute(f"""
+        CREATE TEMP TABLE steps AS
+        WITH per AS (SELECT sample_id, min(n) AS min_n FROM idx WHERE k > 1 GROUP BY sample_id)
+        SELECT i.sample_id, i.entity, i.k, t * 64 + i.turn AS key, b.base + (i.pos + t) % i.n AS partner_g
+        FROM idx i JOIN bases b USING (entity) LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
+        WHERE t <= i.n - 1
+          AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
+                                    THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)""")
     out = data / "pairs.parquet"
     tmp = out.with_name(out.name + ".tmp")
     con.execute(f"""
         COPY (
-          WITH steps AS (
-            SELECT i.entity, i.sample_id, t, i.turn, (i.pos + t) % i.n AS partner_pos
-            FROM idx i, range(1, {p} + 1) r(t)
-            WHERE t <= i.n - 1),
-          candidates AS (
-            SELECT s.sample_id, c.sample_id AS partner_id, s.entity, s.t, s.turn
-            FROM steps s JOIN idx c ON c.entity = s.entity AND c.pos = s.partner_pos
-            QUALIFY row_number() OVER (PARTITION BY s.sample_id, c.sample_id ORDER BY s.t, s.turn) = 1)
-          SELECT sample_id, partner_id, entity
-          FROM candidates
-          QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY t, turn) <= {p}
-          ORDER BY sample_id, t, turn)
+          WITH candidates AS (
+            SELECT s.sample_id, m.sample_id AS partner_id, s.entity, s.key, s.k
+            FROM steps s JOIN members m ON m.g = s.partner_g),
+          several AS (
+            SELECT sample_id, partner_id, arg_min(entity, key) AS entity, min(key) AS key
+            FROM candidates WHERE k > 1 GROUP BY sample_id, partner_id
+            QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY min(key)) <= {p})
+          SELECT sample_id, partner_id, entity FROM (
+            SELECT sample_id, partner_id, entity, key FROM candidates WHERE k = 1
+            UNION ALL
+            SELECT sample_id, partner_id, entity, key FROM several)
+          ORDER BY sample_id, key)
         TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
     tmp.replace(out)
     rows = con.execute(f"SELECT count(*) FROM read_parquet({stage.sql_path(out)})").fetchone()[0]

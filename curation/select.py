@@ -75,7 +75,7 @@ def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, 
         counts = stage.read_marker(data, "select")["counts"]
         return SelectResult(counts["entities"], counts["selected"], counts["missing_vocabulary"], skipped=True)
     stage.start(data, "select")
-    con = stage.duckdb_connect(threads, memory_limit)
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     parsed = stage.sql_path(data / "parsed" / "part-*.parquet")
     con.execute(f"CREATE TEMP TABLE stop AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.stoplist)])
     con.execute(f"CREATE TEMP TABLE vocab AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.vocabulary or [])])

@@ -98,8 +98,10 @@ def parts(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("part-*.parquet"))
 
 
-def duckdb_connect(threads: int | None = None, memory_limit: str | None = None):
-    """A DuckDB connection for a stage's queries (in memory; reads and writes Parquet files)."""
+def duckdb_connect(threads: int | None = None, memory_limit: str | None = None, spill_dir: Path | None = None):
+    """A DuckDB connection for a stage's queries (in memory; reads and writes Parquet files).
+
+    Beyond `memory_limit` DuckDB spills to `spill_dir` (DATA/_spill for the stages)."""
     import duckdb
 
     config = {"preserve_insertion_order": "true"}
@@ -107,7 +109,11 @@ def duckdb_connect(threads: int | None = None, memory_limit: str | None = None):
         config["threads"] = str(threads)
     if memory_limit:
         config["memory_limit"] = memory_limit
-    return duckdb.connect(":memory:", config=config)
+    con = duckdb.connect(":memory:", config=config)
+    con.execute("SET enable_progress_bar = false")  # stages report their own progress
+    if spill_dir is not None:
+        con.execute(f"SET temp_directory = {sql_path(Path(spill_dir))}")
+    return con
 
 
 def sql_path(path: Path) -> str:
