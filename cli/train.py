@@ -27,6 +27,8 @@ def train(
     node_rank: int = typer.Option(0, "--node-rank", help="With --nnodes > 1: this machine's rank."),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="With --nnodes > 1: address of node 0."),
     master_port: int = typer.Option(29500, "--master-port", help="Port of the rendezvous on node 0."),
+    val: Optional[str] = typer.Option(None, "--val", help="Periodic zero-shot validation every train.eval_every steps, as NAME:PATH (e.g. synthetic:OUT/voc); always the val split, never test."),
+    val_images: int = typer.Option(50, "--val-images", help="Images of the val split used by --val."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs only)."),
 ) -> None:
@@ -69,17 +71,41 @@ def train(
 
     from ovseg.training.engine import TrainingError, train as train_stage, train_both
 
+    eval_fn = _validation(val, val_images) if val else None
+    if eval_fn is not None and not cfg.train.eval_every:
+        cfg = replace(cfg, train=replace(cfg.train, eval_every=cfg.train.ckpt_every))
     try:
         if stage == "both":
-            summary = train_both(cfg, run, progress=not no_progress)
+            summary = train_both(cfg, run, eval_fn=eval_fn, progress=not no_progress)
         else:
             cfg = replace(cfg, train=replace(cfg.train, stage=int(stage)))
-            summary = train_stage(cfg, run, init=init, progress=not no_progress)
+            summary = train_stage(cfg, run, init=init, eval_fn=eval_fn, progress=not no_progress)
     except TrainingError as error:
         typer.echo(f"ovseg train: {error}", err=True)
         raise typer.Exit(1)
     if int(os.environ.get("RANK", 0)) == 0:
         typer.echo(json.dumps(summary, indent=2))
+
+
+def _validation(spec: str, images: int):
+    """A callable (model, step) -> {"miou": ...} on the val split of a benchmark."""
+    from ovseg.evaluation.datasets import DatasetNotFound
+    from ovseg.evaluation.evaluate import evaluate_dataset, load_dataset, make_segmenter
+
+    name, _, path = spec.partition(":")
+    try:
+        dataset = load_dataset(name, Path(path), "val")
+    except (DatasetNotFound, ValueError) as error:
+        typer.echo(f"ovseg train: --val {spec}: {error}", err=True)
+        raise typer.Exit(2)
+
+    def evaluate(model, step: int) -> dict[str, float]:
+        device = str(next(model.parameters()).device)
+        segmenter = make_segmenter(model, dataset, device=device)
+        result = evaluate_dataset(segmenter, dataset, limit=images, progress=False)
+        return {"miou": result.metrics.miou, "pixel_accuracy": result.metrics.pixel_accuracy}
+
+    return evaluate
 
 
 _UNAMBIGUOUS = {"--run": "--run-dir", "-r": "--run-dir", "-d": "--data", "-p": "--preset"}

@@ -163,3 +163,17 @@ def test_torchrun_two_gloo_processes_train_together(tmp_path):
     assert state["step"] == 2
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2  # one writer: rank 0
+
+
+def test_periodic_validation_logs_val_miou(tmp_path):
+    from ovseg.curation.synthetic import WorldConfig, generate
+
+    world = generate(tmp_path / "world", WorldConfig(n_train=2, n_val=3, n_test=1, image_size=32))
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=2", "train.eval_every=1",
+                  "--val", f"synthetic:{world / 'voc'}", "--val-images", "2")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/miou" in r]
+    assert [r["step"] for r in val] == [1, 2] and all(0 <= r["val/miou"] <= 1 for r in val)
