@@ -98,16 +98,18 @@ def bench_model(
 @app.command("eval")
 def bench_eval(
     presets: str = typer.Option("test,synthetic-small", "--presets", help="Comma-separated presets to time (random weights)."),
-    images: int = typer.Option(16, "--images", help="VOC-sized (500x375) images evaluated at the paper's protocol."),
+    protocols: str = typer.Option("paper,training-free", "--protocols", help="Comma-separated protocols for the VOC-sized images (paper, training-free)."),
+    images: int = typer.Option(16, "--images", help="VOC-sized (500x375) images evaluated at each protocol."),
     synthetic_images: int = typer.Option(128, "--synthetic-images", help="64 px images evaluated at the synthetic world's protocol."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu, or cuda to measure on a GPU (bf16 autocast)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ) -> None:
-    """Evaluation speed: images/s of the whole `ovseg eval` loop at the paper's protocol and the
-    synthetic world's, per preset."""
+    """Evaluation speed: images/s of the whole `ovseg eval` loop at the paper's and the
+    training-free protocols and at the synthetic world's, per preset."""
     from ovseg.evaluation.benchmark import benchmark_eval
+    from ovseg.evaluation.segmenter import PROTOCOLS
     from ovseg.training.presets import list_presets
 
     names = tuple(p.strip() for p in presets.split(",") if p.strip())
@@ -115,7 +117,10 @@ def bench_eval(
     if unknown or not names:
         raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
                                  param_hint="--presets")
-    md, _ = benchmark_eval(names, n_images=images, synthetic_images=synthetic_images, batch_size=batch_size,
+    chosen = tuple(p.strip() for p in protocols.split(",") if p.strip())
+    if not chosen or any(p not in PROTOCOLS for p in chosen):
+        raise typer.BadParameter(f"choose from {', '.join(PROTOCOLS)}", param_hint="--protocols")
+    md, _ = benchmark_eval(names, protocols=chosen, n_images=images, synthetic_images=synthetic_images, batch_size=batch_size,
                            device=device, threads=threads or None, machine=machine_line())
     section = "eval" if device == "cpu" else f"eval-{device.split(':')[0]}"
     title = "## Evaluation speed (`ovseg bench eval`)" + ("" if device == "cpu" else f" on {device}")
@@ -179,23 +184,4 @@ def bench_train(
     section = "train-cuda" if device.startswith("cuda") else "train"
     md = f"## Training throughput (`ovseg bench train --device {device}`)\n\n{machine_line()}\n\n" + report(load, runs)
     write_section(section, md, doc)
-    typer.echo(md)
-
-
-@app.command("eval")
-def bench_eval(
-    presets: str = typer.Option("test,synthetic-small", help="Comma-separated presets."),
-    protocols: str = typer.Option("paper,training-free", help="Comma-separated protocols."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    images: int = typer.Option(4, help="Timed images (500 x 375, VOC's typical size)."),
-    doc: Path = typer.Option(DEFAULT_DOC, help="Markdown file to write the results into."),
-) -> None:
-    """Zero-shot segmentation images/s at the benchmark protocols."""
-    from ovseg.evaluation.bench import eval_throughput, report
-
-    rows = [(p, proto, device, eval_throughput(p, proto, images, device=device))
-            for p in presets.split(",") for proto in protocols.split(",")]
-    md = (f"## Evaluation speed (`ovseg bench eval --device {device}`)\n\n{machine_line()} Random-init models, "
-          f"20 classes, 500 x 375 images resized to the protocol's short side, sliding windows.\n\n" + report(rows))
-    write_section("eval" if device == "cpu" else "eval-cuda", md, doc)
     typer.echo(md)

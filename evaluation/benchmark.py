@@ -5,9 +5,11 @@ group-to-class scores, thresholding, the confusion matrix) is timed on a VOC-lay
 random images that the benchmark writes itself, with a randomly initialised model of each preset.
 Speed does not depend on the weights, so no trained checkpoint or real data set is needed.
 
-Two settings per preset:
+Settings per preset:
 - the paper's protocol (short side 448, 448 windows, stride 224) on VOC-sized 500x375 images
   with VOC's 21 classes: two windows per image;
+- the training-free methods' protocol (short side 336, 224 windows, stride 112; VOC20) on the
+  same images: six windows per image;
 - the synthetic world's protocol (64 px images, one window each, batched across images).
 """
 
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 
 from ovseg.evaluation import datasets as ds
-from ovseg.evaluation.evaluate import evaluate_dataset
+from ovseg.evaluation.evaluate import evaluate_dataset, load_dataset
 from ovseg.evaluation.segmenter import PROTOCOLS, Protocol, ZeroShotSegmenter, synthetic_protocol
 
 
@@ -61,10 +63,11 @@ def measure(preset: str, protocol: Protocol, *, n_images: int, height: int, widt
             batch_size: int, device: str, workdir: Path) -> dict:
     """Images per second of the evaluation loop of one preset under one protocol."""
     folder = _write_voc(workdir / f"{preset}-{protocol.name}", n_images, height, width, len(ds.VOC_CLASSES))
-    dataset = ds.load_voc(folder)
+    dataset = load_dataset("voc", folder, protocol=protocol.name)  # training-free: VOC20
     model = _random_model(preset, dataset.prompt_classes).to(device)
-    segmenter = ZeroShotSegmenter(model, dataset.prompt_classes, bg_threshold=dataset.bg_threshold,
-                                  protocol=protocol, device=device, batch_size=batch_size)
+    segmenter = ZeroShotSegmenter(model, dataset.prompt_classes, with_background=dataset.has_background,
+                                  bg_threshold=dataset.bg_threshold or 0.5, protocol=protocol, device=device,
+                                  batch_size=batch_size)
     windows = len(segmenter._windows(*segmenter._prepare(dataset.load(0)[0]).shape[-2:]))
     evaluate_dataset(segmenter, dataset, limit=min(2, n_images), progress=False)  # warm-up, text cached
     if device.startswith("cuda"):
@@ -80,10 +83,11 @@ def measure(preset: str, protocol: Protocol, *, n_images: int, height: int, widt
             "images_per_s": n_images / seconds, "device": device, "batch_size": batch_size}
 
 
-def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *, n_images: int = 16,
+def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *,
+                   protocols: tuple[str, ...] = ("paper", "training-free"), n_images: int = 16,
                    synthetic_images: int = 128, batch_size: int = 16, device: str = "cpu",
                    threads: int | None = None, machine: str = "") -> tuple[str, list[dict]]:
-    """Markdown and raw rows: evaluation images/s of each preset at the paper's protocol (VOC-sized
+    """Markdown and raw rows: evaluation images/s of each preset at each protocol (VOC-sized
     images) and at the synthetic world's (64 px)."""
     previous = torch.get_num_threads()
     if threads:
@@ -93,8 +97,9 @@ def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *, n_
     try:
         with tempfile.TemporaryDirectory(prefix="ovseg-bench-eval-") as tmp:
             for preset in presets:
-                rows.append(measure(preset, PROTOCOLS["paper"], n_images=n_images, height=375, width=500,
-                                    batch_size=batch_size, device=device, workdir=Path(tmp)))
+                for name in protocols:
+                    rows.append(measure(preset, PROTOCOLS[name], n_images=n_images, height=375, width=500,
+                                        batch_size=batch_size, device=device, workdir=Path(tmp)))
                 rows.append(measure(preset, synthetic_protocol(64), n_images=synthetic_images, height=64, width=64,
                                     batch_size=batch_size, device=device, workdir=Path(tmp)))
     finally:

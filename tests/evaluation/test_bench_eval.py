@@ -14,8 +14,9 @@ def test_bench_eval_writes_a_measured_section_per_preset_and_protocol(tmp_path):
     text = doc.read_text()
     assert "kept" in text and "<!-- bench:eval -->" in text
     rows = [line for line in text.splitlines() if line.startswith("| test |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["paper", "synthetic"]
+    assert [r.split("|")[2].strip() for r in rows] == ["paper", "training-free", "synthetic"]
     assert rows[0].split("|")[6].strip() == "2"  # 500x375 at short side 448: two 448 windows
+    assert rows[1].split("|")[6].strip() == "6"  # 448x336: 2 x 3 windows of 224, stride 112
     assert all(float(r.split("|")[7]) > 0 for r in rows)
 
 
