@@ -185,3 +185,21 @@ def bench_train(
     md = f"## Training throughput (`ovseg bench train --device {device}`)\n\n{machine_line()}\n\n" + report(load, runs)
     write_section(section, md, doc)
     typer.echo(md)
+
+
+@app.command("curate")
+def bench_curate(
+    rows: int = typer.Option(12_423_374, "--rows", help="Generated parsed rows for select..pairs (CC12M has 12,423,374)."),
+    parse_captions: int = typer.Option(2000, "--parse-captions", help="Captions parsed by each pipeline for captions/s."),
+    threads: int = typer.Option(2, "--threads", help="DuckDB threads for select..pairs (the target is for 2)."),
+    memory_limit: str = typer.Option("3GB", "--memory-limit", help="DuckDB memory_limit for select..pairs."),
+    cores: int = typer.Option(16, "--cores", help="Cores of the machine the whole-CC12M time is extrapolated to."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """Curation speed: parse captions/s against spaCy's full pipeline, select..pairs time and peak memory, CC12M extrapolation."""
+    from ovseg.curation._curate_bench import benchmark_curate
+
+    md, _ = benchmark_curate(rows=rows, parse_captions=parse_captions, threads=threads, memory_limit=memory_limit,
+                             cores=cores, machine=machine_line())
+    write_section("curate", md, doc)
+    typer.echo(md)
