@@ -141,6 +141,19 @@ def _require(path: Path, how: str) -> Path:
     return path
 
 
+def _locate(data: Path, *nested: str, marker: str) -> Path:
+    """The data set's own folder: DATA/<nested...> when DATA holds it (e.g. VOCdevkit/VOC2012),
+    DATA itself when it is that folder (it holds `marker`), else the standard place under DATA,
+    so that a missing data set is reported with the full path it should be at."""
+    root = Path(data)
+    for name in nested:
+        if (root / name).exists():
+            root = root / name
+    if root == Path(data) and not (root / marker).exists():
+        root = root.joinpath(*nested)
+    return root
+
+
 def _split_items(root: Path, split_file: Path, image_dir: Path, label_dir: Path,
                  image_ext: str, label_suffix: str, how: str) -> list[tuple[Path, Path]]:
     _require(image_dir, how)
@@ -166,11 +179,7 @@ SYNTHETIC_HOW = "make it with `ovseg curate synthetic OUT`; pass OUT/voc"
 
 
 def load_voc(data: Path, split: str = "val", with_background: bool = True) -> SegmentationDataset:
-    root = Path(data)
-    if (root / "VOCdevkit").exists():
-        root = root / "VOCdevkit"
-    if (root / "VOC2012").exists():
-        root = root / "VOC2012"
+    root = _locate(data, "VOCdevkit", "VOC2012", marker="JPEGImages")
     items = _split_items(root, root / "ImageSets" / "Segmentation" / f"{split}.txt",
                          root / "JPEGImages", root / "SegmentationClass", ".jpg", ".png", VOC_HOW)
     if with_background:
@@ -180,11 +189,7 @@ def load_voc(data: Path, split: str = "val", with_background: bool = True) -> Se
 
 
 def load_context(data: Path, split: str = "val", with_background: bool = True) -> SegmentationDataset:
-    root = Path(data)
-    if (root / "VOCdevkit").exists():
-        root = root / "VOCdevkit"
-    if (root / "VOC2010").exists():
-        root = root / "VOC2010"
+    root = _locate(data, "VOCdevkit", "VOC2010", marker="JPEGImages")
     items = _split_items(root, root / "ImageSets" / "SegmentationContext" / f"{split}.txt",
                          root / "JPEGImages", root / "SegmentationClassContext", ".jpg", ".png", CONTEXT_HOW)
     if with_background:
@@ -194,9 +199,7 @@ def load_context(data: Path, split: str = "val", with_background: bool = True) -
 
 
 def load_coco_object(data: Path, split: str = "val2017") -> SegmentationDataset:
-    root = Path(data)
-    if (root / "coco_stuff164k").exists():
-        root = root / "coco_stuff164k"
+    root = _locate(data, "coco_stuff164k", marker="images")
     image_dir = _require(root / "images" / split, COCO_HOW)
     label_dir = _require(root / "annotations" / split, COCO_HOW)
     items = []
@@ -209,9 +212,7 @@ def load_coco_object(data: Path, split: str = "val2017") -> SegmentationDataset:
 
 
 def load_ade20k(data: Path, split: str = "validation") -> SegmentationDataset:
-    root = Path(data)
-    if (root / "ADEChallengeData2016").exists():
-        root = root / "ADEChallengeData2016"
+    root = _locate(data, "ADEChallengeData2016", marker="images")
     image_dir = _require(root / "images" / split, ADE_HOW)
     label_dir = _require(root / "annotations" / split, ADE_HOW)
     items = []

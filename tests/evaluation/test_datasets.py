@@ -124,3 +124,18 @@ def test_coco_converter_paints_contiguous_ids_and_loader_reads_them(tmp_path):
     _, label = data.load(0)
     assert label[5, 5] == 2  # category 18 is the second category -> id 2
     assert label[11, 21] == 1 and label[15, 28] == 0
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("voc", "VOCdevkit/VOC2012/JPEGImages"), ("context", "VOCdevkit/VOC2010/JPEGImages"),
+    ("coco-object", "coco_stuff164k/images/val2017"),
+    ("ade20k", "ADEChallengeData2016/images/validation"), ("synthetic", "classes.json")])
+def test_every_data_set_missing_exits_2_naming_the_expected_path_and_how_to_get_it(tmp_path, name, expected):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"never loaded: the data set is checked first")
+    result = CliRunner().invoke(app, ["eval", name, "--checkpoint", str(ckpt), "--data", str(tmp_path / "absent"),
+                                      "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and str(tmp_path / "absent") in result.output
+    assert ("docs/evaluation.md" in result.output) or ("ovseg curate synthetic" in result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -88,3 +88,53 @@ def test_batched_inference_of_mixed_sizes_equals_one_image_at_a_time_with_the_re
         alone, _ = seg.scores(image)
         assert scores.shape == (3, *image.shape[:2])
         torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-4)
+
+
+def _voc_with_two_wide_images(root):
+    """VOCdevkit/VOC2012 with two 30x45 images: at the paper's short side 448 they become
+    448x672, two sliding windows each."""
+    from ovseg.evaluation.datasets import voc_palette
+
+    from .conftest import write_palette_png
+
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("2007_000032", "2007_000033"):
+        Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
+        label = np.zeros((30, 45), dtype=np.uint8)
+        label[5:20, 10:30] = 15  # person
+        label[0, :] = 255  # ignored border
+        write_palette_png(voc / "SegmentationClass" / f"{name}.png", label, voc_palette())
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n2007_000033\n")
+    return root
+
+
+@pytest.mark.parametrize("protocol, name, n_classes, threshold", [
+    ("paper", "voc", 21, 0.95), ("training-free", "voc20", 20, None)])
+def test_eval_voc_end_to_end_at_each_protocol(checkpoint, tmp_path, protocol, name, n_classes, threshold):
+    data = _voc_with_two_wide_images(tmp_path / "data")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "voc", "--checkpoint", str(checkpoint), "--data", str(data),
+                                      "--output", str(out), "--protocol", protocol, "--save-pictures", "1",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == name and metrics["protocol"] == protocol and metrics["n_images"] == 2
+    assert len(metrics["per_class"]) == n_classes and metrics["bg_threshold"] == threshold
+    assert "person" in (out / "metrics.md").read_text()
+    prediction = np.asarray(Image.open(out / "pictures" / "2007_000032_pred.png"))
+    assert prediction.shape == (30, 45) and prediction.max() < n_classes
+
+
+def test_sliding_window_equals_whole_image_for_the_real_model_when_the_window_covers_it(checkpoint):
+    from ovseg.evaluation.segmenter import Protocol, ZeroShotSegmenter
+    from ovseg.training.checkpoint import load_model
+
+    model = load_model(checkpoint)
+    image = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    seg = ZeroShotSegmenter(model, ["circle", "star"], protocol=Protocol("t", 48, 96, 48))
+    slid, _ = seg.scores(image, slide=True)
+    whole, _ = seg.scores(image, slide=False)
+    torch.testing.assert_close(slid, whole)
