@@ -4,7 +4,7 @@
    full pipeline on the same captions, in the same run.
 2. select + manifest + entity_index + pairs over N generated parsed rows (Zipf-like entity counts,
    1-4 entities per row), in a child process limited to the given DuckDB threads, with its peak
-   resident memory read from the kernel (``ru_maxrss`` of the child).
+   resident memory read from the kernel (the child's own ``ru_maxrss``).
 3. The whole curation of CC12M (12.4M rows) on a 16-core machine, extrapolated from the measured
    ingest and parse rates and the measured query time.
 """
@@ -137,7 +137,8 @@ def _run_queries(data: str, top_k: int, pairs_per_sample: int, threads: int, mem
         result = fn()
         seconds[name] = (time.perf_counter() - began, getattr(result, "rows", None))
     cpu1 = os.times()
-    queue.put({"seconds": seconds, "cpu": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)})
+    queue.put({"seconds": seconds, "cpu": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+               "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})  # KiB on Linux
 
 
 def query_benchmark(rows: int, top_k: int = 100, pairs_per_sample: int = 10, threads: int = 2,
@@ -157,18 +158,19 @@ def query_benchmark(rows: int, top_k: int = 100, pairs_per_sample: int = 10, thr
         result = queue.get()
         child.join()
         wall = time.perf_counter() - began
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak_kib = result["peak_kib"]
         return {"rows": rows, "generate_s": generated, "wall_s": wall, "stages": result["seconds"],
                 "cpu_s": result["cpu"], "peak_rss_gib": peak_kib / 2**20, "threads": threads,
                 "memory_limit": memory_limit}
 
 
 def benchmark_curate(rows: int = CC12M_ROWS, parse_captions: int = 2000, threads: int = 2,
-                     memory_limit: str = "3GB", cores: int = 16, machine: str = "") -> tuple[str, dict]:
+                     memory_limit: str = "3GB", cores: int = 16, machine: str = "",
+                     ingest_rows: int = 200_000) -> tuple[str, dict]:
     """Run the three measurements; returns (Markdown section, raw numbers)."""
     load_before = os.getloadavg()[0]
     parse = parse_throughput(parse_captions)
-    ingest_per_s = ingest_rate()
+    ingest_per_s = ingest_rate(ingest_rows)
     queries = query_benchmark(rows, threads=threads, memory_limit=memory_limit)
     load_after = os.getloadavg()[0]
     speedup = parse["ours"] / parse["full"]
