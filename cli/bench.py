@@ -91,7 +91,10 @@ def bench_model(
     md, _ = benchmark_model(names, batch_size=batch_size, repeats=repeats, paper_batch=paper_batch,
                             paper_repeats=paper_repeats, device=device, threads=threads or None,
                             machine=machine_line())
-    write_section("model", "## Model cost (`ovseg bench model`)\n\n" + md, doc)
+    # one section per kind of device, so CPU and GPU results stand side by side
+    kind = device.split(":")[0]
+    name, title = ("model", "") if kind == "cpu" else (f"model-{kind}", f", {kind.upper()}")
+    write_section(name, f"## Model cost{title} (`ovseg bench model --device {device}`)\n\n" + md, doc)
     typer.echo(md)
 
 

@@ -317,3 +317,20 @@ def test_missing_vision_init_file_and_unreachable_hub_are_clear_errors(tokenizer
         build_model(tiny_config(vision_init=str(tmp_path / "dino.pth")), tokenizer=tokenizer)
     with pytest.raises(RuntimeError, match="local DINO checkpoint"):
         build_model(tiny_config(vision_init="vit_small_patch16_224.dino"), tokenizer=tokenizer)
+
+
+def test_a_batch_without_the_keys_a_loss_needs_is_a_clear_error(tokenizer):
+    model = build_model(tiny_config(losses=["contrastive", "mask"]), tokenizer=tokenizer)
+    batch = make_batch(tokenizer)
+    del batch["partner_image"]
+    with pytest.raises(ValueError, match="partner_image"):
+        model(batch)
+
+
+def test_gumbel_noise_in_bfloat16_stays_finite_and_one_hot():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8, 4096).bfloat16()
+    hard = gumbel_softmax_over_groups(logits, tau=1.0, hard=True)
+    assert hard.dtype == torch.bfloat16 and torch.isfinite(hard).all()
+    assert set(hard.float().unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(hard.float().sum(dim=1), torch.ones(4, 4096))

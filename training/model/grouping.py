@@ -14,13 +14,14 @@ from ovseg.training.model.attention import CrossAttentionBlock
 
 def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool) -> torch.Tensor:
     """Softmax over dim 1 (the groups) with Gumbel noise; straight-through one-hot if `hard`."""
-    gumbels = -torch.empty_like(logits).exponential_().log()
-    soft = ((logits + gumbels) / tau).softmax(dim=1)
+    # noise and softmax in float32: a bf16 exponential sample can round to 0 (log -> inf)
+    gumbels = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
+    soft = ((logits.float() + gumbels) / tau).softmax(dim=1)
     if not hard:
-        return soft
+        return soft.to(logits.dtype)
     index = soft.argmax(dim=1, keepdim=True)
     one_hot = torch.zeros_like(soft).scatter_(1, index, 1.0)
-    return one_hot - soft.detach() + soft  # forward: one-hot; backward: the soft gradient
+    return (one_hot - soft.detach() + soft).to(logits.dtype)  # forward: one-hot; backward: the soft gradient
 
 
 class AssignAttention(nn.Module):

@@ -19,6 +19,11 @@ from ovseg.training.model.projector import Projector
 from ovseg.training.model.text_encoder import TextEncoder
 
 LOSS_NAMES = ("contrastive", "entity", "mask")
+BATCH_KEYS = {  # what each loss reads from the batch (docs/architecture.md)
+    "contrastive": ("image", "input_ids", "attention_mask"),
+    "entity": ("image", "question_ids", "question_mask", "answer_ids", "answer_mask", "has_entity"),
+    "mask": ("image", "partner_image", "shared_ids", "shared_mask", "has_partner"),
+}
 
 
 @dataclass
@@ -100,6 +105,9 @@ class OVSegmentor(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        missing = [key for name in self.cfg.losses for key in BATCH_KEYS[name] if key not in batch]
+        if missing:
+            raise ValueError(f"the batch lacks {sorted(set(missing))}, needed by the losses {self.cfg.losses}")
         scale = self.scale()
         image = self.encode_image(batch["image"])
         parts: dict[str, torch.Tensor] = {}
