@@ -100,13 +100,14 @@ class ZeroShotSegmenter:
     # -- image side --------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> normalised (1, 3, h, w) with the short side at the protocol's."""
-        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(self.device)
+        x = x.permute(2, 0, 1)[None].float() / 255.0
         h, w = x.shape[-2:]
         scale = self.protocol.short_side / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         if size != (h, w):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(self.device)) / self.std.to(self.device)
 
     @torch.no_grad()
     def _window_scores(self, crops: torch.Tensor, classes: torch.Tensor,
@@ -128,7 +129,7 @@ class ZeroShotSegmenter:
         assignment = out.assignment.float()  # (N, K, h', w')
         assignment = F.interpolate(assignment, size=crops.shape[-2:], mode="bilinear", align_corners=False)
         scores = torch.einsum("nkhw,nkc->nchw", assignment, group_scores)
-        return scores.cpu(), (assignment.cpu() if with_groups else None)
+        return scores, (assignment if with_groups else None)
 
     def _pad_to_patch(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         h, w = x.shape[-2:]
@@ -150,8 +151,9 @@ class ZeroShotSegmenter:
     @torch.no_grad()
     def scores(self, image: np.ndarray, slide: bool = True,
                with_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Class scores (C, H, W) at the image's own size and, if asked, the soft group map
-        (K, H, W) of the whole image (for pictures and diagnostics; None otherwise)."""
+        """Class scores (C, H, W) at the image's own size, on the segmenter's device, and, if
+        asked, the soft group map (K, H, W) of the whole image on the CPU (for pictures and
+        diagnostics; None otherwise)."""
         return self.scores_batch([image], slide=slide, with_groups=with_groups)[0]
 
     @torch.no_grad()
@@ -159,7 +161,8 @@ class ZeroShotSegmenter:
                      with_groups: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """`scores` of several images at once: the windows of all of them go through the model
         in batches of `batch_size` crops of one size, so small images (one window each) are
-        batched across images and large ones across their windows."""
+        batched across images and large ones across their windows. Resizing, window averaging
+        and the scores stay on the segmenter's device (only group maps come back to the CPU)."""
         classes = self.class_embeddings().to(self.device)
         prepared = [self._prepare(image) for image in images]
         by_size: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
@@ -169,8 +172,8 @@ class ZeroShotSegmenter:
             for box in (self._windows(h, w) if slide else [(0, 0, h, w)]):
                 by_size.setdefault((box[2] - box[0], box[3] - box[1]), []).append((i, box))
                 n_windows[i] += 1
-        totals = [torch.zeros(len(self.class_names), *x.shape[-2:]) for x in prepared]
-        counts = [torch.zeros(1, *x.shape[-2:]) for x in prepared]
+        totals = [torch.zeros(len(self.class_names), *x.shape[-2:], device=self.device) for x in prepared]
+        counts = [torch.zeros(1, *x.shape[-2:], device=self.device) for x in prepared]
         groups: list[torch.Tensor | None] = [None] * len(images)
         for jobs in by_size.values():  # crops of one size go through the model together
             for start in range(0, len(jobs), self.batch_size):
@@ -197,18 +200,16 @@ class ZeroShotSegmenter:
                 _, g = self._window_scores(padded, classes, True)
                 group_map = g[0, :, :ch, :cw]
             group_map = F.interpolate(group_map[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-            results.append((total, group_map))
+            results.append((total, group_map.cpu()))
         return results
 
     def predict_from_scores(self, scores: torch.Tensor, bg_threshold: float | None = None) -> np.ndarray:
         """Label map (H, W): with a background class, 0 is background and class i is i + 1."""
         best, label = scores.max(dim=0)
-        if not self.with_background:
-            return label.numpy().astype(np.int64)
-        threshold = self.bg_threshold if bg_threshold is None else bg_threshold
-        label = label + 1
-        label[best < threshold] = 0
-        return label.numpy().astype(np.int64)
+        if self.with_background:
+            threshold = self.bg_threshold if bg_threshold is None else bg_threshold
+            label = torch.where(best < threshold, 0, label + 1)
+        return label.cpu().numpy().astype(np.int64)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         scores, _ = self.scores(image)

@@ -138,3 +138,19 @@ def test_sliding_window_equals_whole_image_for_the_real_model_when_the_window_co
     slid, _ = seg.scores(image, slide=True)
     whole, _ = seg.scores(image, slide=False)
     torch.testing.assert_close(slid, whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_scores_match_cpu_float32_scores(checkpoint):
+    from ovseg.evaluation.segmenter import PROTOCOLS, ZeroShotSegmenter
+    from ovseg.training.checkpoint import load_model
+
+    image = np.random.default_rng(3).integers(0, 255, (75, 100, 3), dtype=np.uint8)
+    names = ["circle", "star", "square"]
+    cpu = ZeroShotSegmenter(load_model(checkpoint), names, protocol=PROTOCOLS["paper"])
+    gpu = ZeroShotSegmenter(load_model(checkpoint, map_location="cuda"), names, protocol=PROTOCOLS["paper"], device="cuda")
+    (on_cpu, _), = cpu.scores_batch([image])
+    (on_gpu, groups), = gpu.scores_batch([image], with_groups=True)
+    assert on_gpu.device.type == "cuda" and groups.device.type == "cpu"
+    torch.testing.assert_close(on_gpu.float().cpu(), on_cpu, atol=0.05, rtol=0.05)
+    assert (gpu.predict_from_scores(on_gpu) == cpu.predict_from_scores(on_cpu)).mean() > 0.9
