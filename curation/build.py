@@ -115,52 +115,72 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     index = stage.sql_path(data / "entity_index.parquet")
     p, s = int(pairs_per_sample), int(seed)
+    # Entities as small integers, with the start (base) of each entity's block of positions.
+    con.execute(f"""
+        CREATE TEMP TABLE ents AS
+        SELECT entity, (row_number() OVER (ORDER BY entity) - 1)::INTEGER AS eid, n,
+               (sum(n) OVER (ORDER BY entity) - n)::BIGINT AS base
+        FROM (SELECT entity, count(*) AS n FROM read_parquet({index}) GROUP BY entity)""")
     # Position of each sample in its entity's seeded order (pos), of each entity in its sample's
-    # (turn), and a global row number g = base(entity) + pos so a partner is found by one integer.
+    # (turn), and g = base + pos, the global position a partner is looked up by.
     con.execute(f"""
         CREATE TEMP TABLE idx AS
-        SELECT entity, sample_id,
-               count(*) OVER (PARTITION BY entity) AS n,
-               row_number() OVER (PARTITION BY entity ORDER BY hash(sample_id, entity, {s}), sample_id) - 1 AS pos,
-               row_number() OVER (PARTITION BY sample_id ORDER BY hash(entity, sample_id, {s} + 1), entity) - 1 AS turn,
-               count(*) OVER (PARTITION BY sample_id) AS k
-        FROM read_parquet({index})""")
-    con.execute("""
-        CREATE TEMP TABLE bases AS
-        SELECT entity, sum(n) OVER (ORDER BY entity) - n AS base
-        FROM (SELECT entity, any_value(n) AS n FROM idx GROUP BY entity)""")
-    con.execute("CREATE TEMP TABLE members AS SELECT b.base + i.pos AS g, i.sample_id FROM idx i JOIN bases b USING (entity)")
+        SELECT i.sample_id, e.eid, e.n, e.base,
+               row_number() OVER (PARTITION BY e.eid ORDER BY hash(i.sample_id, i.entity, {s}), i.sample_id) - 1 AS pos,
+               (row_number() OVER (PARTITION BY i.sample_id ORDER BY hash(i.entity, i.sample_id, {s} + 1), i.entity) - 1)::TINYINT AS turn,
+               (count(*) OVER (PARTITION BY i.sample_id))::SMALLINT AS k
+        FROM read_parquet({index}) i JOIN ents e USING (entity)""")
+    con.execute("CREATE TEMP TABLE members AS SELECT base + pos AS g, sample_id FROM idx")
+    ranges = con.execute(f"""
+        SELECT min(sample_id), max(sample_id) FROM (
+          SELECT sample_id, ntile({max(1, _pair_chunks(con))}) OVER (ORDER BY sample_id) AS chunk
+          FROM (SELECT DISTINCT sample_id FROM idx)) GROUP BY chunk ORDER BY 1""").fetchall()
     # Candidate t of (sample, entity) is the sample t places further along the entity's order
     # (wrapping around; t < n so never the sample itself), ranked by key = (t, turn): round-robin
     # over the sample's entities. A sample with one entity takes t = 1..P directly. A sample with
     # k > 1 entities takes t up to ceil(P/k) + 1 when every entity has that many partners, else up
-    # to P, drops repeated partners (keeping the first), and keeps the first P.
-    con.execute(f"""
-        CREATE TEMP TABLE steps AS
-        WITH per AS (SELECT sample_id, min(n) AS min_n FROM idx WHERE k > 1 GROUP BY sample_id)
-        SELECT i.sample_id, i.entity, i.k, t * 64 + i.turn AS key, b.base + (i.pos + t) % i.n AS partner_g
-        FROM idx i JOIN bases b USING (entity) LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
-        WHERE t <= i.n - 1
-          AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
-                                    THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)""")
+    # to P, drops repeated partners (keeping the first), and keeps the first P. Samples are done
+    # in ranges of sample_id, so each range's sort is small and the output is written in order.
+    query = f"""
+        WITH mine AS (SELECT * FROM idx WHERE sample_id BETWEEN $lo AND $hi),
+        per AS (SELECT sample_id, min(n) AS min_n FROM mine WHERE k > 1 GROUP BY sample_id),
+        steps AS (
+          SELECT i.sample_id, i.eid, i.k, t * 64 + i.turn AS key, i.base + (i.pos + t) % i.n AS partner_g
+          FROM mine i LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
+          WHERE t <= i.n - 1
+            AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
+                                      THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)),
+        candidates AS (
+          SELECT s.sample_id, m.sample_id AS partner_id, s.eid, s.key, s.k
+          FROM steps s JOIN members m ON m.g = s.partner_g),
+        several AS (
+          SELECT sample_id, partner_id, arg_min(eid, key) AS eid, min(key) AS key
+          FROM candidates WHERE k > 1 GROUP BY sample_id, partner_id
+          QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY min(key)) <= {p})
+        SELECT c.sample_id, c.partner_id, e.entity FROM (
+          SELECT sample_id, partner_id, eid, key FROM candidates WHERE k = 1
+          UNION ALL
+          SELECT sample_id, partner_id, eid, key FROM several) c JOIN ents e USING (eid)
+        ORDER BY c.sample_id, c.key"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("sample_id", pa.int64()), ("partner_id", pa.int64()), ("entity", pa.string())])
     out = data / "pairs.parquet"
     tmp = out.with_name(out.name + ".tmp")
-    con.execute(f"""
-        COPY (
-          WITH candidates AS (
-            SELECT s.sample_id, m.sample_id AS partner_id, s.entity, s.key, s.k
-            FROM steps s JOIN members m ON m.g = s.partner_g),
-          several AS (
-            SELECT sample_id, partner_id, arg_min(entity, key) AS entity, min(key) AS key
-            FROM candidates WHERE k > 1 GROUP BY sample_id, partner_id
-            QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY min(key)) <= {p})
-          SELECT sample_id, partner_id, entity FROM (
-            SELECT sample_id, partner_id, entity, key FROM candidates WHERE k = 1
-            UNION ALL
-            SELECT sample_id, partner_id, entity, key FROM several)
-          ORDER BY sample_id, key)
-        TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for lo, hi in ranges:
+            table = con.sql(query, params={"lo": lo, "hi": hi}).to_arrow_table().cast(schema)
+            writer.write_table(table, row_group_size=1 << 20)
+            rows += table.num_rows
     tmp.replace(out)
-    rows = con.execute(f"SELECT count(*) FROM read_parquet({stage.sql_path(out)})").fetchone()[0]
     con.close()
     return _done(data, "pairs", settings, rows)
+
+
+PAIR_CHUNK_ROWS = 6_000_000  # index rows per range of samples in the pairs stage
+
+
+def _pair_chunks(con) -> int:
+    return -(-con.execute("SELECT count(*) FROM idx").fetchone()[0] // PAIR_CHUNK_ROWS)

@@ -165,3 +165,11 @@ def test_catalog_has_a_view_per_existing_table(tmp_path):
     assert views == {"captions", "parsed", "entities", "manifest", "entity_index", "pairs"}
     assert set(views) <= set(TABLES)
     assert con.execute("SELECT count(*) FROM entity_index WHERE entity = 'dog'").fetchone()[0] == 4
+
+
+def test_pairs_done_in_many_sample_ranges_equal_pairs_done_in_one(tmp_path, monkeypatch):
+    samples = {i: ["dog", "cat", "tree", "car"][i % 4: i % 4 + 1 + i % 3] for i in range(300)}
+    one = _built(make_parsed(tmp_path / "one", samples, per_part=100), p=5, seed=1)[2]
+    monkeypatch.setattr(build, "PAIR_CHUNK_ROWS", 37)
+    many = _built(make_parsed(tmp_path / "many", samples, per_part=100), p=5, seed=1)[2]
+    assert many.equals(one) and one.num_rows > 1000
