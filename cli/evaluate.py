@@ -19,6 +19,11 @@ DATA_HELP = {
     "ade20k": "Folder holding ADEChallengeData2016 (or that folder itself).",
     "synthetic": "The OUT/voc folder written by `ovseg curate synthetic OUT` (or OUT).",
 }
+PROTOCOL_HELP = ("paper: short side 448, window 448 stride 224. training-free: short side 336, window 224 "
+                 "stride 112, VOC and Context without background.")
+THRESHOLD_DEFAULT = {"voc": "the paper's 0.95", "context": "the paper's 0.35", "coco-object": "the paper's 0.9",
+                     "ade20k": "none, ADE20K has no background class",
+                     "synthetic": "0.5; better: --tune-threshold-on val"}
 DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade20k": "validation",
                  "synthetic": "test"}
 
@@ -61,15 +66,15 @@ def _make_command(name: str):
         checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Model checkpoint (.pt) from `ovseg train`."),
         data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP[name]),
         output: Path = typer.Option(Path(f"eval-{name}"), "--output", "-o", help="Folder for metrics.json, metrics.md and pictures."),
-        split: Optional[str] = typer.Option(None, help=f"Split to measure [default: {DEFAULT_SPLIT[name]}]."),
-        protocol: str = typer.Option("paper", help="paper: short side 448, window 448 stride 224. training-free: short side 336, window 224 stride 112, VOC and Context without background."),
-        bg_threshold: Optional[float] = typer.Option(None, help="Background threshold on the class probability [default: the paper's for the data set: VOC 0.95, Context 0.35, COCO-Object 0.9]."),
+        split: Optional[str] = typer.Option(None, help=f"Split to measure (default: {DEFAULT_SPLIT[name]})."),
+        protocol: str = typer.Option("paper", help=PROTOCOL_HELP if name != "synthetic" else "Ignored: the synthetic world is measured at its own size, one window per image."),
+        bg_threshold: Optional[float] = typer.Option(None, help="Background threshold on the class probability (default: " + THRESHOLD_DEFAULT[name] + ")."),
         tune_threshold_on: Optional[str] = typer.Option(None, help="Choose the background threshold on this split (e.g. val) before measuring; never the measured split."),
         ensemble: bool = typer.Option(False, help="Average several prompt templates instead of the paper's single one."),
         top_k: Optional[int] = typer.Option(None, help="Keep only the k classes most similar to the whole image (the paper's filter)."),
         save_pictures: int = typer.Option(0, help="Save colour predictions and image/truth/prediction/groups panels for the first N images."),
         limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images (smoke tests)."),
-        device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda if available]."),
+        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         diagnostics: bool = typer.Option(False, help="Also report group-majority mIoU (each group given its majority true label)."),
         batch_size: int = typer.Option(16, min=1, help="Windows per forward pass (across images when each image is one window)."),
     ) -> None:

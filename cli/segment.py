@@ -14,9 +14,9 @@ def segment(
     vocab: str = typer.Option(..., "--vocab", help='Comma-separated class names, e.g. "cat,dog,sofa".'),
     output: Path = typer.Option(Path("segment-out"), "--output", "-o", help="Folder for the overlays and label maps."),
     bg_threshold: float = typer.Option(0.5, help="Pixels whose best class probability is below this are background."),
-    short_side: Optional[int] = typer.Option(None, help="Resize the short side to this before inference [default: the model's training size]."),
+    short_side: Optional[int] = typer.Option(None, help="Resize the short side to this before inference (default: the model's training size)."),
     groups: bool = typer.Option(False, "--groups", help="Also save the group map."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
 ) -> None:
     """Open-vocabulary segmentation of your own images with your own words."""
     from ovseg.evaluation.segment import segment_images
