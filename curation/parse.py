@@ -158,11 +158,18 @@ class ParseResult:
 # --- worker processes -------------------------------------------------------------------------
 
 _NLP = None
+_COUNTER = None  # captions parsed by all workers, shared with the parent for its progress bar
 
 
-def _init_worker(model: str) -> None:
-    global _NLP
+def _init_worker(model: str, counter=None) -> None:
+    global _NLP, _COUNTER
     _NLP = load_nlp(model)
+    _COUNTER = counter
+
+
+def _count(n: int) -> None:
+    with _COUNTER.get_lock():
+        _COUNTER.value += n
 
 
 def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
@@ -175,7 +182,18 @@ def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
 
 
 def _parse_part_in_worker(src: str, dst: str, batch_size: int) -> int:
-    return _parse_part(src, dst, batch_size)
+    pending = [0]
+
+    def progress(n: int) -> None:  # report every few hundred captions, not every one
+        pending[0] += n
+        if pending[0] >= 200:
+            _count(pending[0])
+            pending[0] = 0
+
+    rows = _parse_part(src, dst, batch_size, progress if _COUNTER is not None else None)
+    if _COUNTER is not None:
+        _count(pending[0])
+    return rows
 
 
 def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None = None,
@@ -209,14 +227,18 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
                 _parse_part(str(src), str(dst), batch_size, bar.update)
         else:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
             context = multiprocessing.get_context("spawn")  # no fork of a process that holds DuckDB threads
+            counter = context.Value("q", 0)
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                     initargs=(model,)) as pool:
-                futures = [pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo]
-                for future in as_completed(futures):
-                    bar.update(future.result())
+                                     initargs=(model, counter)) as pool:
+                pending = {pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo}
+                while pending:
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        future.result()  # a worker's error stops the stage
+                    bar.update(counter.value - bar.n)
     seconds = time.perf_counter() - began
     samples = sum(pq.ParquetFile(p).metadata.num_rows for p in stage.parts(out_dir))
     stage.finish(data, "parse", settings, {"samples": samples, "parts": len(sources)})
