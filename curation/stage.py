@@ -41,6 +41,8 @@ def start(data: Path, stage: str) -> None:
     """Forget `stage` and every later stage: their outputs are about to change."""
     for later in STAGES[STAGES.index(stage):]:
         marker_path(data, later).unlink(missing_ok=True)
+        if later == "parse":  # parsed parts of an earlier ingest must not be resumed from
+            marker_path(data, "parse_progress").unlink(missing_ok=True)
 
 
 def finish(data: Path, stage: str, settings: dict, counts: dict) -> None:

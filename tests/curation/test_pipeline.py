@@ -87,3 +87,17 @@ def test_parallel_workers_write_the_same_parts_as_one_process(tmp_path, curated_
     assert sorted(one) == sorted(two)
     for name in one:
         assert two[name].equals(one[name]), name
+
+
+def test_reingesting_a_changed_source_discards_parts_parsed_from_the_old_one(tmp_path, nlp):
+    from ovseg.curation.ingest import ingest_tsv
+    from ovseg.curation.parse import parse
+
+    src, data = tmp_path / "cc.tsv", tmp_path / "data"
+    src.write_text("https://e.com/1.jpg\tA dog on a sofa\nhttps://e.com/2.jpg\tA cat in a box\n")
+    ingest_tsv(src, data, IngestConfig(shard_size=1))
+    parse(data)
+    src.write_text("https://e.com/1.jpg\tA horse in a field\nhttps://e.com/2.jpg\tA cat in a box\n")
+    ingest_tsv(src, data, IngestConfig(shard_size=1), force=True)
+    assert not parse(data).skipped
+    assert pq.read_table(data / "parsed" / "part-00000.parquet").column("entities").to_pylist() == [["horse", "field"]]
