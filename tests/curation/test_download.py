@@ -234,6 +234,12 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output
     assert not (tmp_path / "images").exists()
+    import importlib.util
+
+    for distributor in ("pyspark", "ray"):  # passed through to img2dataset; their packages are optional
+        if importlib.util.find_spec(distributor) is None:
+            result = CliRunner().invoke(app, ["curate", "download", str(tmp_path), "--distributor", distributor])
+            assert result.exit_code == 2 and f"pip install {distributor}" in result.output
 
 
 def test_killed_download_resumes_only_unfinished_shards(world, net_guard, tmp_path):
