@@ -90,7 +90,7 @@ def _from_dict(cls, values: dict[str, Any], where: str = ""):
     kwargs = {}
     for key, value in (values or {}).items():
         if key not in known:
-            raise ConfigError(f"unknown config key {where}{key!r}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key '{where}{key}'; known: {', '.join(sorted(known))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[key] = _from_dict(hint, value, f"{where}{key}.")
