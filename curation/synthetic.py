@@ -441,6 +441,7 @@ def generate(out: str | os.PathLike, cfg: WorldConfig = WorldConfig(), force: bo
         for sub in ("images", "voc"):
             shutil.rmtree(out / sub, ignore_errors=True)
         marker.unlink(missing_ok=True)
+        (out / "captions.tsv").unlink(missing_ok=True)  # it named the old images
     names = classes(cfg)
     tmp_images = out / "images.partial"
     shutil.rmtree(tmp_images, ignore_errors=True)
