@@ -75,6 +75,19 @@ class WorldConfig:
     jpeg_quality: int = 92
     shapes: tuple[str, ...] = SHAPES
 
+    def validate(self) -> None:
+        if min(self.n_train, self.n_val, self.n_test) < 0:
+            raise ValueError("image counts must not be negative")
+        if self.image_size < 16:
+            raise ValueError("image size must be at least 16 pixels")
+        if not 1 <= self.max_objects <= 5:
+            raise ValueError("max_objects must be between 1 and 5")
+        if not 0 < self.min_radius <= self.max_radius < 0.5:
+            raise ValueError("radii must satisfy 0 < min_radius <= max_radius < 0.5")
+        unknown = set(self.shapes) - set(SHAPES)
+        if unknown or not self.shapes:
+            raise ValueError(f"shapes must be a non-empty subset of {', '.join(SHAPES)} (unknown: {sorted(unknown)})")
+
 
 @dataclass
 class ShapeObject:
@@ -430,6 +443,7 @@ def generate(out: str | os.PathLike, cfg: WorldConfig = WorldConfig(), force: bo
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    cfg.validate()
     out = Path(out)
     marker = out / "world.json"
     settings = _settings(cfg)

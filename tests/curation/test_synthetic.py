@@ -224,3 +224,11 @@ def test_cli_draws_the_world_with_captions_for_the_base_url(tmp_path):
         result = CliRunner().invoke(app, ["curate", "synthetic", str(tmp_path / "bad"), *bad])
         assert result.exit_code == 2 and "Traceback" not in result.output, (bad, result.output)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("bad", [{"image_size": 8}, {"max_objects": 0}, {"shapes": ("circle", "blob")},
+                                 {"n_train": -1}, {"min_radius": 0.4, "max_radius": 0.3}])
+def test_impossible_settings_are_refused_before_drawing(tmp_path, bad):
+    with pytest.raises(ValueError):
+        syn.generate(tmp_path / "w", syn.WorldConfig(**bad))
+    assert not (tmp_path / "w").exists()
