@@ -300,8 +300,53 @@ def shard_name(shard_id: int, cfg_oom: int = 5) -> str:
 
 
 def member_offsets(tar_path: str, extension: str) -> dict[str, tuple[int, int]]:
-    """key -> (offset, size) of each `key.extension` member's data, from the tar headers only."""
+    """key -> (offset, size) of each `key.extension` member's data, from the tar headers only
+    (a seek over every member's data). Reads ustar headers and the per-member pax headers that
+    webdataset writes directly; any other header kind falls back to the tarfile module."""
     suffix = "." + extension
+    offsets: dict[str, tuple[int, int]] = {}
+    opener = open if "://" not in str(tar_path) else fsspec.open  # plain files: no fsspec layer per read
+    with opener(tar_path, "rb") as f:
+        position, pax = 0, {}
+        while True:
+            f.seek(position)
+            header = f.read(512)
+            if len(header) < 512 or header == _ZERO_BLOCK:
+                return offsets
+            kind, size = header[156:157], int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if header[257:262] != b"ustar" or kind not in (b"0", b"\0", b"x"):  # GNU long names, links, ...
+                return _member_offsets_tarfile(tar_path, suffix)
+            if kind == b"x":  # pax header of the next member: may set its path and size
+                pax = _pax_records(f.read(size))
+            else:
+                name = pax.get("path")
+                if name is None:
+                    name = header[:100].split(b"\0", 1)[0].decode()
+                    prefix = header[345:500].split(b"\0", 1)[0].decode()
+                    name = f"{prefix}/{name}" if prefix else name
+                size = int(pax.get("size", size))
+                if name.endswith(suffix):
+                    offsets[name[: -len(suffix)]] = (position + 512, size)
+                pax = {}
+            position += 512 + (size + 511) // 512 * 512
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """`LEN key=value\n` records of a pax extended header."""
+    records, i = {}, 0
+    while i < len(data):
+        space = data.index(b" ", i)
+        length = int(data[i:space])
+        key, _, value = data[space + 1:i + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return records
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _member_offsets_tarfile(tar_path: str, suffix: str) -> dict[str, tuple[int, int]]:
     offsets: dict[str, tuple[int, int]] = {}
     with fsspec.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:

@@ -338,3 +338,27 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.mark.parametrize("tar_format", ["pax", "gnu", "ustar"])
+def test_member_offsets_from_headers_match_the_tarfile_module(tmp_path, tar_format):
+    import io
+    import tarfile
+
+    from ovseg.curation.download import _member_offsets_tarfile, member_offsets
+
+    fmt = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[tar_format]
+    path = tmp_path / "shard.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i in range(30):
+            # long names need pax or GNU headers; ustar keeps them short (with a prefix field)
+            stem = f"{i:09d}" if tar_format == "ustar" or i % 3 else "x" * 120 + f"{i:09d}"
+            stem = f"dir/{stem}" if i % 5 == 0 else stem
+            for ext, n in (("jpg", int(rng.integers(0, 3000))), ("txt", 7), ("json", 511)):
+                info = tarfile.TarInfo(f"{stem}.{ext}")
+                info.size, info.mtime = n, 1.7e9 + i / 7  # float mtime: webdataset's pax headers
+                tar.addfile(info, io.BytesIO(bytes(rng.integers(0, 256, n, dtype=np.uint8))))
+    expected = _member_offsets_tarfile(str(path), ".jpg")
+    assert len(expected) == 30
+    assert member_offsets(str(path), "jpg") == expected
