@@ -202,6 +202,7 @@ def benchmark_model(presets: tuple[str, ...] = ("test", "synthetic-small"), batc
     import os
 
     threads = threads or min(4, os.cpu_count() or 1)
+    load = os.getloadavg()[0]  # other work on the machine slows every number below
     steps = [_in_fresh_process(measure_train_step, p, batch_size, repeats, device, threads) for p in presets]
     encoders = [_in_fresh_process(measure_encoder_vs_vit, p, batch_size, repeats, device, threads)
                 for p in presets if p != "test"]
@@ -210,7 +211,8 @@ def benchmark_model(presets: tuple[str, ...] = ("test", "synthetic-small"), batc
 
     memory = "peak CUDA memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
     precision = "bf16 autocast" if device.startswith("cuda") else "float32"
-    lines = [f"{machine} Device `{device}` ({precision}), {threads} torch threads.", "",
+    lines = [f"{machine} Device `{device}` ({precision}), {threads} torch threads; load average "
+             f"{load:.1f} when the benchmark started.", "",
              f"**Training step** (forward + backward, contrastive + entity + mask losses; median of {repeats}):", "",
              "| preset | batch | step (s) | images/s | peak memory (MiB) | increase during the steps (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
