@@ -53,7 +53,9 @@ def _write_jpeg_contract(root: Path, n: int, size: int) -> None:
 
 def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 256) -> dict[str, float]:
     """Samples/s of one process (one core) reading, decoding, augmenting and tokenising:
-    stage 1 with the paper's DeiT-style augmentations, stage 2 with pairs (two images)."""
+    stage 1 with the paper's DeiT-style augmentations, stage 2 with pairs (two images).
+    Per core is samples over the process's CPU seconds (one thread), so a busy machine does not
+    lower it; the wall-clock rate is reported beside it."""
     from ovseg.training.config import DataConfig
     from ovseg.training.data import CaptionImageDataset, collate, load_samples
     from ovseg.training.tokenizer import train_wordpiece
@@ -67,14 +69,15 @@ def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 25
         for stage in (1, 2):
             table = load_samples(str(root), with_pairs=stage == 2)
             dataset = CaptionImageDataset(table, tokenizer, image_size, stage, DataConfig(), seed=0)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             batch = []
             for i in range(len(dataset)):
                 batch.append(dataset[i])
                 if len(batch) == 32:
                     collate(batch)
                     batch = []
-            out[f"stage{stage}"] = len(dataset) / (time.perf_counter() - start)
+            out[f"stage{stage}"] = len(dataset) / (time.process_time() - cpu_start)
+            out[f"stage{stage}_wall"] = len(dataset) / (time.perf_counter() - start)
     return out
 
 
@@ -136,9 +139,11 @@ def report(loader: dict | None, runs: list[tuple[str, str, dict]]) -> str:
     lines = []
     if loader:
         lines += ["Loader, one process (one core), 256 px JPEGs to 224 px, with tokenising and entity masking:", "",
-                  "| stage | samples/s per core | target |", "|---|---:|---:|",
-                  f"| 1 (DeiT-style: crop, flip, RandAugment, jitter, erasing) | {loader['stage1']:.0f} | 300 |",
-                  f"| 2 (crop, flip; an image and its partner) | {loader['stage2']:.0f} pairs/s | 150 |", ""]
+                  "| stage | per CPU-second of one core | wall clock | target |", "|---|---:|---:|---:|",
+                  f"| 1 (DeiT-style: crop, flip, RandAugment, jitter, erasing) | {loader['stage1']:.0f} samples/s | "
+                  f"{loader['stage1_wall']:.0f} samples/s | 300 |",
+                  f"| 2 (crop, flip; an image and its partner) | {loader['stage2']:.0f} pairs/s | "
+                  f"{loader['stage2_wall']:.0f} pairs/s | 150 |", ""]
     if runs:
         lines += ["Training steps on random tensors (all three losses on; bf16 autocast on CUDA):", "",
                   "| preset | device | batch | steps/s | images/s | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|"]
