@@ -108,6 +108,17 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter into RUN/tb, or None (with a warning) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("train.tensorboard=true but tensorboard is not installed (pip install tensorboard): "
+                    "metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
 class _StopFlag:
     """Set by SIGTERM (preemption): the loop saves a checkpoint and returns cleanly."""
 
@@ -233,6 +244,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                    disable=not (progress and info.is_main), dynamic_ncols=True)
         stop_reason = "steps"
         last_parts: dict[str, float] = {}
+        writer = _tensorboard(run_dir) if (t.tensorboard and info.is_main) else None
         model.train()
         with _StopFlag() as stop:
             while step < total_steps:
@@ -295,6 +307,14 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                                 f.write(json.dumps(record) + "\n")
                             bar.set_postfix(loss=f"{last_parts['loss']:.3f}",
                                             sps=f"{record['samples_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+                            parts_text = " ".join(f"{k}={v:.4f}" for k, v in last_parts.items())
+                            tqdm.write(f"stage {stage} step {step}/{total_steps} {record['samples_per_s']:.1f} samples/s "
+                                       f"lr {record['lr']:.3e} {parts_text} data wait {record['data_wait_s']:.2f}s "
+                                       f"skipped {skipped}")
+                            if writer is not None:
+                                for key, value in record.items():
+                                    if key not in ("step", "stage"):
+                                        writer.add_scalar(f"stage{stage}/{key}", value, step)
                         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                     if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and info.is_main:
                         model.eval()
@@ -319,6 +339,8 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     continue
                 break
         bar.close()
+        if writer is not None:
+            writer.close()
         final = save()
         dist_utils.barrier()
         return {"step": step, "epoch": epoch, "stop": stop_reason, "skipped": skipped, "seen": seen,

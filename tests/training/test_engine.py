@@ -34,6 +34,8 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     result = _cli("--data", str(data), "--run", str(run), "train.steps=3", "train.stage2_steps=2")
     assert result.exit_code == 0, result.output
     assert len(_losses(run / "stage1")) == 3 and len(_losses(run / "stage2")) == 2
+    printed = [line for line in result.output.splitlines() if line.startswith("stage 2 step 2/2")]
+    assert printed and all(word in printed[0] for word in ("samples/s", "lr", "mask=", "data wait"))
     state = torch.load(run / "stage2" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "step", "epoch", "sampler", "rng", "config", "tokenizer"} <= set(state)
     assert state["config"]["model"]["losses"] == ["contrastive", "entity", "mask"]
@@ -72,6 +74,20 @@ def test_overrides_reach_the_model(tmp_path):
 
     model = load_model(run / "last.pt")
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).assignment.shape[1] == 3
+
+
+def test_tensorboard_is_optional(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1", "train.tensorboard=true")
+    assert result.exit_code == 0, result.output
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not (run / "tb").exists()  # warned, trained on, metrics.jsonl only
+    else:
+        assert any((run / "tb").iterdir())
+    assert _losses(run)
 
 
 def test_unknown_override_is_a_clear_error(tmp_path):
