@@ -50,6 +50,9 @@ def benchmark_download(n_images: int = 3000, image_size: int = 64, processes: in
                        machine: str = "") -> tuple[str, dict]:
     """Measure both ways `repeats` times (alternating) and return (Markdown, numbers); `machine`
     (a line naming the machine) goes under the heading."""
+    import os
+
+    load_before = os.getloadavg()[0]
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="ovseg-bench-download-")) if own_tmp else Path(workdir)
     try:
@@ -97,7 +100,9 @@ def benchmark_download(n_images: int = 3000, image_size: int = 64, processes: in
             *([machine, ""] if machine else []),
             f"{n_images} synthetic {image_size} px JPEGs served on 127.0.0.1, webdataset shards of {shard_size}, "
             f"{processes} processes x {threads} threads, resize mode border; median of {repeats} runs each, "
-            "wall clock including process start-up (img2dataset's imports take seconds here).",
+            "wall clock including process start-up (img2dataset's imports take seconds here). "
+            f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after on this shared machine: "
+            "both ways run alternately under the same load, so their ratio is the comparison to read.",
             "",
             "| | images/s, end to end | seconds (runs) | images/s inside the workers |",
             "|---|---|---|---|",
