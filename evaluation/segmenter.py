@@ -57,7 +57,7 @@ class ZeroShotSegmenter:
     def __init__(self, model, class_names: list[str], *, templates=(PAPER_TEMPLATE,),
                  with_background: bool = True, bg_threshold: float = 0.5,
                  protocol: Protocol = PROTOCOLS["paper"], top_k: int | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 8):
+                 device: str | torch.device = "cpu", batch_size: int = 8, bf16: bool = True):
         self.model = model.eval()
         self.class_names = list(class_names)
         self.templates = tuple(templates)
@@ -67,6 +67,7 @@ class ZeroShotSegmenter:
         self.top_k = top_k
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.bf16 = bf16  # bf16 autocast of the model on CUDA
         self.patch_size = int(getattr(model, "patch_size", 16))
         self.mean = torch.tensor(getattr(model, "image_mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         self.std = torch.tensor(getattr(model, "image_std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
@@ -86,7 +87,7 @@ class ZeroShotSegmenter:
         return self._class_cache[key]
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
