@@ -141,6 +141,22 @@ def _run_queries(data: str, top_k: int, pairs_per_sample: int, threads: int, mem
                "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})  # KiB on Linux
 
 
+def _result_of(child, queue) -> dict:
+    """The child's report; an error (disk full while spilling, out of memory) if it died without one."""
+    import queue as queues
+
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queues.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"the select..pairs child exited with code {child.exitcode} before "
+                                   "reporting (its error is printed above; a full disk under DATA/_spill?)")
+    child.join()
+    return result
+
+
 def query_benchmark(rows: int, top_k: int = 100, pairs_per_sample: int = 10, threads: int = 2,
                     memory_limit: str = "3GB", workdir: str | None = None) -> dict:
     """Generate `rows` parsed rows, then time select..pairs in a child process and read its peak RSS."""
@@ -155,8 +171,7 @@ def query_benchmark(rows: int, top_k: int = 100, pairs_per_sample: int = 10, thr
                                                            memory_limit, queue))
         began = time.perf_counter()
         child.start()
-        result = queue.get()
-        child.join()
+        result = _result_of(child, queue)
         wall = time.perf_counter() - began
         peak_kib = result["peak_kib"]
         return {"rows": rows, "generate_s": generated, "wall_s": wall, "stages": result["seconds"],

@@ -33,3 +33,19 @@ def test_tiny_benchmark_run_measures_every_stage_and_reports_markdown():
     assert 0 < queries["peak_rss_gib"] < 4
     assert queries["stages"]["pairs"][1] > 0
     assert re.search(r"Speed-up: \*\*\d+\.\d+x\*\*", md) and "Peak resident memory" in md
+
+
+def test_a_query_child_that_dies_without_reporting_is_an_error_not_a_hang():
+    import multiprocessing
+    import os
+
+    import pytest
+
+    from ovseg.curation._curate_bench import _result_of
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=os._exit, args=(3,))  # as when DuckDB's spill fills the disk
+    child.start()
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        _result_of(child, queue)
