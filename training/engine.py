@@ -172,8 +172,8 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         model = build_model(cfg.model, tokenizer=tokenizer)
         if init_state is not None:
             missing, unexpected = model.load_state_dict(init_state["model"], strict=False)
-            if hasattr(model, "reset_momentum"):
-                model.reset_momentum()  # the momentum encoder starts from stage 1's encoder
+            if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
+                model.reset_momentum()  # stage 1 had none: it starts as a copy of stage 1's encoder
             log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
         if stage == 2:
             for p in model.text_encoder.parameters():
@@ -212,9 +212,9 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         if info.is_main:
             _truncate_metrics(metrics_path, step)
 
-        train_model = model
+        train_model = ddp_model = model
         if info.distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model = ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                 find_unused_parameters=True)
         if t.compile:
@@ -246,19 +246,20 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         last_parts: dict[str, float] = {}
         writer = _tensorboard(run_dir) if (t.tensorboard and info.is_main) else None
         model.train()
+        micro = 0  # micro-batches since the last optimizer step (gradient accumulation)
         with _StopFlag() as stop:
             while step < total_steps:
                 dataset.set_epoch(epoch)
                 sampler.set_epoch(epoch, start=batch_in_epoch * t.batch_size)
                 fetch_start = time.perf_counter()
-                micro = 0
                 for batch in loader:
                     data_wait += time.perf_counter() - fetch_start
                     batch_in_epoch += 1
                     # -- data: count what could not be read --
                     seen += batch["n_items"]
                     skipped += batch["n_skipped"]
-                    if seen >= cfg.data.min_samples_for_skip_check and skipped / seen > cfg.data.max_skip_rate:
+                    too_many = seen >= cfg.data.min_samples_for_skip_check and skipped / seen > cfg.data.max_skip_rate
+                    if dist_utils.any_rank(too_many, info.device):  # every rank stops, none waits in a collective
                         raise TrainingError(
                             f"{skipped} of {seen} samples could not be read ({100 * skipped / seen:.1f}% > "
                             f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards")
@@ -269,15 +270,20 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
 
                     # -- forward --
                     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-                    with autocast:
+                    # DDP all-reduces gradients only on the micro-batch that ends an accumulation
+                    accumulating = info.distributed and (micro + 1) % cfg.optim.accum_steps != 0
+                    sync = ddp_model.no_sync if accumulating else nullcontext
+                    with sync(), autocast:
                         parts = train_model(batch)
                     loss = parts["loss"]
-                    if not torch.isfinite(loss.detach()).all():
+                    # the mean over ranks: a non-finite loss on any rank stops every rank
+                    if not torch.isfinite(dist_utils.all_reduce_mean(loss.detach().float())).all():
                         named = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
                         raise TrainingError(f"non-finite loss at step {step}: {named}")
 
                     # -- backward and step --
-                    (loss / cfg.optim.accum_steps).backward()
+                    with sync():
+                        (loss / cfg.optim.accum_steps).backward()
                     micro += 1
                     window_samples += batch["image"].shape[0] * info.world_size
                     if micro % cfg.optim.accum_steps:

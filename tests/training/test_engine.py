@@ -166,12 +166,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_train_together(tmp_path):
+def test_torchrun_two_gloo_processes_train_together_with_accumulation(tmp_path):
     data = make_contract(tmp_path / "D", n=16)
     run = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "ovseg.cli.main", "train", "--preset", "test", "--no-progress", "--stage", "1",
-         "--data", str(data), "--run", str(run), "train.steps=2", "--nproc-per-node", "2",
+         "--data", str(data), "--run", str(run), "train.steps=2", "optim.accum_steps=2", "--nproc-per-node", "2",
          "--master-port", "29531"],
         env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
