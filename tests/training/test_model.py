@@ -334,3 +334,17 @@ def test_gumbel_noise_in_bfloat16_stays_finite_and_one_hot():
     assert hard.dtype == torch.bfloat16 and torch.isfinite(hard).all()
     assert set(hard.float().unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(hard.float().sum(dim=1), torch.ones(4, 4096))
+
+
+def test_projector_normalises_a_batch_and_accepts_a_single_row_in_training():
+    from ovseg.training.model.projector import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(8, 16, 4).train()
+    x = torch.randn(6, 3, 8) * 5 + 3  # (B, K, C): statistics over B x K rows
+    assert proj(x).shape == (6, 3, 4)
+    assert proj.norm.num_batches_tracked.item() == 1
+    row = torch.randn(1, 8)
+    in_training = proj(row)  # no batch statistics for one row: the running ones
+    proj.eval()
+    torch.testing.assert_close(in_training, proj(row))

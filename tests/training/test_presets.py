@@ -76,4 +76,4 @@ def test_paper_preset_has_vit_b16_blocks_and_bert_base():
     assert enc.pos_embed.shape == (1, 196, 768) and enc.group_token.shape == (1, 64, 768)
     counts = parameter_counts(model)
     assert counts["text encoder"] == n(bert)
-    assert counts["image projector"] == 768 * 4096 + 4096 + 4096 * 256 + 256
+    assert counts["image projector"] == (768 * 4096 + 4096) + 2 * 4096 + (4096 * 256 + 256)  # fc1, batch norm, fc2
