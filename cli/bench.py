@@ -170,7 +170,7 @@ def bench_synthetic(
 
 @app.command("train")
 def bench_train(
-    presets: str = typer.Option("test,synthetic-small", help="Comma-separated presets to time."),
+    presets: str = typer.Option("test,synthetic-small", "--presets", "--preset", help="Comma-separated presets to time (hub-initialised ones, like paper, run with random weights of the same shape)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the preset's]."),
     steps: int = typer.Option(10, help="Timed steps per preset."),
