@@ -72,8 +72,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any (e.g. a stop request)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """`any_rank` of several flags in one all-reduce."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]

@@ -259,11 +259,13 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     seen += batch["n_items"]
                     skipped += batch["n_skipped"]
                     too_many = seen >= cfg.data.min_samples_for_skip_check and skipped / seen > cfg.data.max_skip_rate
-                    if dist_utils.any_rank(too_many, info.device):  # every rank stops, none waits in a collective
+                    # decided on all ranks together, so that no rank is left waiting in a collective
+                    too_many, empty = dist_utils.any_rank_each([too_many, "image" not in batch], info.device)
+                    if too_many:
                         raise TrainingError(
                             f"{skipped} of {seen} samples could not be read ({100 * skipped / seen:.1f}% > "
                             f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards")
-                    if "image" not in batch:
+                    if empty:  # every sample of a batch (on some rank) unreadable: all ranks skip it
                         fetch_start = time.perf_counter()
                         continue
                     batch = _to_device(batch, info.device)

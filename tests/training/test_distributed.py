@@ -26,7 +26,8 @@ def _worker(rank, port, out):
     try:
         mean = dist_utils.all_reduce_mean(torch.tensor(float(rank)))
         stop = dist_utils.any_rank(rank == 1, info.device)  # only rank 1 was signalled
-        out[rank] = (info.world_size, info.is_main, mean.item(), stop)
+        each = dist_utils.any_rank_each([rank == 0, False], info.device)
+        out[rank] = (info.world_size, info.is_main, mean.item(), stop, each)
     finally:
         dist_utils.teardown()
 
@@ -36,5 +37,5 @@ def test_two_gloo_processes_average_and_share_a_stop_request():
         out = manager.dict()
         mp.spawn(_worker, args=(29547, out), nprocs=2, join=True)
         results = dict(out)
-    assert results[0] == (2, True, 0.5, True)
-    assert results[1] == (2, False, 0.5, True)
+    assert results[0] == (2, True, 0.5, True, [True, False])
+    assert results[1] == (2, False, 0.5, True, [True, False])
