@@ -98,7 +98,19 @@ def prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch)
     world_dir, data_dir = Path(out) / "world", Path(out) / "data"
     watch.run("generate the synthetic world", generate, world_dir, world_cfg)
     shapes = list(world_cfg.shapes)
-    with serve(world_dir) as server:
+    # The manifest keeps the URLs it was ingested with, so a rerun (after a kill during the
+    # download, say) serves on the same port again: the download then resumes where it stopped.
+    port_file = Path(out) / "serve_port"
+    port = int(port_file.read_text()) if port_file.exists() else 0
+    try:
+        server_context = serve(world_dir, port=port)
+        server = server_context.__enter__()
+    except OSError:
+        report(f"   port {port} is taken: serving on a new one (a partial download restarts)")
+        server_context = serve(world_dir)
+        server = server_context.__enter__()
+    port_file.write_text(str(server.port))
+    try:
         report(f"   serving {world_dir} at {server.url}")
         write_captions_tsv(world_dir, server.url)
         curate_cfg = CurateConfig(source=f"{server.url}/captions.tsv", workers=workers,
@@ -113,6 +125,8 @@ def prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch)
                               DownloadConfig(image_size=world_cfg.image_size, resize_mode="no", processes=1,
                                              threads=16, shard_size=2000))
         report(f"   {downloads.counts}")
+    finally:
+        server_context.__exit__(None, None, None)
     return {"world": world_dir, "data": data_dir, "curation": results, "selected": selected,
             "downloads": downloads}
 
