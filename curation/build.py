@@ -141,19 +141,21 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
     # k > 1 entities takes t up to ceil(P/k) + 1 when every entity has that many partners, else up
     # to P, drops repeated partners (keeping the first), and keeps the first P. Samples are done
     # in ranges of sample_id, so each range's sort is small and the output is written in order.
-    query = f"""
+    steps = f"""
+        CREATE OR REPLACE TEMP TABLE steps AS
         WITH mine AS (SELECT * FROM idx WHERE sample_id BETWEEN $lo AND $hi),
-        per AS (SELECT sample_id, min(n) AS min_n FROM mine WHERE k > 1 GROUP BY sample_id),
-        steps AS (
-          SELECT i.sample_id, i.eid, i.k, t * 64 + i.turn AS key, i.base + (i.pos + t) % i.n AS partner_g
-          FROM mine i LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
-          WHERE t <= i.n - 1
-            AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
-                                      THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)),
-        candidates AS (
-          SELECT s.sample_id, m.sample_id AS partner_id, s.eid, s.key, s.k
-          FROM steps s JOIN members m ON m.g = s.partner_g),
-        several AS (
+        per AS (SELECT sample_id, min(n) AS min_n FROM mine WHERE k > 1 GROUP BY sample_id)
+        SELECT i.sample_id, i.eid, i.k, t * 64 + i.turn AS key, i.base + (i.pos + t) % i.n AS partner_g
+        FROM mine i LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
+        WHERE t <= i.n - 1
+          AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
+                                    THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)"""
+    candidates = """
+        CREATE OR REPLACE TEMP TABLE candidates AS
+        SELECT s.sample_id, m.sample_id AS partner_id, s.eid, s.key, s.k
+        FROM steps s JOIN members m ON m.g = s.partner_g"""
+    query = f"""
+        WITH several AS (
           SELECT sample_id, partner_id, arg_min(eid, key) AS eid, min(key) AS key
           FROM candidates WHERE k > 1 GROUP BY sample_id, partner_id
           QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY min(key)) <= {p})
@@ -171,7 +173,9 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
     rows = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for lo, hi in ranges:
-            table = con.sql(query, params={"lo": lo, "hi": hi}).to_arrow_table().cast(schema)
+            con.execute(steps, {"lo": lo, "hi": hi})
+            con.execute(candidates)
+            table = con.sql(query).to_arrow_table().cast(schema)
             writer.write_table(table, row_group_size=1 << 20)
             rows += table.num_rows
     tmp.replace(out)
@@ -179,7 +183,7 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
     return _done(data, "pairs", settings, rows)
 
 
-PAIR_CHUNK_ROWS = 6_000_000  # index rows per range of samples in the pairs stage
+PAIR_CHUNK_ROWS = 1_000_000  # index rows per range of samples in the pairs stage
 
 
 def _pair_chunks(con) -> int:

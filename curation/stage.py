@@ -106,7 +106,7 @@ def duckdb_connect(threads: int | None = None, memory_limit: str | None = None, 
     Beyond `memory_limit` DuckDB spills to `spill_dir` (DATA/_spill for the stages)."""
     import duckdb
 
-    config = {"preserve_insertion_order": "true"}
+    config = {"preserve_insertion_order": "false"}  # every stage query says its order (ORDER BY)
     if threads:
         config["threads"] = str(threads)
     if memory_limit:
