@@ -198,28 +198,29 @@ def load_context(data: Path, split: str = "val", with_background: bool = True) -
                                palette=voc_palette()[1:], label_offset=-1, zero_is_ignore=True)
 
 
+def _items_by_label(image_dir: Path, label_dir: Path, label_suffix: str, how: str) -> list[tuple[Path, Path]]:
+    """Pairs for layouts without a split file: every `<stem><label_suffix>` in label_dir with
+    its `<stem>.jpg` in image_dir."""
+    _require(image_dir, how)
+    _require(label_dir, how)
+    items = []
+    for label in sorted(label_dir.glob(f"*{label_suffix}")):
+        image = image_dir / (label.name.removesuffix(label_suffix) + ".jpg")
+        items.append((_require(image, how), label))
+    if not items:
+        raise DatasetNotFound(f"expected *{label_suffix} label files in {label_dir} ({how})")
+    return items
+
+
 def load_coco_object(data: Path, split: str = "val2017") -> SegmentationDataset:
     root = _locate(data, "coco_stuff164k", marker="images")
-    image_dir = _require(root / "images" / split, COCO_HOW)
-    label_dir = _require(root / "annotations" / split, COCO_HOW)
-    items = []
-    for label in sorted(label_dir.glob("*_instanceTrainIds.png")):
-        image = image_dir / (label.name.replace("_instanceTrainIds.png", "") + ".jpg")
-        items.append((_require(image, COCO_HOW), label))
-    if not items:
-        raise DatasetNotFound(f"expected *_instanceTrainIds.png masks in {label_dir} ({COCO_HOW})")
+    items = _items_by_label(root / "images" / split, root / "annotations" / split, "_instanceTrainIds.png", COCO_HOW)
     return SegmentationDataset("coco-object", root, items, COCO_OBJECT_CLASSES, True, 0.9)
 
 
 def load_ade20k(data: Path, split: str = "validation") -> SegmentationDataset:
     root = _locate(data, "ADEChallengeData2016", marker="images")
-    image_dir = _require(root / "images" / split, ADE_HOW)
-    label_dir = _require(root / "annotations" / split, ADE_HOW)
-    items = []
-    for label in sorted(label_dir.glob("*.png")):
-        items.append((_require(image_dir / (label.stem + ".jpg"), ADE_HOW), label))
-    if not items:
-        raise DatasetNotFound(f"expected annotation PNGs in {label_dir} ({ADE_HOW})")
+    items = _items_by_label(root / "images" / split, root / "annotations" / split, ".png", ADE_HOW)
     # Stored labels: 0 = "other" (ignored), 1..150 = classes (mmseg's reduce_zero_label).
     return SegmentationDataset("ade20k", root, items, ADE20K_CLASSES, False, None,
                                palette=voc_palette()[1:], label_offset=-1, zero_is_ignore=True)
