@@ -3,7 +3,7 @@
 1. Parse throughput (captions/s in one process) of our chunking pipeline against spaCy's default
    full pipeline on the same captions, in the same run.
 2. select + manifest + entity_index + pairs over N generated parsed rows (Zipf-like entity counts,
-   1-4 entities per row), in a child process limited to the given DuckDB threads, with its peak
+   1-4 entities per row), in a child process limited to the given threads, with its peak
    resident memory read from the kernel (the child's own ``ru_maxrss``).
 3. The whole curation of CC12M (12.4M rows) on a 16-core machine, extrapolated from the measured
    ingest and parse rates and the measured query time.
@@ -219,8 +219,9 @@ Speed-up: **{speedup:.2f}x** (target at least 2x: {ok(speedup >= 2)}).
 ### select + manifest + entity_index + pairs over {rows:,} generated parsed rows
 
 Zipf-like entity counts (exponent 1.1 over 50,000 entities), 1-4 entities per row, top-100
-entities, 10 pairs per sample; DuckDB with {threads} threads and memory_limit {memory_limit}, in a
-child process (generating the input took {queries['generate_s']:.0f} s and is not counted).
+entities, 10 pairs per sample; {threads} threads (DuckDB's, and the stages' parallel parts and
+ranges), DuckDB memory_limit {memory_limit}, in a child process (generating the input took
+{queries['generate_s']:.0f} s and is not counted).
 
 | stage | seconds | rows written |
 |---|---|---|

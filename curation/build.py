@@ -1,25 +1,37 @@
-"""The manifest, entity_index and pairs stages: DuckDB queries over parsed/ and entities.parquet.
+"""The manifest, entity_index and pairs stages over parsed/, captions/ and entities.parquet.
 
 - ``manifest/part-*.parquet``: the samples naming at least one selected entity (the paper's
   "CC4M"), one part per captions part, with ``entities`` and ``chunks`` kept for selected entities.
 - ``entity_index.parquet``: one row per (selected entity, manifest sample), sorted by entity.
 - ``pairs.parquet``: for each manifest sample up to P partners sharing a selected entity.
 
+Each manifest part is its captions and parsed parts filtered with Arrow (parts written
+concurrently); the entity index is the manifest's entities put in entity order by a stable
+counting sort; the pairs are drawn with array lookups (``ovseg.curation.pairs``).
+
 Pairs are drawn without a random number generator: each entity's samples are put in a seeded
 pseudo-random order (DuckDB's ``hash`` of sample, entity and seed), each sample's entities are
 visited in a seeded order too (round-robin), and the t-th partner through an entity is the
 sample t places further along that entity's order (wrapping around); the first P distinct
 partners are kept. A sample gets fewer than P partners only when its entities have fewer other
-samples (or, rarely, when several of its partners each share two entities with it). The same seed gives the same pairs, a
-partner is never the sample itself, and the work is linear in the index.
+samples (or, rarely, when several of its partners each share two entities with it). The same
+seed gives the same pairs, a partner is never the sample itself, and the work is linear in the
+index.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ovseg.curation import stage
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ovseg.curation import pairs, stage
 
 
 @dataclass
@@ -58,25 +70,44 @@ def build_manifest(data: Path, force: bool = False, threads: int | None = None,
         return done
     out_dir = stage.reset_dir(data / "manifest")
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
-    selected = _selected(con, data)
-    rows = 0
-    for captions in stage.parts(data / "captions"):
-        parsed = data / "parsed" / captions.name
-        tmp = out_dir / (captions.name + ".tmp")
-        query = f"""
-            SELECT c.sample_id, c.url, c.caption,
-                   list_filter(p.entities, lambda e: list_contains($sel, e)) AS entities,
-                   list_filter(p.chunks, lambda ch: list_contains($sel, ch.entity)) AS chunks
-            FROM read_parquet({stage.sql_path(captions)}) c
-            JOIN read_parquet({stage.sql_path(parsed)}) p USING (sample_id)
-            WHERE len(list_filter(p.entities, lambda e: list_contains($sel, e))) > 0
-            ORDER BY c.sample_id"""
-        con.execute(f"COPY ({query}) TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)",
-                    {"sel": selected})
-        tmp.replace(out_dir / captions.name)
-        rows += con.execute(f"SELECT count(*) FROM read_parquet({stage.sql_path(out_dir / captions.name)})").fetchone()[0]
+    selected = pa.array(_selected(con, data), pa.string())
     con.close()
+
+    def write_part(captions: Path) -> int:
+        part = manifest_part(captions, data / "parsed" / captions.name, selected)
+        tmp = out_dir / (captions.name + ".tmp")
+        pq.write_table(part, tmp, store_schema=False, use_dictionary=[stage.ENTITIES_STRINGS, stage.CHUNKS_ENTITY],
+                       **stage.FAST_PARQUET)  # without the Arrow schema, entities read back as strings
+        tmp.replace(out_dir / captions.name)
+        return part.num_rows
+
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # parts are independent
+        rows = sum(pool.map(write_part, stage.parts(data / "captions")))
     return _done(data, "manifest", settings, rows)
+
+
+def manifest_part(captions: Path, parsed: Path, selected: pa.Array) -> pa.Table:
+    """The samples of a captions part and its parsed part (the same samples in the same order,
+    docs/schemas.md) that name a selected entity, with only their selected entities. Entities
+    are read as the part's dictionary, so each distinct one is looked up once."""
+    texts = pq.read_table(captions, columns=["sample_id", "url", "caption"])
+    parses = pq.read_table(parsed, columns=["sample_id", "entities", "chunks"],
+                           read_dictionary=[stage.ENTITIES_STRINGS, stage.CHUNKS_ENTITY])
+    if not texts["sample_id"].equals(parses["sample_id"]):
+        raise stage.StageError(f"{captions} and {parsed} do not hold the same samples in the same order")
+    entities, n_selected = _only_selected(parses["entities"].combine_chunks(), lambda values: values, selected)
+    chunks, _ = _only_selected(parses["chunks"].combine_chunks(), lambda values: values.field("entity"), selected)
+    return texts.append_column("entities", entities).append_column("chunks", chunks).filter(n_selected > 0)
+
+
+def _only_selected(lists: pa.ListArray, entity_of, selected: pa.Array) -> tuple[pa.ListArray, np.ndarray]:
+    """`lists` keeping the values whose entity is selected, and each list's new length."""
+    values = lists.flatten()
+    entity = stage.dictionary_of(entity_of(values))
+    keep = pc.is_in(entity.dictionary, value_set=selected).to_numpy(zero_copy_only=False)[entity.indices.to_numpy()]
+    lengths = np.bincount(pc.list_parent_indices(lists).to_numpy()[keep], minlength=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(offsets, values.filter(keep)), lengths
 
 
 def build_entity_index(data: Path, force: bool = False, threads: int | None = None,
@@ -86,19 +117,30 @@ def build_entity_index(data: Path, force: bool = False, threads: int | None = No
     settings = {"manifest": stage.require(data, "manifest", "entity_index")["settings"]}
     if (done := _skip(data, "entity_index", settings, force)) is not None:
         return done
-    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill", keep_order=True)
+    table = con.sql(f"SELECT sample_id, entities FROM read_parquet({stage.sql_path(data / 'manifest' / 'part-*.parquet')})"
+                    ).to_arrow_table()
+    con.close()
+    entities = table["entities"].combine_chunks()
+    sample_id = table["sample_id"].to_numpy()[pc.list_parent_indices(entities).to_numpy()]
+    encoded = pc.dictionary_encode(entities.flatten())
+    by_name = pc.sort_indices(encoded.dictionary).to_numpy()  # entity ids in name order
+    rank = np.empty(len(by_name), dtype=np.min_scalar_type(max(len(by_name) - 1, 0)))
+    rank[by_name] = np.arange(len(by_name))
+    entity = rank[encoded.indices.to_numpy()]  # each row's entity as its rank by name
+    # Two stable sorts: by sample_id (the parts are in sample order already, so this is a quick
+    # check), then by entity (a counting sort over a few thousand entities).
+    by_sample = np.argsort(sample_id, kind="stable")
+    order = by_sample[np.argsort(entity[by_sample], kind="stable")]
+    index = pa.table({"entity": pa.DictionaryArray.from_arrays(entity[order].astype(np.int32),
+                                                               encoded.dictionary.take(by_name)),
+                      "sample_id": sample_id[order]})
     out = data / "entity_index.parquet"
     tmp = out.with_name(out.name + ".tmp")
-    con.execute(f"""
-        COPY (SELECT entity, sample_id
-              FROM (SELECT unnest(entities) AS entity, sample_id
-                    FROM read_parquet({stage.sql_path(data / 'manifest' / 'part-*.parquet')}))
-              ORDER BY entity, sample_id)
-        TO {stage.sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
+    pq.write_table(index, tmp, store_schema=False, use_dictionary=["entity"],  # entity reads back as string
+                   column_encoding={"sample_id": "DELTA_BINARY_PACKED"}, **stage.FAST_PARQUET)
     tmp.replace(out)
-    rows = con.execute(f"SELECT count(*) FROM read_parquet({stage.sql_path(out)})").fetchone()[0]
-    con.close()
-    return _done(data, "entity_index", settings, rows)
+    return _done(data, "entity_index", settings, index.num_rows)
 
 
 def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bool = False,
@@ -112,79 +154,14 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
                 "entity_index": stage.require(data, "entity_index", "pairs")["settings"]}
     if (done := _skip(data, "pairs", settings, force)) is not None:
         return done
-    con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
-    index = stage.sql_path(data / "entity_index.parquet")
-    p, s = int(pairs_per_sample), int(seed)
-    # Entities as small integers, with the start (base) of each entity's block of positions.
-    con.execute(f"""
-        CREATE TEMP TABLE ents AS
-        SELECT entity, (row_number() OVER (ORDER BY entity) - 1)::INTEGER AS eid, n,
-               (sum(n) OVER (ORDER BY entity) - n)::BIGINT AS base
-        FROM (SELECT entity, count(*) AS n FROM read_parquet({index}) GROUP BY entity)""")
-    # Position of each sample in its entity's seeded order (pos), of each entity in its sample's
-    # (turn), and g = base + pos, the global position a partner is looked up by.
-    con.execute(f"""
-        CREATE TEMP TABLE idx AS
-        SELECT i.sample_id, e.eid, e.n, e.base,
-               row_number() OVER (PARTITION BY e.eid ORDER BY hash(i.sample_id, i.entity, {s}), i.sample_id) - 1 AS pos,
-               (row_number() OVER (PARTITION BY i.sample_id ORDER BY hash(i.entity, i.sample_id, {s} + 1), i.entity) - 1)::TINYINT AS turn,
-               (count(*) OVER (PARTITION BY i.sample_id))::SMALLINT AS k
-        FROM read_parquet({index}) i JOIN ents e USING (entity)""")
-    con.execute("CREATE TEMP TABLE members AS SELECT base + pos AS g, sample_id FROM idx")
-    ranges = con.execute(f"""
-        SELECT min(sample_id), max(sample_id) FROM (
-          SELECT sample_id, ntile({max(1, _pair_chunks(con))}) OVER (ORDER BY sample_id) AS chunk
-          FROM (SELECT DISTINCT sample_id FROM idx)) GROUP BY chunk ORDER BY 1""").fetchall()
-    # Candidate t of (sample, entity) is the sample t places further along the entity's order
-    # (wrapping around; t < n so never the sample itself), ranked by key = (t, turn): round-robin
-    # over the sample's entities. A sample with one entity takes t = 1..P directly. A sample with
-    # k > 1 entities takes t up to ceil(P/k) + 1 when every entity has that many partners, else up
-    # to P, drops repeated partners (keeping the first), and keeps the first P. Samples are done
-    # in ranges of sample_id, so each range's sort is small and the output is written in order.
-    steps = f"""
-        CREATE OR REPLACE TEMP TABLE steps AS
-        WITH mine AS (SELECT * FROM idx WHERE sample_id BETWEEN $lo AND $hi),
-        per AS (SELECT sample_id, min(n) AS min_n FROM mine WHERE k > 1 GROUP BY sample_id)
-        SELECT i.sample_id, i.eid, i.k, t * 64 + i.turn AS key, i.base + (i.pos + t) % i.n AS partner_g
-        FROM mine i LEFT JOIN per USING (sample_id), range(1, {p} + 1) r(t)
-        WHERE t <= i.n - 1
-          AND (i.k = 1 OR t <= CASE WHEN per.min_n - 1 >= ({p} + i.k - 1) // i.k + 1
-                                    THEN ({p} + i.k - 1) // i.k + 1 ELSE {p} END)"""
-    candidates = """
-        CREATE OR REPLACE TEMP TABLE candidates AS
-        SELECT s.sample_id, m.sample_id AS partner_id, s.eid, s.key, s.k
-        FROM steps s JOIN members m ON m.g = s.partner_g"""
-    query = f"""
-        WITH several AS (
-          SELECT sample_id, partner_id, arg_min(eid, key) AS eid, min(key) AS key
-          FROM candidates WHERE k > 1 GROUP BY sample_id, partner_id
-          QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY min(key)) <= {p})
-        SELECT c.sample_id, c.partner_id, e.entity FROM (
-          SELECT sample_id, partner_id, eid, key FROM candidates WHERE k = 1
-          UNION ALL
-          SELECT sample_id, partner_id, eid, key FROM several) c JOIN ents e USING (eid)
-        ORDER BY c.sample_id, c.key"""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("sample_id", pa.int64()), ("partner_id", pa.int64()), ("entity", pa.string())])
+    con = stage.duckdb_connect(threads, memory_limit, data / "_spill", keep_order=True)
+    index = pairs.read_seeded_index(con, data / "entity_index.parquet", seed, int(pairs_per_sample))
+    con.close()
     out = data / "pairs.parquet"
     tmp = out.with_name(out.name + ".tmp")
-    rows = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for lo, hi in ranges:
-            con.execute(steps, {"lo": lo, "hi": hi})
-            con.execute(candidates)
-            table = con.sql(query).to_arrow_table().cast(schema)
-            writer.write_table(table, row_group_size=1 << 20)
-            rows += table.num_rows
+    rows = pairs.write_pairs(index, int(pairs_per_sample), tmp, PAIR_CHUNK_ROWS, workers=threads or os.cpu_count() or 1)
     tmp.replace(out)
-    con.close()
     return _done(data, "pairs", settings, rows)
 
 
 PAIR_CHUNK_ROWS = 1_000_000  # index rows per range of samples in the pairs stage
-
-
-def _pair_chunks(con) -> int:
-    return -(-con.execute("SELECT count(*) FROM idx").fetchone()[0] // PAIR_CHUNK_ROWS)

@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from ovseg.curation import stage
 
 ENTITIES_SCHEMA_SQL = "entity VARCHAR, n_samples BIGINT, n_mentions BIGINT, rank BIGINT, selected BOOLEAN, excluded_reason VARCHAR"
@@ -65,6 +70,27 @@ class SelectResult:
     skipped: bool = False
 
 
+def entity_counts(parts: list[Path]) -> tuple[pa.Table, pa.Table]:
+    """(entity, n_samples) and (entity, n_mentions) over parsed parts. The entity strings are
+    read as each part's dictionary, so mentions are counted as integer codes and only a part's
+    distinct entities are grouped by name."""
+    counted = {name: [pa.table({"entity": pa.array([], pa.string()), name: pa.array([], pa.int64())})]
+               for name in ("n_samples", "n_mentions")}
+    for part in parts:
+        table = pq.read_table(part, columns=["entities", "chunks"],
+                              read_dictionary=[stage.ENTITIES_STRINGS, stage.CHUNKS_ENTITY])
+        mentioned = {"n_samples": pc.list_flatten(table["entities"]),  # an entity is listed once per sample
+                     "n_mentions": pc.struct_field(pc.list_flatten(table["chunks"]), "entity")}
+        for name, values in mentioned.items():
+            for chunk in values.chunks:
+                codes = stage.dictionary_of(chunk)
+                counts = np.bincount(codes.indices.to_numpy(), minlength=len(codes.dictionary))
+                counted[name].append(pa.table({"entity": codes.dictionary, name: counts}))
+    samples, mentions = (pa.concat_tables(tables).group_by("entity").aggregate([(name, "sum")])
+                         .rename_columns(["entity", name]) for name, tables in counted.items())
+    return samples, mentions
+
+
 def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, threads: int | None = None,
            memory_limit: str | None = None) -> SelectResult:
     data = Path(data)
@@ -76,15 +102,13 @@ def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, 
         return SelectResult(counts["entities"], counts["selected"], counts["missing_vocabulary"], skipped=True)
     stage.start(data, "select")
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
-    parsed = stage.sql_path(data / "parsed" / "part-*.parquet")
     con.execute(f"CREATE TEMP TABLE stop AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.stoplist)])
     con.execute(f"CREATE TEMP TABLE vocab AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.vocabulary or [])])
+    samples, mentions = entity_counts(stage.parts(data / "parsed"))
+    con.register("samples", samples)
+    con.register("mentions", mentions)
     con.execute(f"""
         CREATE TEMP TABLE freq AS
-        WITH samples AS (SELECT entity, count(*) AS n_samples
-                         FROM (SELECT unnest(entities) AS entity FROM read_parquet({parsed})) GROUP BY entity),
-             mentions AS (SELECT entity, count(*) AS n_mentions
-                          FROM (SELECT unnest(chunks).entity AS entity FROM read_parquet({parsed})) GROUP BY entity)
         SELECT s.entity, s.n_samples, m.n_mentions,
                row_number() OVER (ORDER BY s.n_samples DESC, s.entity) AS rank,
                s.entity IN (SELECT entity FROM stop) AS stopped

@@ -173,3 +173,65 @@ def test_pairs_done_in_many_sample_ranges_equal_pairs_done_in_one(tmp_path, monk
     monkeypatch.setattr(build, "PAIR_CHUNK_ROWS", 37)
     many = _built(make_parsed(tmp_path / "many", samples, per_part=100), p=5, seed=1)[2]
     assert many.equals(one) and one.num_rows > 1000
+
+
+def _pairs_by_the_rule(index, p, seed):
+    """pairs.parquet's rule (docs/pipeline.md) spelled out sample by sample, with DuckDB's hash."""
+    import math
+
+    import duckdb
+
+    rows = duckdb.connect().execute(
+        f"SELECT entity, sample_id, hash(sample_id, entity, {seed}), hash(entity, sample_id, {seed} + 1) FROM index"
+    ).fetchall()
+    members, entities_of = defaultdict(list), defaultdict(list)
+    for entity, sample, member_hash, turn_hash in rows:
+        members[entity].append((member_hash, sample))
+        entities_of[sample].append((turn_hash, entity))
+    order = {e: [s for _, s in sorted(ms)] for e, ms in members.items()}
+    place = {(e, s): i for e, samples in order.items() for i, s in enumerate(samples)}
+    pairs = []
+    for sample in sorted(entities_of):
+        turns = [e for _, e in sorted(entities_of[sample])]
+        n = {e: len(order[e]) for e in turns}
+        limit = p
+        if len(turns) > 1 and min(n.values()) - 1 >= math.ceil(p / len(turns)) + 1:
+            limit = math.ceil(p / len(turns)) + 1
+        drawn = []
+        for t in range(1, min(limit, p) + 1):
+            for e in turns:
+                partner = order[e][(place[e, sample] + t) % n[e]]
+                if t < n[e] and partner not in [d[1] for d in drawn] and len(drawn) < p:
+                    drawn.append((sample, partner, e))
+        pairs += drawn
+    return pa.table({"sample_id": pa.array([r[0] for r in pairs], pa.int64()),
+                     "partner_id": pa.array([r[1] for r in pairs], pa.int64()), "entity": [r[2] for r in pairs]})
+
+
+@pytest.mark.parametrize("p, seed", [(1, 0), (3, 5), (10, 2)])
+def test_pairs_follow_the_documented_rule_exactly(tmp_path, monkeypatch, p, seed):
+    # Entities of very different sizes: car and lamp have exactly ceil(P/2) + 1 samples for P = 10
+    # and 3 (so their two-entity samples sit on the edge of the rule), kite a single one; samples
+    # have one to five entities (sample 15); drawn in several ranges of samples.
+    members = {"dog": range(80), "cat": range(0, 120, 3), "tree": range(1, 120, 7), "car": (5, 15, 50, 95, 101, 110),
+               "lamp": (7, 60, 85), "kite": (40,), "boat": (15, *range(100, 120))}
+    samples = {i: [e for e, ms in members.items() if i in ms] for i in range(120)}
+    assert samples[5] == ["dog", "car"] and samples[7] == ["dog", "lamp"] and len(samples[15]) == 5
+    data = make_parsed(tmp_path, samples, per_part=50)
+    select(data, SelectConfig(top_k=7, stoplist=()))
+    build.build_manifest(data, threads=2)
+    build.build_entity_index(data, threads=2)
+    monkeypatch.setattr(build, "PAIR_CHUNK_ROWS", 29)
+    build.build_pairs(data, p, seed, threads=2)
+    index = pq.read_table(data / "entity_index.parquet")
+    assert pq.read_table(data / "pairs.parquet").equals(_pairs_by_the_rule(index, p, seed))
+
+
+def test_manifest_refuses_captions_and_parsed_parts_that_hold_different_samples(tmp_path):
+    data = make_parsed(tmp_path)
+    parsed = data / "parsed" / stage.part_name(1)
+    table = pq.read_table(parsed)
+    pq.write_table(table.set_column(0, "sample_id", pa.array([i + 100 for i in table["sample_id"].to_pylist()])), parsed)
+    select(data, SelectConfig(top_k=3, stoplist=("photo",)))
+    with pytest.raises(stage.StageError, match="same samples"):
+        build.build_manifest(data)
