@@ -24,6 +24,7 @@ class DataConfig:
     max_text_length: int = 32
     num_workers: int = 0
     prompt_template: str = "a photo of a {}."
+    max_entities: int = 3  # masked entities per caption given a prompt of their own (grounding loss)
     tokenizer: str | None = None  # a tokenizer directory; None: train WordPiece on the captions
     tokenizer_vocab_size: int = 4000
     # stage 1 (DeiT-style, as the public code) and stage 2 augmentations
@@ -51,9 +52,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: int = 1  # 1: contrastive + entity; 2: adds mask consistency, text encoder frozen
-    stage1_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
-    stage2_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "mask"])
+    stage: int = 1  # 1: contrastive + entity (+ grounding); 2: adds mask consistency, text encoder frozen
+    stage1_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding"])
+    stage2_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding", "mask"])
     batch_size: int = 32  # per process
     steps: int = 1000
     stage2_steps: int = 500

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -131,6 +132,11 @@ def entity_prompt(entities: list[str], template: str) -> str:
     return template.format(" and a ".join(entities))
 
 
+def entity_key(entity: str) -> int:
+    """A stable non-negative id of an entity word (the same in every process and run)."""
+    return zlib.crc32(entity.encode("utf-8")) & 0x7FFFFFFF
+
+
 def masked_question(caption: str, chunks: list[dict], selected: set[str], offsets: list[tuple[int, int]],
                     input_ids: list[int], mask_id: int) -> tuple[list[int], list[str]]:
     """Mask the tokens of each selected entity's word: the last word of its noun chunk (the
@@ -210,10 +216,22 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             "question_ids": question, "question_mask": enc["attention_mask"],
             "answer_ids": answer["input_ids"], "answer_mask": answer["attention_mask"],
             "has_entity": bool(masked),
+            **self._entity_prompts(masked),
         }
         if self.stage == 2:
             item.update(self._partner(index, sid))
         return item
+
+    def _entity_prompts(self, masked: list[str]) -> dict[str, Any]:
+        """One prompt per masked entity (for the grounding loss), padded to `max_entities`
+        slots; an empty slot has key -1."""
+        slots = masked[:self.cfg.max_entities]
+        empty = [""] * (self.cfg.max_entities - len(slots))
+        enc = self.tokenizer([self.cfg.prompt_template.format(e) for e in slots] + empty,
+                             max_length=self.cfg.max_text_length, truncation=True, padding="max_length")
+        return {"entity_prompt_ids": torch.tensor(enc["input_ids"]),
+                "entity_prompt_mask": torch.tensor(enc["attention_mask"]),
+                "entity_keys": torch.tensor([entity_key(e) for e in slots] + [-1] * len(empty))}
 
     def _partner(self, index: int, sid: int) -> dict[str, Any]:
         options = self.table.partners.get(sid, [])

@@ -7,7 +7,7 @@ import torch
 from ovseg.training.config import DataConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
-    CaptionImageDataset, ResumableSampler, collate, entity_prompt, load_samples, masked_question,
+    CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
     read_member,
 )
 
@@ -60,6 +60,13 @@ def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
         assert batch[key].shape[0] == 2 and batch[key].dtype == torch.long
     assert batch["has_entity"].all()
     assert (batch["question_ids"] == tokenizer.mask_token_id).any(dim=1).all()
+    # one prompt per masked entity, padded to max_entities slots with key -1
+    assert batch["entity_prompt_ids"].shape == (2, 3, 16) and batch["entity_keys"].shape == (2, 3)
+    shapes = load_samples(str(contract)).entities
+    assert batch["entity_keys"][:, 0].tolist() == [entity_key(shapes[0][0]), entity_key(shapes[1][0])]
+    assert (batch["entity_keys"][:, 1:] == -1).all()
+    first = tokenizer.decode(batch["entity_prompt_ids"][0, 0], skip_special_tokens=True)
+    assert first.replace(" .", ".") == f"a photo of a {shapes[0][0]}."
 
 
 def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, dice_loss
+from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, dice_loss, grounding_loss, pooled_similarity
 from ovseg.training.losses.mask_consistency import pairwise_dice_cost
 
 torch.set_num_threads(1)
@@ -154,3 +154,39 @@ def test_samples_without_a_partner_do_not_count():
     none = loss_fn(student.requires_grad_(True), teacher, relevance, torch.zeros(3, dtype=torch.bool))
     none.backward()
     assert none.item() == 0.0
+
+
+# -- grounding ----------------------------------------------------------------------------------
+
+def test_pooled_similarity_is_the_best_groups_cosine_when_the_temperature_is_small():
+    groups = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2 groups, D 2)
+    entities = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    area = torch.tensor([[0.5, 0.5]])
+    pooled = pooled_similarity(groups, area, entities, tau=0.01)
+    assert torch.allclose(pooled, torch.tensor([[1.0, 1.0, 0.0]]), atol=0.01)
+
+
+def test_a_group_without_patches_cannot_answer_for_an_entity():
+    groups = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    entities = torch.tensor([[0.0, 1.0]])  # matches only the second group
+    with_area = pooled_similarity(groups, torch.tensor([[0.5, 0.5]]), entities, tau=0.05)
+    empty = pooled_similarity(groups, torch.tensor([[1.0, 0.0]]), entities, tau=0.05)
+    assert with_area.item() > 0.9 and empty.item() < 0.1
+
+
+def test_grounding_loss_equals_binary_cross_entropy_by_hand_and_falls_as_the_right_group_moves_closer():
+    entities = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[True, False]])
+    area = torch.tensor([[1.0]])
+    scale, bias, tau = torch.tensor(10.0), torch.tensor(-3.0), 0.1
+
+    def loss_at(angle):
+        g = torch.tensor([[[math.cos(angle), math.sin(angle)]]])
+        return grounding_loss(g, area, entities, targets, scale, bias, tau)
+
+    # one group of all the area: the pooled similarity is its cosine
+    g = torch.tensor([[[0.6, 0.8]]])
+    z = torch.tensor([10 * 0.6 - 3, 10 * 0.8 - 3])
+    by_hand = -(math.log(torch.sigmoid(z[0]).item()) + math.log(1 - torch.sigmoid(z[1]).item())) / 2
+    assert grounding_loss(g, area, entities, targets, scale, bias, tau).item() == pytest.approx(by_hand, rel=1e-5)
+    assert loss_at(0.1) < loss_at(0.8) < loss_at(1.5)

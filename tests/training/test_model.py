@@ -43,6 +43,10 @@ def make_batch(tokenizer, b: int = 4, size: int = 32, length: int = 16) -> dict:
     a_ids, a_mask = enc(["a photo of a circle", "a photo of a square", "a photo of a dog and a person",
                          "a photo of a star"][:b])
     s_ids, s_mask = enc(["a photo of a circle"] * b)
+    # grounding: up to two masked entities per caption, one prompt each, key -1 for an empty slot
+    slots = [["circle", ""], ["square", ""], ["dog", "person"], ["star", ""]][:b]
+    e_ids, e_mask = enc([f"a photo of a {e}." if e else "" for row in slots for e in row])
+    keys = {"circle": 1, "square": 2, "dog": 3, "person": 4, "star": 5}
     g = torch.Generator().manual_seed(0)
     return {
         "image": torch.randn(b, 3, size, size, generator=g),
@@ -53,30 +57,36 @@ def make_batch(tokenizer, b: int = 4, size: int = 32, length: int = 16) -> dict:
         "partner_image": torch.randn(b, 3, size, size, generator=g),
         "shared_ids": s_ids, "shared_mask": s_mask,
         "has_partner": torch.tensor([True, False, True, True][:b]),
+        "entity_prompt_ids": e_ids.view(b, 2, -1), "entity_prompt_mask": e_mask.view(b, 2, -1),
+        "entity_keys": torch.tensor([[keys.get(e, -1) for e in row] for row in slots]),
         "sample_id": torch.arange(b),
     }
 
 
 # -- gradients --------------------------------------------------------------------------------
 
-# parameters a loss cannot reach by design
+# parameters a loss cannot reach by design (grounding_scale and grounding_bias belong to the
+# grounding loss alone)
 UNREACHED = {
     # the contrastive loss reads only the text encoder's [CLS] output: BERT's last-layer
     # attention/MLP on the other tokens still shape CLS, so every parameter is reached
-    "contrastive": (),
+    "contrastive": ("grounding_",),
     # the entity loss reads group tokens, not the image embedding; the text projector is
     # reached through the answer embedding
-    "entity": ("image_projector.",),
+    "entity": ("image_projector.", "grounding_"),
     # the mask loss reads only the group queries and patch tokens (before the blocks after
     # grouping) and text only without gradient
+    # grounding reads the group embeddings and the soft assignment (through each group's area),
+    # never the mean image embedding's path alone; everything is reached
+    "grounding": ("logit_scale",),
     "mask": ("text_encoder.", "text_projector.", "image_encoder.blocks_after.", "image_encoder.norm.",
              "image_encoder.grouping.mlp_channels.", "image_encoder.grouping.norm_new_x.",
              "image_encoder.grouping.assign.v_proj.", "image_encoder.grouping.assign.proj.",
-             "image_projector.", "logit_scale"),
+             "image_projector.", "logit_scale", "grounding_"),
 }
 
 
-@pytest.mark.parametrize("loss", ["contrastive", "entity", "mask"])
+@pytest.mark.parametrize("loss", ["contrastive", "entity", "grounding", "mask"])
 def test_every_trainable_parameter_gets_a_finite_gradient_under_each_loss(tokenizer, loss):
     torch.manual_seed(0)
     model = build_model(tiny_config(losses=[loss]), tokenizer=tokenizer)
@@ -306,7 +316,7 @@ def test_parameter_counts_cover_the_parts_and_add_up(tokenizer):
     model = build_model(tiny_config(losses=["contrastive", "entity", "mask"]), tokenizer=tokenizer)
     counts = parameter_counts(model)
     parts = [v for k, v in counts.items() if k not in ("total", "trainable")]
-    assert sum(parts) + 1 == counts["total"]  # + the logit scale
+    assert sum(parts) + 3 == counts["total"]  # + the logit scale and the grounding scale and bias
     assert counts["trainable"] == counts["total"] - counts["momentum encoder (frozen)"]
     table = parameter_table(model)
     assert "| image encoder |" in table and f"{counts['total']:,}" in table
@@ -348,3 +358,37 @@ def test_projector_normalises_a_batch_and_accepts_a_single_row_in_training():
     in_training = proj(row)  # no batch statistics for one row: the running ones
     proj.eval()
     torch.testing.assert_close(in_training, proj(row))
+
+
+# -- grounding and the conv patch embedding ---------------------------------------------------
+
+def test_grounding_positives_are_each_images_own_entities_and_the_rest_of_the_batch_negatives(tokenizer, monkeypatch):
+    import ovseg.training.model.ovsegmentor as ovsegmentor
+
+    seen = {}
+
+    def spy(group_embeddings, area, entities, targets, scale, bias, tau):
+        seen.update(entities=entities, targets=targets, area=area)
+        return group_embeddings.sum() * 0.0
+
+    monkeypatch.setattr(ovsegmentor, "grounding_loss", spy)
+    model = build_model(tiny_config(losses=["grounding"]), tokenizer=tokenizer)
+    model(make_batch(tokenizer))
+    # distinct entities sorted by key: circle 1, square 2, dog 3, person 4, star 5
+    assert seen["entities"].shape[0] == 5
+    expected = torch.tensor([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(seen["targets"], expected)
+    assert torch.allclose(seen["area"].sum(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_conv_patch_embedding_gives_the_same_token_grid_and_needs_a_power_of_two_patch(tokenizer):
+    model = build_model(tiny_config(patch_embed="conv", losses=["contrastive", "grounding"]), tokenizer=tokenizer)
+    model.train()
+    out = model(make_batch(tokenizer))
+    out["loss"].backward()
+    assert model.encode_image(torch.randn(2, 3, 32, 32)).assignment.shape[-2:] == (4, 4)
+    assert model.image_encoder.patch_embed.stem[0].conv.weight.grad is not None
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_model(tiny_config(patch_embed="conv", patch_size=6, image_size=36), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="linear or conv"):
+        build_model(tiny_config(patch_embed="mlp"), tokenizer=tokenizer)

@@ -10,6 +10,9 @@ class ModelConfig:
     # image encoder: a ViT whose first blocks see patches + group tokens, then a grouping block
     image_size: int = 224
     patch_size: int = 16
+    # "linear": ViT's patch embedding (the paper; what DINO weights fit); "conv": a stack of
+    # stride-2 3x3 convolutions (timm's ConvStem), which learns shapes much faster from scratch
+    patch_embed: str = "linear"
     width: int = 768
     heads: int = 12
     mlp_ratio: float = 4.0
@@ -41,6 +44,10 @@ class ModelConfig:
     momentum: float = 0.99
     mask_keep_groups: int = 4  # groups most related to the shared entity that get the loss
     mask_target_threshold: float = 0.5
+    # group grounding (ovseg's addition): every masked entity must be found in one group
+    grounding_tau: float = 0.1         # temperature of the area-weighted soft maximum over groups
+    grounding_scale_init: float = 10.0  # learnable scale and bias of the per-entity presence logit
+    grounding_bias_init: float = -3.0
     # which losses are on, and their weights
     losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "entity": 1.0, "mask": 1.0})
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "entity": 1.0, "grounding": 1.0, "mask": 1.0})

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
+from timm.models.vision_transformer_hybrid import ConvStem
 
 from ovseg.training.model.config import ModelConfig
 from ovseg.training.model.grouping import GroupingBlock
@@ -27,14 +28,34 @@ class EncoderOutput:
     patches: torch.Tensor     # (B, N, C) patch tokens entering the grouping block
 
 
+class ConvPatchEmbed(nn.Module):
+    """log2(patch size) stride-2 3x3 convolutions (timm's ConvStem, channels doubling up to the
+    width) in place of the linear patch embedding; tokens come out (B, h, w, C) like PatchEmbed's."""
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        depth = patch_size.bit_length() - 1
+        if patch_size != 2 ** depth or depth < 1:
+            raise ValueError(f"a conv patch embedding needs a power-of-two patch size, not {patch_size}")
+        self.stem = ConvStem(3, depth=depth, channels=width, stride=(2,) * depth, act_layer=nn.GELU)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stem(images).permute(0, 2, 3, 1)
+
+
 class GroupingViT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
         self.patch_size = cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, cfg.width,
-                                      strict_img_size=False, output_fmt="NHWC")
+        if cfg.patch_embed == "linear":
+            self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, cfg.width,
+                                          strict_img_size=False, output_fmt="NHWC")
+        elif cfg.patch_embed == "conv":
+            self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.width)
+        else:
+            raise ValueError(f"model.patch_embed must be linear or conv, not {cfg.patch_embed!r}")
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
         self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))

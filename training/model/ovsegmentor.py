@@ -11,17 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, entity_completion_loss
+from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, entity_completion_loss, grounding_loss
 from ovseg.training.model.config import ModelConfig
 from ovseg.training.model.entity_decoder import EntityDecoder
 from ovseg.training.model.image_encoder import GroupingViT
 from ovseg.training.model.projector import Projector
 from ovseg.training.model.text_encoder import TextEncoder
 
-LOSS_NAMES = ("contrastive", "entity", "mask")
+LOSS_NAMES = ("contrastive", "entity", "grounding", "mask")
 BATCH_KEYS = {  # what each loss reads from the batch (docs/architecture.md)
     "contrastive": ("image", "input_ids", "attention_mask"),
     "entity": ("image", "question_ids", "question_mask", "answer_ids", "answer_mask", "has_entity"),
+    "grounding": ("image", "entity_prompt_ids", "entity_prompt_mask", "entity_keys"),
     "mask": ("image", "partner_image", "shared_ids", "shared_mask", "has_partner"),
 }
 
@@ -52,6 +53,10 @@ class OVSegmentor(nn.Module):
         self.entity_decoder = entity_decoder
         self.mask_loss = mask_loss
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        # the grounding loss's presence logit: scale * pooled similarity + bias (always present,
+        # so checkpoints load across stages and loss choices)
+        self.grounding_scale = nn.Parameter(torch.tensor(float(cfg.grounding_scale_init)))
+        self.grounding_bias = nn.Parameter(torch.tensor(float(cfg.grounding_bias_init)))
         # the momentum (EMA) image encoder exists only when the mask-consistency loss is on
         self.momentum_encoder = None
         if mask_loss is not None:
@@ -119,11 +124,28 @@ class OVSegmentor(nn.Module):
             answer = self.embed_text(batch["answer_ids"], batch["answer_mask"])
             predicted = self.entity_decoder(question, batch["question_mask"], image.groups)  # (B, D)
             parts["entity"] = entity_completion_loss(predicted, answer, batch["has_entity"], scale)
+        if "grounding" in self.cfg.losses:
+            parts["grounding"] = self._grounding(image, batch)
         if "mask" in self.cfg.losses:
             parts["mask"] = self._mask_consistency(image, batch)
         weights = self.cfg.loss_weights
         parts["loss"] = sum(weights.get(name, 1.0) * value for name, value in parts.items())
         return parts
+
+    def _grounding(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
+        """Each image's masked entities against every entity of the batch (see the loss)."""
+        keys = batch["entity_keys"]  # (B, M): a stable id per entity, -1 for an empty slot
+        named = keys >= 0
+        if not bool(named.any()):
+            return image.group_embeddings.sum() * 0.0  # keeps the graph connected for DDP
+        unique, first = _first_occurrences(keys[named])
+        ids = batch["entity_prompt_ids"][named][first]  # (U, L): one prompt per distinct entity
+        mask = batch["entity_prompt_mask"][named][first]
+        entities = self.embed_text(ids, mask)  # (U, D)
+        targets = (keys[:, :, None] == unique[None, None, :]).any(dim=1)  # (B, U)
+        area = image.assignment.flatten(2).mean(dim=-1)  # (B, K): each group's share of the patches
+        return grounding_loss(image.group_embeddings, area, entities, targets, self.grounding_scale,
+                              self.grounding_bias, self.cfg.grounding_tau)
 
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
         partner = batch["partner_image"]
@@ -134,6 +156,15 @@ class OVSegmentor(nn.Module):
             shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_embeddings, shared)
         return self.mask_loss(student, teacher, relevance, batch["has_partner"])
+
+
+def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of a 1-d tensor (sorted) and the index of each one's first occurrence."""
+    unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
+    positions = torch.arange(values.numel(), device=values.device)
+    first = torch.full((unique.numel(),), values.numel(), dtype=torch.long, device=values.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return unique, first
 
 
 def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
