@@ -134,7 +134,7 @@ def bench_eval(
 @app.command("synthetic")
 def bench_synthetic(
     out: Path = typer.Option(Path("bench-synthetic"), "--out", help="Folder for the world, data, runs and logs."),
-    minutes: str = typer.Option("5,15,30", help="Comma-separated training budgets in wall-clock minutes."),
+    minutes: str = typer.Option("5,15,30", help="Comma-separated training budgets in wall-clock minutes: one run per variant and seed, evaluated when it has trained each budget."),
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
     threads: int = typer.Option(2, help="CPU threads per training run."),
     parallel: int = typer.Option(1, help="Runs at a time (each pinned to its own cores when there are enough)."),
@@ -155,10 +155,11 @@ def bench_synthetic(
     chosen = list(VARIANTS) if variants == "all" else [names[v.strip()] for v in variants.split(",")]
     world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300)
     prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
-    jobs = [{"name": f"{v.split()[-1].strip('()')}-{m}min-seed{s}", "variant": v, "minutes": float(m), "seed": int(s),
+    budgets = sorted(float(m) for m in minutes.split(","))
+    jobs = [{"name": f"{v.split()[-1].strip('()')}-seed{s}", "variant": v, "budgets": budgets, "seed": int(s),
              "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device, "threads": threads,
-             "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-{m}min-seed{s}")}
-            for v in chosen for m in minutes.split(",") for s in seeds.split(",")]
+             "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-seed{s}")}
+            for v in chosen for s in seeds.split(",")]
     results = run_parallel(jobs, threads, parallel, out / "logs")
     chance = random_init(prepared["world"], out / "random", 0, captions=[c for _, c in captions(prepared["world"])])
     ceiling = patch_grid_ceiling(prepared["world"], 8)

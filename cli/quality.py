@@ -20,19 +20,34 @@ from pathlib import Path
 
 VARIANTS = {
     "contrastive": {"stage1": ["contrastive"], "stage2": None},
-    "+ entity": {"stage1": ["contrastive", "entity"], "stage2": None},
-    "+ mask (full)": {"stage1": ["contrastive", "entity"], "stage2": ["contrastive", "entity", "mask"]},
+    "+ entity": {"stage1": ["contrastive", "entity", "grounding"], "stage2": None},
+    "+ mask (full)": {"stage1": ["contrastive", "entity", "grounding"],
+                      "stage2": ["contrastive", "entity", "grounding", "mask"]},
 }
 STAGE2_SHARE = 0.3  # of the budget, for the full method
 
 
-def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: Path, minutes: float, seed: int,
+def _evaluate(world_dir: Path, checkpoint: Path, out: Path, device: str) -> dict:
+    from ovseg.evaluation.evaluate import run_evaluation
+
+    result = run_evaluation("synthetic", world_dir / "voc", checkpoint, output_dir=out, split="test",
+                            tune_threshold_on="val", device=device, diagnostics=True, save_pictures=4)
+    return {"miou": result.metrics.miou, "group_majority_miou": result.group_majority.miou,
+            "bg_threshold": result.bg_threshold}
+
+
+def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: Path, budgets: list[float], seed: int,
                        preset: str = "synthetic-small", overrides: tuple[str, ...] = (), device: str = "cpu",
-                       threads: int = 2) -> dict:
-    """Train one variant for `minutes` of wall time and evaluate it (threshold chosen on val)."""
+                       threads: int = 2) -> list[dict]:
+    """Train one variant and evaluate it (threshold chosen on val) after each of `budgets`
+    minutes of training (ascending). The schedule is constant after warm-up (the step limit is
+    out of reach), so one run stopped and resumed at each budget is the run a shorter budget
+    would have made; evaluation time is not training time. The full method spends the last
+    STAGE2_SHARE of each budget in stage 2, started from a copy of stage 1 at that point."""
+    import shutil
+
     import torch
 
-    from ovseg.evaluation.evaluate import run_evaluation
     from ovseg.training.config import resolve
     from ovseg.training.engine import train
 
@@ -42,19 +57,25 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
                                      "train.stage2_steps=1000000", f"train.device={device}", *overrides])
     share = STAGE2_SHARE if spec["stage2"] else 0.0
     t = cfg.train
-    first = replace(cfg, train=replace(t, stage=1, stage1_losses=spec["stage1"], max_minutes=minutes * (1 - share)))
-    s1 = train(first, run_dir / "stage1", progress=False)
-    steps = {"stage1": s1["step"]}
-    checkpoint = run_dir / "stage1" / "last.pt"
-    if spec["stage2"]:
-        second = replace(cfg, train=replace(t, stage=2, stage2_losses=spec["stage2"], max_minutes=minutes * share))
-        s2 = train(second, run_dir / "stage2", init=checkpoint, progress=False)
-        steps["stage2"] = s2["step"]
-        checkpoint = run_dir / "stage2" / "last.pt"
-    result = run_evaluation("synthetic", world_dir / "voc", checkpoint, output_dir=run_dir / "eval", split="test",
-                            tune_threshold_on="val", device=device, diagnostics=True)
-    return {"variant": variant, "seed": seed, "minutes": minutes, "steps": steps, "miou": result.metrics.miou,
-            "group_majority_miou": result.group_majority.miou, "bg_threshold": result.bg_threshold}
+    stage1_dir = run_dir / "stage1"
+    results, trained = [], 0.0
+    for budget in sorted(budgets):
+        minutes = budget * (1 - share) - trained
+        first = replace(cfg, train=replace(t, stage=1, stage1_losses=spec["stage1"], max_minutes=minutes))
+        s1 = train(first, stage1_dir, progress=False)  # resumes from where the last budget stopped
+        trained += minutes
+        steps = {"stage1": s1["step"]}
+        checkpoint = stage1_dir / "last.pt"
+        if spec["stage2"]:
+            snapshot = run_dir / f"stage1-at-{budget:g}min.pt"
+            shutil.copyfile(checkpoint, snapshot)
+            second = replace(cfg, train=replace(t, stage=2, stage2_losses=spec["stage2"], max_minutes=budget * share))
+            s2 = train(second, run_dir / f"stage2-{budget:g}min", init=snapshot, progress=False)
+            steps["stage2"] = s2["step"]
+            checkpoint = run_dir / f"stage2-{budget:g}min" / "last.pt"
+        scores = _evaluate(world_dir, checkpoint, run_dir / f"eval-{budget:g}min", device)
+        results.append({"variant": variant, "seed": seed, "minutes": budget, "steps": steps, **scores})
+    return results
 
 
 def random_init(world_dir: Path, out: Path, seed: int, preset: str = "synthetic-small", captions: list[str] = ()) -> dict:
@@ -127,7 +148,7 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
                 slot_free.append(slot)
                 log.close()
                 if proc.returncode == 0 and result_file.exists():
-                    results.append(json.loads(result_file.read_text()))
+                    results.extend(json.loads(result_file.read_text()))
                 else:
                     raise RuntimeError(f"job {result_file.stem} failed: see {log.name}")
     return results
@@ -167,7 +188,7 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
 def main() -> None:  # one job, in its own process (see run_parallel)
     job = json.loads(sys.argv[1])
     result = train_and_evaluate(job["variant"], Path(job["data"]), Path(job["world"]), Path(job["run"]),
-                                job["minutes"], job["seed"], job.get("preset", "synthetic-small"),
+                                job["budgets"], job["seed"], job.get("preset", "synthetic-small"),
                                 tuple(job.get("overrides", ())), job.get("device", "cpu"), job.get("threads", 2))
     Path(job["result"]).write_text(json.dumps(result))
 

@@ -1,0 +1,52 @@
+"""`ovseg demo --quick` end to end through the CLI (generate, serve, curate, img2dataset,
+train both stages, evaluate, report), and the quality benchmark's train-and-evaluate on the
+data it leaves behind."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ovseg.cli.main import app
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_quick_demo_runs_every_stage_and_writes_the_report(demo_out):
+    out, output = demo_out
+    for stage in ("generate the synthetic world", "curate", "download with img2dataset", "train stage 1 then stage 2",
+                  "zero-shot evaluation"):
+        assert stage in output
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    # the shapes come out of spaCy and DuckDB as the selected entities
+    assert set(summary["selected_entities"]) == set(summary["shapes"])
+    assert summary["training"]["stage1"]["step"] > 0 and summary["training"]["stage2"]["step"] > 0
+    assert 0.0 <= summary["evaluation"]["miou"] <= 1.0
+    report = out / "report"
+    assert (report / "training_curves.png").stat().st_size > 0
+    assert "test mIoU" in (report / "summary.md").read_text()
+    assert list((report / "eval" / "pictures").glob("*_panel.png"))
+
+
+def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_two_stages(demo_out, tmp_path):
+    from ovseg.cli.quality import summarise, train_and_evaluate
+
+    out, _ = demo_out
+    rows = train_and_evaluate("+ mask (full)", out / "data", out / "world", tmp_path / "run", [0.03, 0.06], seed=0,
+                              threads=1)
+    assert [r["minutes"] for r in rows] == [0.03, 0.06]
+    first, second = rows
+    assert 0 < first["steps"]["stage1"] <= second["steps"]["stage1"]  # the same stage-1 run, resumed
+    assert first["steps"]["stage2"] > 0 and second["steps"]["stage2"] > 0
+    assert (tmp_path / "run" / "stage1-at-0.03min.pt").exists() and (tmp_path / "run" / "stage2-0.06min").is_dir()
+    for r in rows:
+        assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["group_majority_miou"] <= 1.0
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.4}, 0.72, "test machine", 1)
+    assert "| + mask (full) |" in table and "| random init (chance) | 6.4 [40.0] |" in table
+    assert "| patch-grid ceiling | 72.0 |" in table
