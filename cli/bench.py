@@ -148,8 +148,8 @@ def bench_synthetic(
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
-    from ovseg.cli.quality import VARIANTS, patch_grid_ceiling, random_init, run_parallel, summarise
-    from ovseg.curation.synthetic import WorldConfig, captions
+    from ovseg.cli.quality import VARIANTS, report, run_parallel
+    from ovseg.curation.synthetic import WorldConfig
 
     names = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
     chosen = list(VARIANTS) if variants == "all" else [names[v.strip()] for v in variants.split(",")]
@@ -161,10 +161,8 @@ def bench_synthetic(
              "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-seed{s}")}
             for v in chosen for s in seeds.split(",")]
     results = run_parallel(jobs, threads, parallel, out / "logs")
-    chance = random_init(prepared["world"], out / "random", 0, captions=[c for _, c in captions(prepared["world"])])
-    ceiling = patch_grid_ceiling(prepared["world"], 8)
-    md = summarise(results, chance, ceiling, machine_line(), threads)
     (out / "results.json").write_text(__import__("json").dumps(results, indent=2))
+    md = report(out, prepared["world"], results, threads, machine_line())
     write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
     typer.echo(md)
 

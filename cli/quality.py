@@ -124,11 +124,17 @@ def patch_grid_ceiling(world_dir: Path, patch: int) -> float:
 
 def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, first_core: int = 0) -> list[dict]:
     """Run `train_and_evaluate` jobs as child processes, `parallel` at a time, each limited to
-    `threads` CPU threads (and pinned to its own cores where the OS allows)."""
+    `threads` CPU threads (and pinned to its own cores where the OS allows). Jobs whose result
+    file is already in `log_dir` are read, not rerun, so an interrupted benchmark resumes."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, results = list(jobs), [], []
     cores = os.cpu_count() or 1
     slot_free = list(range(parallel))
+    for job in list(pending):  # a job that finished in an earlier (interrupted) call is not rerun
+        done = log_dir / f"{job['name']}.json"
+        if done.exists():
+            results.extend(json.loads(done.read_text()))
+            pending.remove(job)
     while pending or running:
         while pending and slot_free:
             job, slot = pending.pop(0), slot_free.pop(0)
@@ -183,6 +189,53 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
         f"| patch-grid ceiling | {100 * ceiling:.1f} |", "",
     ]
     return "\n".join(lines)
+
+
+def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
+    """Where `train_and_evaluate` leaves a variant's model after `budget` minutes (for the
+    variants without stage 2, the last budget's)."""
+    if VARIANTS[variant]["stage2"]:
+        return run_dir / f"stage2-{budget:g}min" / "last.pt"
+    return run_dir / "stage1" / "last.pt"
+
+
+def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test") -> dict[str, dict]:
+    """`group_diagnostics` of each named checkpoint on the synthetic split."""
+    from ovseg.evaluation.datasets import load_synthetic
+    from ovseg.evaluation.diagnostics import group_diagnostics
+    from ovseg.training.checkpoint import load_model
+
+    data = load_synthetic(world_dir / "voc", split=split)
+    return {name: group_diagnostics(load_model(path, map_location="cpu"), data) for name, path in checkpoints.items()}
+
+
+def diagnostics_table(diagnostics: dict[str, dict]) -> str:
+    """Markdown rows of `diagnose`'s output, in percent."""
+    lines = ["| model | image embedding names a present shape | groups named with their object's shape | groups per image |",
+             "|---|---:|---:|---:|"]
+    for name, d in diagnostics.items():
+        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {100 * d['group_accuracy']:.1f} | "
+                     f"{d['groups_per_image']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str) -> str:
+    """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, then the
+    diagnostics of every run at its largest budget and of the random model."""
+    from ovseg.curation.synthetic import captions
+
+    chance = random_init(world_dir, out / "random", 0, captions=[c for _, c in captions(world_dir)])
+    ceiling = patch_grid_ceiling(world_dir, 8)
+    last = max(r["minutes"] for r in results)
+    names = {r["variant"]: r["variant"].split()[-1].strip("()") for r in results}
+    checkpoints = {f"{r['variant']}, seed {r['seed']}, {last:g} min":
+                   final_checkpoint(out / "runs" / f"{names[r['variant']]}-seed{r['seed']}", r["variant"], last)
+                   for r in results if r["minutes"] == last}
+    checkpoints["random init"] = out / "random" / "random.pt"
+    return (summarise(results, chance, ceiling, machine, threads)
+            + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
+            "named by its best class prompt and scored against the majority true label of its pixels, "
+            "background groups left out):\n\n" + diagnostics_table(diagnose(checkpoints, world_dir)))
 
 
 def main() -> None:  # one job, in its own process (see run_parallel)

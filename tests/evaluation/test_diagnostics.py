@@ -1,0 +1,64 @@
+"""Group diagnostics on a model whose groups and embeddings are set by hand."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ovseg.evaluation.datasets import SegmentationDataset
+from ovseg.evaluation.diagnostics import group_diagnostics
+
+
+@dataclass
+class Out:
+    embedding: torch.Tensor
+    group_embeddings: torch.Tensor
+    assignment: torch.Tensor
+
+
+class HandModel:
+    """Two classes (circle, square) as the two axes; the left half of the 4x4 grid is group 0,
+    the right half group 1; group 0 says circle, group 1 says `right`; the image says circle."""
+
+    image_size, image_mean, image_std = 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def __init__(self, right: str):
+        self.right = right
+
+    def eval(self):
+        return self
+
+    def encode_text(self, prompts):
+        return torch.tensor([[1.0, 0.0] if "circle" in p else [0.0, 1.0] for p in prompts])
+
+    def encode_image(self, images):
+        b = images.shape[0]
+        assignment = torch.zeros(b, 2, 4, 4)
+        assignment[:, 0, :, :2] = 1
+        assignment[:, 1, :, 2:] = 1
+        right = [1.0, 0.0] if self.right == "circle" else [0.0, 1.0]
+        groups = torch.tensor([[1.0, 0.0], right]).expand(b, 2, 2)
+        return Out(torch.tensor([[1.0, 0.0]]).expand(b, 2), groups, assignment)
+
+
+class Data(SegmentationDataset):
+    def __init__(self, labels):
+        super().__init__("hand", None, [(None, None)] * len(labels), ["background", "circle", "square"], True, None)
+        self.labels = labels
+
+    def load(self, index):
+        return np.zeros((8, 8, 3), dtype=np.uint8), self.labels[index]
+
+
+def test_groups_are_scored_against_their_majority_object_and_background_groups_are_left_out():
+    left_circle_right_square = np.zeros((8, 8), dtype=np.int64)
+    left_circle_right_square[:, :4], left_circle_right_square[:, 4:] = 1, 2
+    left_circle_right_background = np.zeros((8, 8), dtype=np.int64)
+    left_circle_right_background[:, :4] = 1
+    data = Data([left_circle_right_square, left_circle_right_background])
+    right = group_diagnostics(HandModel("square"), data)
+    assert right == {"image_top1_present": 1.0, "group_accuracy": 1.0, "groups_per_image": 2.0}
+    wrong = group_diagnostics(HandModel("circle"), data)
+    assert wrong["group_accuracy"] == 2 / 3  # the square group is named circle; background groups do not count
+    only_squares = Data([np.full((8, 8), 2, dtype=np.int64)])
+    assert group_diagnostics(HandModel("square"), only_squares)["image_top1_present"] == 0.0

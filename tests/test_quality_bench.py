@@ -1,0 +1,28 @@
+"""The quality benchmark's bookkeeping: finished jobs are not rerun, and the tables."""
+
+import json
+
+from ovseg.cli.quality import diagnostics_table, final_checkpoint, run_parallel, summarise
+
+
+def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
+    row = {"variant": "contrastive", "seed": 0, "minutes": 5.0, "steps": {"stage1": 10}, "miou": 0.1,
+           "group_majority_miou": 0.3, "bg_threshold": 0.5}
+    (tmp_path / "contrastive-seed0.json").write_text(json.dumps([row]))
+    # a job that would fail if it ran: its data folders do not exist
+    job = {"name": "contrastive-seed0", "variant": "contrastive", "budgets": [5.0], "seed": 0,
+           "data": str(tmp_path / "missing"), "world": str(tmp_path / "missing"), "run": str(tmp_path / "run")}
+    assert run_parallel([job], threads=1, parallel=1, log_dir=tmp_path) == [row]
+    assert not (tmp_path / "run").exists()
+
+
+def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
+    rows = [{"variant": "contrastive", "seed": s, "minutes": 5.0, "steps": {"stage1": 100 + s}, "miou": m,
+             "group_majority_miou": 0.3, "bg_threshold": 0.5} for s, m in ((0, 0.10), (1, 0.14))]
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1)
+    assert "| contrastive | 12.0 ± 4.0 [30.0] (100 steps) |" in table
+    assert "| + entity | - |" in table
+    diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5}})
+    assert "| m | 50.0 | 12.5 | 2.50 |" in diag
+    assert final_checkpoint(tmp_path, "+ mask (full)", 15.0) == tmp_path / "stage2-15min" / "last.pt"
+    assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"
