@@ -214,8 +214,9 @@ def diagnostics_table(diagnostics: dict[str, dict]) -> str:
     lines = ["| model | image embedding names a present shape | groups named with their object's shape | groups per image |",
              "|---|---:|---:|---:|"]
     for name, d in diagnostics.items():
-        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {100 * d['group_accuracy']:.1f} | "
-                     f"{d['groups_per_image']:.2f} |")
+        accuracy = d["group_accuracy"]
+        named = "- (no group is mostly an object)" if accuracy != accuracy else f"{100 * accuracy:.1f}"  # NaN
+        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {d['groups_per_image']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +236,9 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     return (summarise(results, chance, ceiling, machine, threads)
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
-            "background groups left out):\n\n" + diagnostics_table(diagnose(checkpoints, world_dir)))
+            "background groups left out):\n\n" + diagnostics_table(diagnose(checkpoints, world_dir))
+            + "\nWhat these numbers mean and what was measured while looking for the cause: "
+            "[quality.md](quality.md).\n")
 
 
 def main() -> None:  # one job, in its own process (see run_parallel)

@@ -21,7 +21,8 @@ def group_diagnostics(model, dataset: SegmentationDataset, *, limit: int | None 
                       template: str = PAPER_TEMPLATE) -> dict[str, float]:
     """image_top1_present: share of images with an object whose image embedding's best class is
     present; group_accuracy: share of groups whose pixels are mostly an object (not background)
-    whose best class is that object's class; groups_per_image: distinct arg-max groups per image."""
+    whose best class is that object's class (NaN when no group is mostly an object: then every
+    group covers mostly background); groups_per_image: distinct arg-max groups per image."""
     model.eval()
     first_class = 1 if dataset.has_background else 0
     names = dataset.prompt_classes
@@ -56,5 +57,6 @@ def group_diagnostics(model, dataset: SegmentationDataset, *, limit: int | None 
                     continue
                 object_groups += 1
                 right_groups += int(int(group_best[j, k]) == majority)
-    return {"image_top1_present": named / max(with_object, 1), "group_accuracy": right_groups / max(object_groups, 1),
+    return {"image_top1_present": named / max(with_object, 1),
+            "group_accuracy": right_groups / object_groups if object_groups else float("nan"),
             "groups_per_image": groups_seen / max(n, 1)}

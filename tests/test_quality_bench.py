@@ -24,5 +24,7 @@ def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
     assert "| + entity | - |" in table
     diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5}})
     assert "| m | 50.0 | 12.5 | 2.50 |" in diag
+    one_segment = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": float("nan"), "groups_per_image": 1}})
+    assert "| m | 50.0 | - (no group is mostly an object) | 1.00 |" in one_segment
     assert final_checkpoint(tmp_path, "+ mask (full)", 15.0) == tmp_path / "stage2-15min" / "last.pt"
     assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"

@@ -62,3 +62,5 @@ def test_groups_are_scored_against_their_majority_object_and_background_groups_a
     assert wrong["group_accuracy"] == 2 / 3  # the square group is named circle; background groups do not count
     only_squares = Data([np.full((8, 8), 2, dtype=np.int64)])
     assert group_diagnostics(HandModel("square"), only_squares)["image_top1_present"] == 0.0
+    only_background = Data([np.zeros((8, 8), dtype=np.int64)])
+    assert np.isnan(group_diagnostics(HandModel("square"), only_background)["group_accuracy"])
