@@ -38,7 +38,7 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert printed and all(word in printed[0] for word in ("samples/s", "lr", "mask=", "data wait"))
     state = torch.load(run / "stage2" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "step", "epoch", "sampler", "rng", "config", "tokenizer"} <= set(state)
-    assert state["config"]["model"]["losses"] == ["contrastive", "entity", "mask"]
+    assert state["config"]["model"]["losses"] == ["contrastive", "entity", "grounding", "mask"]
     assert any(k.startswith("momentum_encoder.") for k in state["model"])
     stage2_parts = json.loads((run / "stage2" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss/mask" in stage2_parts and "loss/entity" in stage2_parts
