@@ -173,6 +173,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.transform = build_transform(image_size, stage, cfg, mean, std)
+        self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,16 +223,23 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             item.update(self._partner(index, sid))
         return item
 
+    def _prompt(self, entity: str | None) -> tuple[list[int], list[int], int]:
+        """Token ids, attention mask and key of one entity's prompt (None: an empty slot).
+        Entities repeat across captions, so each is tokenised once per process."""
+        if entity not in self._prompt_cache:
+            enc = self._tokens("" if entity is None else self.cfg.prompt_template.format(entity))
+            key = -1 if entity is None else entity_key(entity)
+            self._prompt_cache[entity] = (enc["input_ids"], enc["attention_mask"], key)
+        return self._prompt_cache[entity]
+
     def _entity_prompts(self, masked: list[str]) -> dict[str, Any]:
         """One prompt per masked entity (for the grounding loss), padded to `max_entities`
         slots; an empty slot has key -1."""
         slots = masked[:self.cfg.max_entities]
-        empty = [""] * (self.cfg.max_entities - len(slots))
-        enc = self.tokenizer([self.cfg.prompt_template.format(e) for e in slots] + empty,
-                             max_length=self.cfg.max_text_length, truncation=True, padding="max_length")
-        return {"entity_prompt_ids": torch.tensor(enc["input_ids"]),
-                "entity_prompt_mask": torch.tensor(enc["attention_mask"]),
-                "entity_keys": torch.tensor([entity_key(e) for e in slots] + [-1] * len(empty))}
+        rows = [self._prompt(e) for e in slots] + [self._prompt(None)] * (self.cfg.max_entities - len(slots))
+        return {"entity_prompt_ids": torch.tensor([ids for ids, _, _ in rows]),
+                "entity_prompt_mask": torch.tensor([mask for _, mask, _ in rows]),
+                "entity_keys": torch.tensor([key for _, _, key in rows])}
 
     def _partner(self, index: int, sid: int) -> dict[str, Any]:
         options = self.table.partners.get(sid, [])
