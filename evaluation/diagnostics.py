@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.evaluation.datasets import SegmentationDataset
-from ovseg.evaluation.metrics import IGNORE_INDEX
-from ovseg.evaluation.segmenter import PAPER_TEMPLATE
+from ovseg.evaluation.metrics import IGNORE_INDEX, group_label_counts
+from ovseg.evaluation.segmenter import PAPER_TEMPLATE, ZeroShotSegmenter
 
 
 @torch.no_grad()
@@ -23,10 +23,9 @@ def group_diagnostics(model, dataset: SegmentationDataset, *, limit: int | None 
     present; group_accuracy: share of groups whose pixels are mostly an object (not background)
     whose best class is that object's class (NaN when no group is mostly an object: then every
     group covers mostly background); groups_per_image: distinct arg-max groups per image."""
-    model.eval()
     first_class = 1 if dataset.has_background else 0
-    names = dataset.prompt_classes
-    classes = F.normalize(model.encode_text([template.format(n) for n in names]).float(), dim=-1)  # (C, D)
+    # the segmenter's class embeddings (prompts through the text encoder), on the CPU
+    classes = ZeroShotSegmenter(model, dataset.prompt_classes, templates=(template,)).class_embeddings()  # (C, D)
     size = int(model.image_size)
     mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(model.image_std).view(1, 3, 1, 1)
@@ -40,19 +39,15 @@ def group_diagnostics(model, dataset: SegmentationDataset, *, limit: int | None 
         image_best = (F.normalize(out.embedding.float(), dim=-1) @ classes.T).argmax(-1) + first_class  # (B,)
         group_best = (F.normalize(out.group_embeddings.float(), dim=-1) @ classes.T).argmax(-1) + first_class  # (B, K)
         for j, (_, label) in enumerate(items):
-            h, w = label.shape
-            groups = F.interpolate(out.assignment[j:j + 1].float(), size=(h, w), mode="nearest")[0].argmax(0).numpy()
+            assignment = F.interpolate(out.assignment[j:j + 1].float(), size=label.shape, mode="nearest")[0].numpy()
+            groups, counts = group_label_counts(assignment, label, len(dataset.classes))
             present = set(np.unique(label)) - {IGNORE_INDEX} - ({0} if dataset.has_background else set())
             if present:
                 with_object += 1
                 named += int(int(image_best[j]) in present)
-            ids = np.unique(groups)
-            groups_seen += len(ids)
-            for k in ids:
-                pixels = label[(groups == k) & (label != IGNORE_INDEX)]
-                if pixels.size == 0:
-                    continue
-                majority = int(np.bincount(pixels).argmax())
+            groups_seen += len(np.unique(groups))
+            for k in np.flatnonzero(counts.sum(axis=1)):  # groups holding a non-ignored pixel
+                majority = int(counts[k].argmax())
                 if dataset.has_background and majority == 0:
                     continue
                 object_groups += 1

@@ -132,11 +132,19 @@ def group_majority_labels(assignment: np.ndarray, truth: np.ndarray, n_classes: 
     to its arg-max group; each group takes the most frequent non-ignored true label among its
     pixels. The result scores what the grouping alone would allow if every group were named
     perfectly (an upper bound for the group-to-class step)."""
+    groups, counts = group_label_counts(assignment, truth, n_classes, ignore_index)
+    majority = counts.argmax(axis=1)
+    return majority[groups]
+
+
+def group_label_counts(assignment: np.ndarray, truth: np.ndarray, n_classes: int,
+                       ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's arg-max group (H, W) and, per group, how many of its non-ignored pixels
+    carry each true label (K, n_classes). `assignment` is (K, H, W) at the resolution of `truth`."""
     groups = np.asarray(assignment).argmax(axis=0)
     truth = np.asarray(truth)
     k = assignment.shape[0]
     keep = truth != ignore_index
     counts = np.bincount(groups[keep] * n_classes + truth[keep].astype(np.int64),
                          minlength=k * n_classes).reshape(k, n_classes)
-    majority = counts.argmax(axis=1)
-    return majority[groups]
+    return groups, counts
