@@ -239,10 +239,15 @@ def run_img2dataset(url_list: Path, output_folder: Path, cfg: DownloadConfig, lo
             done = _done_shards(output_folder)
             for path in done.values():
                 if path not in seen:
-                    stats = json.loads(path.read_text())
+                    try:
+                        stats = json.loads(path.read_text())
+                    except (OSError, json.JSONDecodeError):
+                        # being written now, or cut short by a kill of an earlier run (the
+                        # shard's data was complete before its stats): read again next time
+                        continue
                     seen[path] = (stats["count"], stats["successes"])
             if len(done) > bar.n:
-                images, ok = (sum(v) for v in zip(*seen.values()))
+                images, ok = (sum(v) for v in zip(*seen.values())) if seen else (0, 0)
                 bar.set_postfix_str(f"{images} images, {100 * ok / max(images, 1):.0f}% ok", refresh=False)
                 bar.update(len(done) - bar.n)
 
