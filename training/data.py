@@ -266,8 +266,28 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         return (size, size) if isinstance(size, int) else tuple(size)
 
 
+# token id columns and the attention mask that says which of their positions are real
+TEXT_FIELDS = (("input_ids", "attention_mask"), ("question_ids", "question_mask"), ("answer_ids", "answer_mask"),
+               ("shared_ids", "shared_mask"), ("entity_prompt_ids", "entity_prompt_mask"))
+
+
+def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """Drop the trailing positions that are padding in every row of a text field: the samples
+    are padded to `max_text_length`, most captions are far shorter, and the encoders' cost
+    grows with the length. Real tokens and their outputs are unchanged (padding is masked)."""
+    for ids, mask in TEXT_FIELDS:
+        if ids not in batch:
+            continue
+        real = batch[mask].flatten(0, -2).any(dim=0)  # (L,): a real token in some row
+        length = max(int(real.nonzero().max()) + 1, 1) if bool(real.any()) else 1
+        batch[ids] = batch[ids][..., :length].contiguous()
+        batch[mask] = batch[mask][..., :length].contiguous()
+    return batch
+
+
 def collate(items: list[dict | None]) -> dict[str, Any]:
-    """Stack the readable samples; `n_skipped` counts the unreadable ones."""
+    """Stack the readable samples (text trimmed to its longest row, see `trim_padding`);
+    `n_skipped` counts the unreadable ones."""
     kept = [item for item in items if item is not None]
     batch: dict[str, Any] = {"n_skipped": len(items) - len(kept), "n_items": len(items)}
     if not kept:
@@ -280,7 +300,7 @@ def collate(items: list[dict | None]) -> dict[str, Any]:
             batch[key] = torch.tensor(values, dtype=torch.bool)
         else:
             batch[key] = torch.tensor(values, dtype=torch.long)
-    return batch
+    return trim_padding(batch)
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):

@@ -8,7 +8,7 @@ from ovseg.training.config import DataConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
-    read_member,
+    TEXT_FIELDS, read_member,
 )
 
 from .conftest import make_contract
@@ -60,13 +60,30 @@ def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
         assert batch[key].shape[0] == 2 and batch[key].dtype == torch.long
     assert batch["has_entity"].all()
     assert (batch["question_ids"] == tokenizer.mask_token_id).any(dim=1).all()
-    # one prompt per masked entity, padded to max_entities slots with key -1
-    assert batch["entity_prompt_ids"].shape == (2, 3, 16) and batch["entity_keys"].shape == (2, 3)
+    # one prompt per masked entity, padded to max_entities slots with key -1; the token axis
+    # is trimmed to the longest prompt (see test_collate_trims_only_padding)
+    assert batch["entity_prompt_ids"].shape[:2] == (2, 3) and batch["entity_keys"].shape == (2, 3)
     shapes = load_samples(str(contract)).entities
     assert batch["entity_keys"][:, 0].tolist() == [entity_key(shapes[0][0]), entity_key(shapes[1][0])]
     assert (batch["entity_keys"][:, 1:] == -1).all()
     first = tokenizer.decode(batch["entity_prompt_ids"][0, 0], skip_special_tokens=True)
     assert first.replace(" .", ".") == f"a photo of a {shapes[0][0]}."
+
+
+def test_collate_trims_only_padding(contract, tokenizer):
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(max_text_length=32), seed=0)
+    items = [ds[0], ds[1], ds[2]]
+    batch = collate(items)
+    fields = [(ids, mask) for ids, mask in TEXT_FIELDS if ids in items[0]]
+    assert len(fields) == 4  # stage 1: caption, question, answer, entity prompts
+    for ids, mask in fields:
+        full = torch.stack([torch.as_tensor(item[ids]) for item in items])
+        full_mask = torch.stack([torch.as_tensor(item[mask]) for item in items])
+        length = batch[ids].shape[-1]
+        assert full.shape[-1] == 32 and length < 32  # the captions are much shorter than 32 tokens
+        assert batch[mask].flatten(0, -2).any(dim=0)[-1]  # the last kept position is real in some row
+        assert torch.equal(batch[ids], full[..., :length]) and torch.equal(batch[mask], full_mask[..., :length])
+        assert not full_mask[..., length:].any()  # nothing real was cut
 
 
 def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):
