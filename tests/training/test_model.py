@@ -390,5 +390,126 @@ def test_conv_patch_embedding_gives_the_same_token_grid_and_needs_a_power_of_two
     assert model.image_encoder.patch_embed.stem[0].conv.weight.grad is not None
     with pytest.raises(ValueError, match="power-of-two"):
         build_model(tiny_config(patch_embed="conv", patch_size=6, image_size=36), tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="linear or conv"):
+    with pytest.raises(ValueError, match="linear, conv or cnn"):
         build_model(tiny_config(patch_embed="mlp"), tokenizer=tokenizer)
+
+
+# -- the CNN patch embedding and the cluster grouping (the synthetic-small preset's) ----------
+
+def cluster_config(**changes) -> ModelConfig:
+    """The tiny model with synthetic-small's image encoder: a 2-stage CNN (patch 4) and the
+    cluster grouping over its 16x16 low-level map."""
+    return tiny_config(**{"patch_embed": "cnn", "cnn_channels": [8, 16], "patch_size": 4, "grouping": "cluster",
+                          "depth_before": 0, **changes})
+
+
+def test_cnn_patch_embedding_gives_the_token_grid_and_a_low_level_map_at_twice_it(tokenizer):
+    model = build_model(cluster_config(grouping="learned"), tokenizer=tokenizer).eval()
+    tokens, low = model.image_encoder.patch_embed(torch.randn(2, 3, 32, 40))
+    assert tokens.shape == (2, 8, 10, 32) and low.shape == (2, 8, 16, 20)
+    # with the learned grouping the assignment stays on the token grid
+    assert model.encode_image(torch.randn(2, 3, 32, 40)).assignment.shape == (2, 4, 8, 10)
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_model(cluster_config(patch_size=6, image_size=36), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="at least 3 stages"):
+        build_model(cluster_config(patch_size=8), tokenizer=tokenizer)
+
+
+def test_cluster_assignment_is_a_soft_partition_of_the_low_level_grid_with_no_gradient(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(cluster_config(), tokenizer=tokenizer).eval()
+    out = model.encode_image(torch.randn(3, 3, 32, 24))
+    assert out.assignment.shape == (3, 4, 16, 12)  # the low-level map's grid, not the 8x6 tokens
+    torch.testing.assert_close(out.assignment.sum(dim=1), torch.ones(3, 16, 12))
+    assert not out.assignment.requires_grad  # no loss can reach the assignment
+    assert out.group_embeddings.requires_grad  # the groups still pool tokens with gradient
+
+
+def test_patches_that_look_alike_share_a_group_and_a_different_region_gets_its_own():
+    """Soft k-means over the keys: two flat regions of very different colour (the low-level
+    part of the keys) fall in different groups, each region in one group."""
+    from ovseg.training.model.grouping import ClusterAssign, ClusterSettings
+
+    torch.manual_seed(0)
+    assign = ClusterAssign(dim=16, low_dim=3, settings=ClusterSettings(iters=5, tau=0.05, token_weight=0.0,
+                                                                        position_weight=0.0))
+    low = torch.zeros(1, 3, 8, 8)
+    low[:, 0, :, :4] = 1.0   # left half red
+    low[:, 2, :, 4:] = 1.0   # right half blue
+    x = torch.randn(1, 16, 16)  # 4x4 tokens, upsampled to the 8x8 map
+    queries = torch.randn(1, 4, 16)
+    _, soft, _, grid = assign(queries, x, (4, 4), low)
+    labels = soft.argmax(dim=1).view(8, 8)
+    assert grid == (8, 8)
+    assert labels[:, :4].unique().numel() == 1 and labels[:, 4:].unique().numel() == 1
+    assert labels[0, 0] != labels[0, 7]
+
+
+def test_a_loss_that_rewards_one_big_group_collapses_the_learned_grouping_but_cannot_move_the_cluster_one(tokenizer):
+    """The failure the cluster grouping exists for (docs/quality.md): gradient through a learned
+    assignment can fold every patch into one group; without a path to the assignment, the
+    same pressure changes nothing."""
+    def largest_share(model, images):  # in training mode: batch norm uses these images' statistics
+        with torch.no_grad():
+            return model.encode_image(images).assignment.flatten(2).mean(-1).max(dim=1).values.mean().item()
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    shares = {}
+    for grouping in ("learned", "cluster"):
+        torch.manual_seed(0)
+        model = build_model(cluster_config(grouping=grouping, hard_assignment=False), tokenizer=tokenizer)
+        model.train()
+        before = largest_share(model, images)
+        trainable = [p for p in model.image_encoder.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trainable, lr=1e-2)
+        for _ in range(30):
+            area = model.encode_image(images).assignment.flatten(2).mean(-1)  # (B, K)
+            loss = -area.max(dim=1).values.mean()
+            if loss.requires_grad:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        shares[grouping] = (before, largest_share(model, images))
+    learned_before, learned_after = shares["learned"]
+    assert learned_after > max(0.9, learned_before + 0.2), shares
+    cluster_before, cluster_after = shares["cluster"]
+    assert abs(cluster_after - cluster_before) < 1e-6, shares
+
+
+def test_cross_image_masks_of_the_cluster_grouping_train_the_cnn(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(cluster_config(losses=["mask"]), tokenizer=tokenizer)
+    model.train()
+    out = model(make_batch(tokenizer))
+    out["mask"].backward()
+    stem = model.image_encoder.patch_embed
+    assert stem.head.weight.grad is not None and stem.head.weight.grad.abs().sum() > 0
+    assert stem.stages[-1][0].conv.weight.grad.abs().sum() > 0
+
+
+CLUSTER_SEED_PATH = ("image_encoder.group_token", "image_encoder.grouping.norm_tokens.",
+                     "image_encoder.grouping.mlp_inter.", "image_encoder.grouping.norm_post_tokens.",
+                     "image_encoder.grouping.pre_assign.", "image_encoder.grouping.assign.seed.")
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "entity", "grounding", "mask"])
+def test_under_the_cluster_grouping_every_parameter_but_the_seeding_path_gets_a_gradient(tokenizer, loss):
+    """The group queries only seed the gradient-free clustering, so their path gets no gradient
+    by design; everything else each loss reaches must move."""
+    torch.manual_seed(0)
+    model = build_model(cluster_config(losses=[loss]), tokenizer=tokenizer)
+    model.train()
+    model(make_batch(tokenizer))["loss"].backward()
+    unreached = UNREACHED[loss] + CLUSTER_SEED_PATH
+    if loss == "mask":  # the mask loss reads the patch tokens and the centres, not the pooled groups
+        unreached += ("image_encoder.grouping.assign.v_proj.", "image_encoder.grouping.assign.proj.")
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(CLUSTER_SEED_PATH):
+            assert p.grad is None or p.grad.abs().sum() == 0, f"{name} should get no gradient"
+            continue
+        if name.startswith(unreached) or "word_embeddings" in name:
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name} got no finite gradient from {loss}"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient under the {loss} loss"

@@ -13,6 +13,10 @@ class ModelConfig:
     # "linear": ViT's patch embedding (the paper; what DINO weights fit); "conv": a stack of
     # stride-2 3x3 convolutions (timm's ConvStem), which learns shapes much faster from scratch
     patch_embed: str = "linear"
+    # "cnn": a small CNN (timm ConvNormAct stages, each a strided conv then a stride-1 conv) whose
+    # tokens already see a whole object; its first stage's map (twice the token grid when the
+    # first stride is 2) also gives the cluster grouping its low-level (colour, edge) features
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     width: int = 768
     heads: int = 12
     mlp_ratio: float = 4.0
@@ -22,6 +26,16 @@ class ModelConfig:
     num_groups: int = 8
     gumbel_tau: float = 1.0
     hard_assignment: bool = True  # Gumbel straight-through hard assignment in training
+    # "learned": GroupViT's assignment (learned query-key softmax over groups, trained through
+    # the assignment); "cluster": the group queries seed a few soft k-means steps over
+    # gradient-free keys (low-level features, patch tokens, position), so no loss can collapse
+    # the grouping; groups still pool the patch tokens with gradient (docs/model.md)
+    grouping: str = "learned"
+    cluster_iters: int = 3
+    cluster_tau: float = 0.1             # temperature of the soft assignment (squared distances)
+    cluster_low_weight: float = 1.0      # weight of the (unit-norm) low-level features in the keys
+    cluster_token_weight: float = 2.0    # weight of the (unit-norm) patch tokens in the keys
+    cluster_position_weight: float = 0.5  # weight of the (y, x) position in [-1, 1]
     vision_init: str | None = None  # DINO checkpoint file (or timm model name, needs the hub)
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -32,6 +46,7 @@ class ModelConfig:
     text_heads: int = 12
     text_intermediate: int = 3072
     text_vocab_size: int | None = None  # random init: embedding rows (default: the tokenizer's vocabulary)
+    text_dropout: float = 0.1  # random init: BERT's hidden and attention dropout
     max_text_length: int = 32
     # projectors into the shared space
     embed_dim: int = 256

@@ -4,6 +4,8 @@ OVSegmentor uses it)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,11 +55,100 @@ class AssignAttention(nn.Module):
         return out, soft
 
 
+def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
+    """(h * w, 2) cell centres (y, x) in [-1, 1], row-major."""
+    ys = torch.linspace(-1.0, 1.0, h, device=device) if h > 1 else torch.zeros(1, device=device)
+    xs = torch.linspace(-1.0, 1.0, w, device=device) if w > 1 else torch.zeros(1, device=device)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([yy, xx], dim=-1).view(h * w, 2)
+
+
+@dataclass
+class ClusterSettings:
+    iters: int = 3
+    tau: float = 0.1
+    low_weight: float = 1.0
+    token_weight: float = 2.0
+    position_weight: float = 0.5
+
+
+class ClusterAssign(nn.Module):
+    """Soft k-means over keys that carry no gradient, seeded by the group queries.
+
+    A key is [low-level features, patch token, position], each part unit-normalised and
+    weighted, on the low-level map's grid (the token grid when there is none). The queries
+    pick the first soft assignment by cosine similarity; each step moves every centre to the
+    mean of its keys and reassigns by squared distance (a softmax over the groups). No loss
+    reaches the assignment, so none can fold every patch into one group, the collapse
+    GroupViT's learned assignment showed on the synthetic world (docs/quality.md); the groups
+    still pool the patch tokens with gradient, and the centres keep a gradient path through
+    the token part of the keys for cross-image mask consistency."""
+
+    def __init__(self, dim: int, low_dim: int, settings: ClusterSettings):
+        super().__init__()
+        self.settings = settings
+        self.low_dim = low_dim
+        self.key_dim = low_dim + dim + 2
+        self.seed = nn.Linear(dim, self.key_dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys(self, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
+        """Keys (B, N', Dk) with gradient in the token part only, the tokens resampled to the
+        key grid (B, N', C), and that grid."""
+        st = self.settings
+        b, n, c = x.shape
+        h, w = grid
+        tokens = x.transpose(1, 2).reshape(b, c, h, w)
+        parts = []
+        if low is not None:
+            size = tuple(low.shape[-2:])
+            if size != (h, w):
+                tokens = F.interpolate(tokens, size=size, mode="bilinear", align_corners=False)
+            parts.append(st.low_weight * F.normalize(low.detach().flatten(2).float(), dim=1))
+            h, w = size
+        tokens = tokens.flatten(2)  # (B, C, N')
+        parts.append(st.token_weight * F.normalize(tokens.float(), dim=1))
+        position = grid_positions(h, w, x.device).T[None].expand(b, -1, -1)  # (B, 2, N')
+        parts.append(st.position_weight * position)
+        return torch.cat(parts, dim=1).transpose(1, 2), tokens.transpose(1, 2), (h, w)
+
+    def soft_assign(self, centres: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, K, Dk) centres, (B, N, Dk) keys -> (B, K, N), a softmax over the groups."""
+        distance = (centres.pow(2).sum(-1)[:, :, None] + keys.pow(2).sum(-1)[:, None, :]
+                    - 2 * centres @ keys.transpose(1, 2))
+        return (-distance / self.settings.tau).softmax(dim=1)
+
+    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
+        """queries (B, K, C), x (B, N, C) normalised patch tokens -> merged groups (B, K, C),
+        soft assignment (B, K, N'), centres (B, K, Dk) and the assignment's grid."""
+        keys, tokens, out_grid = self.keys(x, grid, low)
+        free = keys.detach()
+        with torch.no_grad():
+            seed = F.normalize(self.seed(queries).float(), dim=-1)
+            soft = (seed @ F.normalize(free, dim=-1).transpose(1, 2) / self.settings.tau).softmax(dim=1)
+            for _ in range(self.settings.iters):
+                centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ free
+                soft = self.soft_assign(centres, free)
+        # the centres of the final assignment, differentiable through the token part of the keys
+        centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ keys
+        soft = soft.to(x.dtype)
+        attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)
+        merged = self.proj(attn @ self.v_proj(tokens.to(x.dtype)))  # (B, K, C)
+        return merged, soft, centres, out_grid
+
+    def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None) -> torch.Tensor:
+        """Soft assignment (B, K, N') of another image's keys to `centres`, with gradient."""
+        keys, _, _ = self.keys(x, grid, low)
+        return self.soft_assign(centres, keys)
+
+
 class GroupingBlock(nn.Module):
     """G group tokens -> K output groups; patches are merged into the groups they belong to."""
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_groups: int,
-                 mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True):
+                 mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True,
+                 cluster: ClusterSettings | None = None, low_dim: int = 0):
         super().__init__()
         self.norm_tokens = nn.LayerNorm(dim)
         # mixes along the token axis: G group tokens -> K group queries
@@ -65,7 +156,8 @@ class GroupingBlock(nn.Module):
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
         self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio)
-        self.assign = AssignAttention(dim, tau, hard)
+        # GroupViT's learned assignment, or soft k-means over gradient-free keys
+        self.assign = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 
@@ -76,15 +168,29 @@ class GroupingBlock(nn.Module):
         queries = self.norm_post_tokens(queries)
         return self.pre_assign(queries, tokens)
 
-    def masks(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Soft assignment (B, K, N) of patch tokens `x` to group `queries` (from any image)."""
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.assign, ClusterAssign)
+
+    def masks(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
+              low: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft assignment (B, K, N') of another image's patch tokens `x` (on `grid`, with its
+        low-level map) to this image's group `queries` (the centres, when clustered)."""
+        if self.clustered:
+            return self.assign.masks(queries, self.norm_x(x), grid, low)
         return self.assign.logits(queries, self.norm_x(x)).softmax(dim=1)
 
-    def forward(self, x: torch.Tensor, group_tokens: torch.Tensor):
-        """x (B, N, C) patches, group_tokens (B, G, C) -> groups (B, K, C), soft assignment
-        (B, K, N) and the group queries (B, K, C)."""
+    def forward(self, x: torch.Tensor, group_tokens: torch.Tensor, grid: tuple[int, int],
+                low: torch.Tensor | None = None):
+        """x (B, N, C) patches on `grid`, group_tokens (B, G, C) -> groups (B, K, C), soft
+        assignment (B, K, N'), the group queries (B, K, C; the key-space centres when
+        clustered) and the assignment's grid (the low-level map's when clustered over one)."""
         queries = self.queries(group_tokens)
+        if self.clustered:
+            # the queries only seed the clustering: a group is what it pools
+            merged, soft, centres, grid = self.assign(queries, self.norm_x(x), grid, low)
+            return merged + self.mlp_channels(self.norm_new_x(merged)), soft, centres, grid
         merged, soft = self.assign(queries, self.norm_x(x))
         groups = queries + merged
         groups = groups + self.mlp_channels(self.norm_new_x(groups))
-        return groups, soft, queries
+        return groups, soft, queries, grid

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from timm.models.vision_transformer_hybrid import ConvStem
 
 from ovseg.training.model.config import ModelConfig
-from ovseg.training.model.grouping import GroupingBlock
+from ovseg.training.model.grouping import ClusterSettings, GroupingBlock
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class EncoderOutput:
     groups: torch.Tensor      # (B, K, C) output group tokens, normalised
     assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
-    queries: torch.Tensor     # (B, K, C) the grouping block's group queries
+    queries: torch.Tensor     # (B, K, C) the grouping block's group queries ((B, K, Dk) centres when clustered)
     patches: torch.Tensor     # (B, N, C) patch tokens entering the grouping block
 
 
@@ -43,6 +43,47 @@ class ConvPatchEmbed(nn.Module):
         return self.stem(images).permute(0, 2, 3, 1)
 
 
+class CNNPatchEmbed(nn.Module):
+    """A small CNN in place of the patch embedding: stages of a strided 3x3 conv then a
+    stride-1 3x3 conv (timm ConvNormAct: batch norm, ReLU), stride 2 until the patch size is
+    reached and 1 after, then a 1x1 conv to the width. Its tokens see about 35 px at patch 4,
+    a whole object of the synthetic world, so a linear read-out of one token can already name
+    it; the first stage's map is the low-level input of the cluster grouping."""
+
+    def __init__(self, patch_size: int, width: int, channels: list[int]):
+        super().__init__()
+        from timm.layers import ConvNormAct
+
+        halvings = patch_size.bit_length() - 1
+        if patch_size != 2 ** halvings or halvings < 1:
+            raise ValueError(f"a cnn patch embedding needs a power-of-two patch size, not {patch_size}")
+        if len(channels) < halvings:
+            raise ValueError(f"model.cnn_channels needs at least {halvings} stages for patch size {patch_size}")
+        stages, c_in = [], 3
+        for i, c in enumerate(channels):
+            stride = 2 if i < halvings else 1
+            stages.append(nn.Sequential(ConvNormAct(c_in, c, 3, stride=stride), ConvNormAct(c, c, 3)))
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Conv2d(c_in, width, 1)
+        self.low_dim = channels[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w, C) tokens and the first stage's (B, C0, H', W') map."""
+        x = low = self.stages[0](images)
+        for stage in self.stages[1:]:
+            x = stage(x)
+        return self.head(x).permute(0, 2, 3, 1), low
+
+
+def assignment_grid(cfg: ModelConfig) -> int:
+    """Cells per side of the group maps at `cfg.image_size`: the clustering over a CNN embedding
+    draws them on its first stage's map (stride 2), everything else on the token grid."""
+    if cfg.grouping == "cluster" and cfg.patch_embed == "cnn":
+        return cfg.image_size // 2
+    return cfg.image_size // cfg.patch_size
+
+
 class GroupingViT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,15 +95,24 @@ class GroupingViT(nn.Module):
                                           strict_img_size=False, output_fmt="NHWC")
         elif cfg.patch_embed == "conv":
             self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.width)
+        elif cfg.patch_embed == "cnn":
+            self.patch_embed = CNNPatchEmbed(cfg.patch_size, cfg.width, list(cfg.cnn_channels))
         else:
-            raise ValueError(f"model.patch_embed must be linear or conv, not {cfg.patch_embed!r}")
+            raise ValueError(f"model.patch_embed must be linear, conv or cnn, not {cfg.patch_embed!r}")
+        if cfg.grouping not in ("learned", "cluster"):
+            raise ValueError(f"model.grouping must be learned or cluster, not {cfg.grouping!r}")
+        cluster = None
+        if cfg.grouping == "cluster":
+            cluster = ClusterSettings(cfg.cluster_iters, cfg.cluster_tau, cfg.cluster_low_weight,
+                                      cfg.cluster_token_weight, cfg.cluster_position_weight)
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
         self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))
         self.blocks_before = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_before))
         self.grouping = GroupingBlock(cfg.width, cfg.heads, cfg.num_group_tokens, cfg.num_groups,
-                                      cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment)
+                                      cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment, cluster=cluster,
+                                      low_dim=getattr(self.patch_embed, "low_dim", 0))
         self.blocks_after = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_after))
         self.norm = nn.LayerNorm(cfg.width)
@@ -74,22 +124,24 @@ class GroupingViT(nn.Module):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, [h, w], old_size=list(self.grid), num_prefix_tokens=0)
 
-    def before_grouping(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """Patch tokens (B, N, C) and group tokens (B, G, C) after the first blocks."""
+    def before_grouping(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """Patch tokens (B, N, C) and group tokens (B, G, C) after the first blocks, the token
+        grid, and the patch embedding's low-level map (None unless it makes one)."""
         if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        x = self.patch_embed(images)  # (B, h, w, C)
+        x = self.patch_embed(images)  # (B, h, w, C), and for the CNN also its low-level map
+        x, low = x if isinstance(x, tuple) else (x, None)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c) + self._pos_embed(h, w)
         n = x.shape[1]
         tokens = torch.cat([x, self.group_token.expand(b, -1, -1)], dim=1)  # (B, N + G, C)
         for block in self.blocks_before:
             tokens = block(tokens)
-        return tokens[:, :n], tokens[:, n:], (h, w)
+        return tokens[:, :n], tokens[:, n:], (h, w), low
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
-        patches, group_tokens, (h, w) = self.before_grouping(images)
-        groups, soft, queries = self.grouping(patches, group_tokens)  # (B, K, C), (B, K, N)
+        patches, group_tokens, grid, low = self.before_grouping(images)
+        groups, soft, queries, (h, w) = self.grouping(patches, group_tokens, grid, low)  # (B, K, C), (B, K, N')
         for block in self.blocks_after:
             groups = block(groups)
         groups = self.norm(groups)

@@ -28,6 +28,7 @@ class TextEncoder(nn.Module):
                 num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
                 max_position_embeddings=max(64, cfg.max_text_length),
                 pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
+                hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout,
             )
             self.bert = BertModel(config, add_pooling_layer=False)
         self.width = self.bert.config.hidden_size
