@@ -47,6 +47,15 @@ def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_t
     assert (tmp_path / "run" / "stage1-at-0.03min.pt").exists() and (tmp_path / "run" / "stage2-0.06min").is_dir()
     for r in rows:
         assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["group_majority_miou"] <= 1.0
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.4}, 0.72, "test machine", 1)
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.4}, 0.72, "test machine", 1, 16)
     assert "| + mask (full) |" in table and "| random init (chance) | 6.4 [40.0] |" in table
-    assert "| patch-grid ceiling | 72.0 |" in table
+    assert "| grid ceiling (16x16 group maps) | 72.0 |" in table
+
+
+def test_grid_ceiling_is_perfect_at_pixel_cells_and_falls_with_coarser_maps(demo_out):
+    from ovseg.cli.quality import patch_grid_ceiling
+
+    world = demo_out[0] / "world"
+    coarse, fine, pixels = (patch_grid_ceiling(world, cells) for cells in (8, 16, 64))  # 64 px labels
+    assert pixels == pytest.approx(1.0)
+    assert 0.0 < coarse < fine < 1.0

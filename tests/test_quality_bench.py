@@ -19,7 +19,7 @@ def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
 def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
     rows = [{"variant": "contrastive", "seed": s, "minutes": 5.0, "steps": {"stage1": 100 + s}, "miou": m,
              "group_majority_miou": 0.3, "bg_threshold": 0.5} for s, m in ((0, 0.10), (1, 0.14))]
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1)
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16)
     assert "| contrastive | 12.0 ± 4.0 [30.0] (100 steps) |" in table
     assert "| + entity | - |" in table
     diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5}})

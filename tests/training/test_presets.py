@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ovseg.training.model import ModelConfig, build_model, parameter_counts  # noqa: E402
+from ovseg.training.model.image_encoder import assignment_grid  # noqa: E402
 from ovseg.training.presets import get_preset, list_presets  # noqa: E402
 from ovseg.training.tokenizer import train_wordpiece  # noqa: E402
 
@@ -51,8 +52,9 @@ def test_cpu_presets_build_and_train_a_step(name):
     out = model(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
-    assert model.encode_image(batch["image"]).assignment.shape == (b, cfg.num_groups, s // cfg.patch_size,
-                                                                  s // cfg.patch_size)
+    grid = assignment_grid(cfg)
+    assert grid == (s // 2 if name == "synthetic-small" else s // cfg.patch_size)  # clustering: the CNN's first stage
+    assert model.encode_image(batch["image"]).assignment.shape == (b, cfg.num_groups, grid, grid)
 
 
 def test_paper_preset_has_vit_b16_blocks_and_bert_base():
