@@ -162,7 +162,7 @@ def bench_synthetic(
             for v in chosen for s in seeds.split(",")]
     results = run_parallel(jobs, threads, parallel, out / "logs")
     (out / "results.json").write_text(__import__("json").dumps(results, indent=2))
-    md = report(out, prepared["world"], results, threads, machine_line())
+    md = report(out, prepared["world"], results, threads, machine_line(), images=doc.parent / "images")
     write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
     typer.echo(md)
 

@@ -222,9 +222,12 @@ def diagnostics_table(diagnostics: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str) -> str:
-    """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, then the
-    diagnostics of every run at its largest budget and of the random model."""
+def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str,
+           images: Path | None = None) -> str:
+    """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, the
+    diagnostics of every run at its largest budget and of the random model, and (with `images`,
+    the folder next to the Markdown file that pictures go to) the segmentation panels of the
+    last variant's first seed at that budget."""
     from ovseg.curation.synthetic import captions
 
     chance = random_init(world_dir, out / "random", 0, captions=[c for _, c in captions(world_dir)])
@@ -243,8 +246,29 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
             "background groups left out):\n\n" + diagnostics_table(diagnose(checkpoints, world_dir))
+            + _pictures(out, results, last, images)
             + "\nWhat these numbers mean and what was measured while looking for the cause: "
             "[quality.md](quality.md).\n")
+
+
+def _pictures(out: Path, results: list[dict], budget: float, images: Path | None, n: int = 2) -> str:
+    """Copy the first `n` test panels of the last variant (the full method when it ran), first
+    seed, at `budget` minutes into `images`; Markdown that shows them ('' without `images`)."""
+    import shutil
+
+    if images is None:
+        return ""
+    variant = [v for v in VARIANTS if any(r["variant"] == v for r in results)][-1]
+    seed = min(r["seed"] for r in results if r["variant"] == variant)
+    name = variant.split()[-1].strip("()")
+    panels = sorted((out / "runs" / f"{name}-seed{seed}" / f"eval-{budget:g}min" / "pictures").glob("*_panel.png"))[:n]
+    images.mkdir(parents=True, exist_ok=True)
+    lines = [f"\n{variant}, seed {seed}, after {budget:g} minutes on test images (image, truth, prediction, groups):\n"]
+    for i, panel in enumerate(panels):
+        target = images / f"synthetic-{name}-{budget:g}min-{i}.png"
+        shutil.copyfile(panel, target)
+        lines.append(f"![{variant} after {budget:g} min, test image {i}]({images.name}/{target.name})")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:  # one job, in its own process (see run_parallel)

@@ -28,3 +28,20 @@ def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
     assert "| m | 50.0 | - (no group is mostly an object) | 1.00 |" in one_segment
     assert final_checkpoint(tmp_path, "+ mask (full)", 15.0) == tmp_path / "stage2-15min" / "last.pt"
     assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"
+
+
+def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_path):
+    from ovseg.cli.quality import _pictures
+
+    rows = [{"variant": v, "seed": s, "minutes": 15.0} for v in ("contrastive", "+ mask (full)") for s in (1, 0)]
+    for name, seed in (("full", 0), ("full", 1), ("contrastive", 0)):
+        pictures = tmp_path / "runs" / f"{name}-seed{seed}" / "eval-15min" / "pictures"
+        pictures.mkdir(parents=True)
+        for i in range(3):
+            (pictures / f"test_{i:05d}_panel.png").write_bytes(f"{name}{seed}-{i}".encode())
+    md = _pictures(tmp_path, rows, 15.0, tmp_path / "docs" / "images")
+    copied = sorted((tmp_path / "docs" / "images").iterdir())
+    assert [p.name for p in copied] == ["synthetic-full-15min-0.png", "synthetic-full-15min-1.png"]
+    assert [p.read_bytes() for p in copied] == [b"full0-0", b"full0-1"]
+    assert "](images/synthetic-full-15min-0.png)" in md and "+ mask (full), seed 0" in md
+    assert _pictures(tmp_path, rows, 15.0, None) == ""
