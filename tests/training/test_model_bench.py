@@ -20,3 +20,10 @@ def test_encoder_comparison_times_both_encoders_of_the_same_width_and_depth():
     assert got["overhead"] == got["grouping_vit_s"] / got["timm_vit_s"] - 1
     # the grouping ViT has the timm ViT's blocks plus the grouping block and group tokens
     assert got["grouping_vit_params"] > got["timm_vit_params"]
+
+
+def test_only_presets_with_a_plain_vit_of_the_same_shape_are_compared():
+    from ovseg.training.model.benchmark import _has_vit_twin
+
+    assert _has_vit_twin("test") and _has_vit_twin("paper")
+    assert not _has_vit_twin("synthetic-small")  # a CNN embedding and no transformer block
