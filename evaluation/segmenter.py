@@ -47,7 +47,8 @@ PROTOCOLS = {
 
 
 def synthetic_protocol(image_size: int) -> Protocol:
-    """The synthetic world is drawn at the training resolution: one window, no resizing."""
+    """The synthetic world in one window at the model's training size (its 64 px images are
+    resized to it and the prediction back to the labels)."""
     return Protocol("synthetic", image_size, image_size, image_size // 2)
 
 
