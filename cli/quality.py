@@ -263,7 +263,7 @@ def _pictures(out: Path, results: list[dict], budget: float, images: Path | None
     name = variant.split()[-1].strip("()")
     panels = sorted((out / "runs" / f"{name}-seed{seed}" / f"eval-{budget:g}min" / "pictures").glob("*_panel.png"))[:n]
     images.mkdir(parents=True, exist_ok=True)
-    lines = [f"\n{variant}, seed {seed}, after {budget:g} minutes on test images (image, truth, prediction, groups):\n"]
+    lines = [f"\nTest images after {budget:g} minutes, {variant}, seed {seed} (image, truth, prediction, groups):\n"]
     for i, panel in enumerate(panels):
         target = images / f"synthetic-{name}-{budget:g}min-{i}.png"
         shutil.copyfile(panel, target)
