@@ -104,25 +104,45 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
     )
 
 
-def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Stage 1: DeiT-style (random resized crop, flip, RandAugment, colour jitter, random
-    erasing) through timm's factory; stage 2: random resized crop and flip only."""
+def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN):
+    """Augmentations that end in a uint8 (3, H, W) tensor; `normalize_images` turns a batch of
+    them into the model's float input on its device (timm's prefetcher split: a quarter of the
+    bytes between processes and to the GPU, and the float work done once per batch).
+    Stage 1: DeiT-style (random resized crop, flip, RandAugment, colour jitter) through timm's
+    factory, then random erasing with the mean colour (what timm's constant erasing of a
+    normalised image gives); stage 2: random resized crop and flip only."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
     if stage == 1:
-        return create_transform(
+        steps = create_transform(
             image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
-            auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, re_prob=cfg.random_erasing,
-            interpolation="bicubic", mean=mean, std=std,
-        )
+            auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, use_prefetcher=True,
+            interpolation="bicubic",
+        ).transforms
+        if cfg.random_erasing > 0:
+            steps.append(T.RandomErasing(cfg.random_erasing, value=[round(255 * m) for m in mean]))
+        return T.Compose(steps)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(cfg.stage2_crop_scale_min, 1.0),
                             interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(cfg.hflip),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        T.PILToTensor(),
     ])
+
+
+IMAGE_FIELDS = ("image", "partner_image")
+
+
+def normalize_images(batch: dict[str, Any], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict[str, Any]:
+    """The batch's uint8 images as normalised float32, on whatever device they are."""
+    for key in IMAGE_FIELDS:
+        if key in batch and batch[key].dtype == torch.uint8:
+            x = batch[key]
+            m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+            s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+            batch[key] = (x.float() / 255 - m) / s
+    return batch
 
 
 def entity_prompt(entities: list[str], template: str) -> str:
@@ -165,14 +185,14 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
     def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: int, cfg, seed: int,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN):
         self.table = table
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.stage = stage
         self.seed = seed
         self.epoch = 0
-        self.transform = build_transform(image_size, stage, cfg, mean, std)
+        self.transform = build_transform(image_size, stage, cfg, mean)  # uint8 out: see normalize_images
         self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -256,7 +276,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001
                 log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
         if image is None:
-            image = torch.zeros(3, *self._image_shape())
+            image = torch.zeros(3, *self._image_shape(), dtype=torch.uint8)
         shared = self._tokens(self.cfg.prompt_template.format(entity))
         return {"partner_image": image, "shared_ids": shared["input_ids"],
                 "shared_mask": shared["attention_mask"], "has_partner": found}

@@ -23,7 +23,7 @@ from ovseg.training import checkpoint as ckpt
 from ovseg.training import distributed as dist_utils
 from ovseg.training.config import RunConfig, to_dict, write_config
 from ovseg.training.data import (
-    CaptionImageDataset, ResumableSampler, captions_for_tokenizer, load_samples, make_loader,
+    CaptionImageDataset, ResumableSampler, captions_for_tokenizer, load_samples, make_loader, normalize_images,
 )
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         # ---- data ----
         table = load_samples(cfg.data.data_dir, with_pairs=stage == 2)
         dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
-                                      mean=model.image_mean, std=model.image_std)
+                                      mean=model.image_mean)
         sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
         loader = make_loader(dataset, sampler, t.batch_size, cfg.data.num_workers,
                              pin_memory=info.device.type == "cuda")
@@ -268,7 +268,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     if empty:  # every sample of a batch (on some rank) unreadable: all ranks skip it
                         fetch_start = time.perf_counter()
                         continue
-                    batch = _to_device(batch, info.device)
+                    batch = normalize_images(_to_device(batch, info.device), model.image_mean, model.image_std)
 
                     # -- forward --
                     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()

@@ -8,7 +8,7 @@ from ovseg.training.config import DataConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
-    TEXT_FIELDS, read_member,
+    IMAGENET_MEAN, IMAGENET_STD, TEXT_FIELDS, build_transform, normalize_images, read_member,
 )
 
 from .conftest import make_contract
@@ -102,6 +102,35 @@ def test_augmentation_depends_only_on_seed_epoch_and_sample(contract, tokenizer)
     assert torch.equal(a[4]["image"], b[4]["image"])
     a.set_epoch(1)
     assert not torch.equal(a[4]["image"], b[4]["image"])
+
+
+def test_images_leave_the_loader_as_uint8_and_normalise_as_torchvision_would(contract, tokenizer):
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    for stage in (1, 2):
+        ds = CaptionImageDataset(load_samples(str(contract), with_pairs=stage == 2), tokenizer, 32, stage, _cfg(), seed=0)
+        batch = collate([ds[0], ds[1]])
+        keys = ["image"] + (["partner_image"] if stage == 2 else [])
+        raw = {k: batch[k].clone() for k in keys}
+        assert all(raw[k].dtype == torch.uint8 and raw[k].shape == (2, 3, 32, 32) for k in keys)
+        normalize_images(batch, IMAGENET_MEAN, IMAGENET_STD)
+        for k in keys:
+            pil = Image.fromarray(raw[k][1].permute(1, 2, 0).numpy())
+            expected = TF.normalize(TF.to_tensor(pil), IMAGENET_MEAN, IMAGENET_STD)
+            assert batch[k].dtype == torch.float32 and torch.allclose(batch[k][1], expected, atol=1e-5)
+
+
+def test_random_erasing_paints_the_mean_colour_that_normalises_to_zero():
+    from PIL import Image
+
+    transform = build_transform(32, 1, _cfg(random_erasing=1.0))
+    out = transform(Image.new("RGB", (64, 64), (255, 255, 255)))
+    fill = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    erased = (out == fill).all(dim=0)
+    assert out.dtype == torch.uint8 and 0 < erased.sum() < 32 * 32  # a box, the rest still white
+    normalised = normalize_images({"image": out[None]})["image"][0]
+    assert normalised[:, erased].abs().max() < 0.01
 
 
 def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokenizer):
