@@ -118,7 +118,7 @@ def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN):
         steps = create_transform(
             image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
             auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, use_prefetcher=True,
-            interpolation="bicubic",
+            interpolation="bicubic", mean=mean,  # RandAugment fills with the mean colour too
         ).transforms
         if cfg.random_erasing > 0:
             steps.append(T.RandomErasing(cfg.random_erasing, value=[round(255 * m) for m in mean]))
