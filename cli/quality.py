@@ -229,11 +229,10 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     the folder next to the Markdown file that pictures go to) the segmentation panels of the
     last variant's first seed at that budget."""
     from ovseg.curation.synthetic import captions
-
-    chance = random_init(world_dir, out / "random", 0, captions=[c for _, c in captions(world_dir)])
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid
 
+    chance = random_init(world_dir, out / "random", 0, captions=[c for _, c in captions(world_dir)])
     grid = assignment_grid(resolve("synthetic-small").model)
     ceiling = patch_grid_ceiling(world_dir, grid)
     last = max(r["minutes"] for r in results)

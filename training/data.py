@@ -299,7 +299,7 @@ def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
         if ids not in batch:
             continue
         real = batch[mask].flatten(0, -2).any(dim=0)  # (L,): a real token in some row
-        length = max(int(real.nonzero().max()) + 1, 1) if bool(real.any()) else 1
+        length = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
         batch[ids] = batch[ids][..., :length].contiguous()
         batch[mask] = batch[mask][..., :length].contiguous()
     return batch

@@ -431,8 +431,8 @@ def test_patches_that_look_alike_share_a_group_and_a_different_region_gets_its_o
     from ovseg.training.model.grouping import ClusterAssign, ClusterSettings
 
     torch.manual_seed(0)
-    assign = ClusterAssign(dim=16, low_dim=3, settings=ClusterSettings(iters=5, tau=0.05, token_weight=0.0,
-                                                                        position_weight=0.0))
+    assign = ClusterAssign(dim=16, low_dim=3, settings=ClusterSettings(iters=5, tau=0.05, low_weight=1.0,
+                                                                        token_weight=0.0, position_weight=0.0))
     low = torch.zeros(1, 3, 8, 8)
     low[:, 0, :, :4] = 1.0   # left half red
     low[:, 2, :, 4:] = 1.0   # right half blue

@@ -65,11 +65,12 @@ def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
 
 @dataclass
 class ClusterSettings:
-    iters: int = 3
-    tau: float = 0.1
-    low_weight: float = 1.0
-    token_weight: float = 2.0
-    position_weight: float = 0.5
+    """The `model.cluster_*` settings (their defaults live in ModelConfig)."""
+    iters: int
+    tau: float
+    low_weight: float
+    token_weight: float
+    position_weight: float
 
 
 class ClusterAssign(nn.Module):
@@ -87,9 +88,7 @@ class ClusterAssign(nn.Module):
     def __init__(self, dim: int, low_dim: int, settings: ClusterSettings):
         super().__init__()
         self.settings = settings
-        self.low_dim = low_dim
-        self.key_dim = low_dim + dim + 2
-        self.seed = nn.Linear(dim, self.key_dim)
+        self.seed = nn.Linear(dim, low_dim + dim + 2)  # into the key space: [low-level, token, (y, x)]
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
