@@ -120,6 +120,8 @@ def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN):
             auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, use_prefetcher=True,
             interpolation="bicubic", mean=mean,  # RandAugment fills with the mean colour too
         ).transforms
+        for step in steps:
+            _guard_posterize(step)
         if cfg.random_erasing > 0:
             steps.append(T.RandomErasing(cfg.random_erasing, value=[round(255 * m) for m in mean]))
         return T.Compose(steps)
@@ -129,6 +131,27 @@ def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN):
         T.RandomHorizontalFlip(cfg.hflip),
         T.PILToTensor(),
     ])
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits giving the black image that Pillow gave before 13."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _guard_posterize(step) -> None:
+    """timm's "increasing" posterize keeps 4 - 4 * m / 10 bits, so every magnitude draw clipped
+    at 10 (2% of them at m9-mstd0.5) asks Pillow for 0 bits, which Pillow 13 refuses with a
+    ValueError: the loader would drop those samples as unreadable. Give timm's RandAugment
+    posterize ops the old behaviour instead."""
+    for op in getattr(step, "ops", ()):
+        if getattr(op, "name", "").startswith("Posterize"):
+            op.aug_fn = _posterize
 
 
 IMAGE_FIELDS = ("image", "partner_image")
@@ -201,9 +224,15 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def _image(self, index: int, rng_seed: list[int]) -> torch.Tensor:
+    def _decode(self, index: int) -> Image.Image:
+        """The sample's image, read and decoded; any error here means the image is unreadable."""
         data = read_member(self.table.shard[index], int(self.table.offset[index]), int(self.table.size[index]))
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now (Pillow is lazy), so a truncated file fails here
+        return image.convert("RGB") if image.mode != "RGB" else image
+
+    def _image(self, image: Image.Image, rng_seed: list[int]) -> torch.Tensor:
+        """The augmented image; errors here are bugs, not bad data, so they are not caught."""
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             seed = int(np.random.SeedSequence(rng_seed).generate_state(1)[0])
@@ -221,10 +250,11 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         sid = int(self.table.sample_id[index])
         try:
-            image = self._image(index, [self.seed, self.epoch, sid, 0])
+            decoded = self._decode(index)
         except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and counted
             log.debug("sample %d skipped: %s", sid, error)
             return None
+        image = self._image(decoded, [self.seed, self.epoch, sid, 0])
         caption = self.table.caption[index]
         enc = self._tokens(caption, offsets=True)
         question, masked = masked_question(caption, self.table.chunks[index], set(self.table.entities[index]),
@@ -271,10 +301,12 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             partner_id, entity = options[int(rng.integers(len(options)))]
             p_index = int(np.searchsorted(self.table.sample_id, partner_id))
             try:
-                image = self._image(p_index, [self.seed, self.epoch, sid, 2])
-                found = True
+                decoded = self._decode(p_index)
             except Exception as error:  # noqa: BLE001
                 log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
+            else:
+                image = self._image(decoded, [self.seed, self.epoch, sid, 2])
+                found = True
         if image is None:
             image = torch.zeros(3, *self._image_shape(), dtype=torch.uint8)
         shared = self._tokens(self.cfg.prompt_template.format(entity))

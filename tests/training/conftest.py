@@ -23,8 +23,10 @@ def _image_bytes(i: int, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def make_contract(root, n: int = 24, corrupt: tuple[int, ...] = (), per_shard: int = 10, failed: tuple[int, ...] = ()):
-    """DATA folder with n samples; `corrupt` ids get non-image bytes, `failed` ids no image."""
+def make_contract(root, n: int = 24, corrupt: tuple[int, ...] = (), per_shard: int = 10, failed: tuple[int, ...] = (),
+                  truncated: tuple[int, ...] = ()):
+    """DATA folder with n samples; `corrupt` ids get non-image bytes, `truncated` ids the first
+    half of a JPEG (a valid header: it opens, and fails only when decoded), `failed` ids no image."""
     (root / "manifest").mkdir(parents=True)
     (root / "images").mkdir()
     rows, downloads = [], []
@@ -45,6 +47,8 @@ def make_contract(root, n: int = 24, corrupt: tuple[int, ...] = (), per_shard: i
         with tarfile.open(root / "images" / name, "w") as tar:
             for i in ids:
                 data = b"this is not a jpeg" if i in corrupt else _image_bytes(i)
+                if i in truncated:
+                    data = data[:len(data) // 2]
                 info = tarfile.TarInfo(f"{i:09d}.jpg")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -94,6 +94,37 @@ def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):
     assert 2 not in batch["sample_id"].tolist()
 
 
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path, tokenizer):
+    root = make_contract(tmp_path / "D", n=4, truncated=(1,))
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    assert ds[1] is None and ds[0] is not None
+
+
+def test_augmentation_errors_are_raised_not_counted_as_unreadable_images(contract, tokenizer):
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+
+    def broken(image):
+        raise RuntimeError("a bug in an augmentation")
+
+    ds.transform = broken
+    with pytest.raises(RuntimeError, match="a bug in an augmentation"):
+        ds[0]
+
+
+def test_posterize_at_the_clipped_magnitude_gives_black_not_an_error():
+    """timm asks for 0 bits at magnitude 10, which Pillow 13 refuses; older Pillow gave black."""
+    from PIL import Image
+
+    transform = build_transform(32, 1, DataConfig(randaugment="rand-n1-m10-mstd0-inc1", color_jitter=0.0,
+                                                  random_erasing=0.0))
+    augment = next(step for step in transform.transforms if hasattr(step, "ops"))
+    posterize = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    image = Image.new("RGB", (32, 32), (200, 120, 40))
+    assert np.asarray(posterize(image)).max() == 0
+    assert np.asarray(posterize.aug_fn(image, 2)).tolist() == np.asarray(image).__and__(0xC0).tolist()  # 2 bits
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_sample(contract, tokenizer):
     table = load_samples(str(contract))
     a = CaptionImageDataset(table, tokenizer, 32, 1, _cfg(), seed=3)
