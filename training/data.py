@@ -13,6 +13,7 @@ run sees exactly the batches an uninterrupted one would, whatever the number of 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import random
@@ -38,9 +39,17 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+@functools.lru_cache(maxsize=4096)
+def _filesystem(shard_url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system and path of a shard, resolved once per process (resolving a URL costs
+    more than the read of a small member from a local disk)."""
+    return fsspec.core.url_to_fs(shard_url)
+
+
 def read_member(shard_url: str, offset: int, size: int) -> bytes:
     """The bytes of one tar member: one open, one seek, one read (local path or fsspec URL)."""
-    with fsspec.open(shard_url, "rb") as f:
+    fs, path = _filesystem(shard_url)
+    with fs.open(path, "rb") as f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
@@ -204,6 +213,20 @@ def masked_question(caption: str, chunks: list[dict], selected: set[str], offset
     return question, masked
 
 
+def fixed_length_encoder(tokenizer, length: int):
+    """The fast tokenizer's Rust backend, copied and set to truncate and pad to `length` as
+    `tokenizer(text, max_length=length, truncation=True, padding="max_length")` does. Calling
+    the backend directly skips the transformers wrapper, which costs more than the encoding
+    itself, once or twice per sample (the copy leaves the caller's tokenizer untouched)."""
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    encoder.enable_truncation(length, direction=tokenizer.truncation_side)
+    encoder.enable_padding(length=length, direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                           pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token)
+    return encoder
+
+
 class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
@@ -216,6 +239,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.transform = build_transform(image_size, stage, cfg, mean)  # uint8 out: see normalize_images
+        self._encoder = fixed_length_encoder(tokenizer, cfg.max_text_length)
         self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -244,8 +268,11 @@ class CaptionImageDataset(torch.utils.data.Dataset):
                 random.setstate(state)
 
     def _tokens(self, text: str, offsets: bool = False) -> dict[str, Any]:
-        return self.tokenizer(text, max_length=self.cfg.max_text_length, truncation=True,
-                              padding="max_length", return_offsets_mapping=offsets)
+        enc = self._encoder.encode(text)
+        out = {"input_ids": enc.ids, "attention_mask": enc.attention_mask}
+        if offsets:
+            out["offset_mapping"] = enc.offsets
+        return out
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         sid = int(self.table.sample_id[index])
@@ -309,9 +336,8 @@ class CaptionImageDataset(torch.utils.data.Dataset):
                 found = True
         if image is None:
             image = torch.zeros(3, *self._image_shape(), dtype=torch.uint8)
-        shared = self._tokens(self.cfg.prompt_template.format(entity))
-        return {"partner_image": image, "shared_ids": shared["input_ids"],
-                "shared_mask": shared["attention_mask"], "has_partner": found}
+        shared_ids, shared_mask, _ = self._prompt(entity)
+        return {"partner_image": image, "shared_ids": shared_ids, "shared_mask": shared_mask, "has_partner": found}
 
     def _image_shape(self) -> tuple[int, int]:
         size = self.transform.transforms[0].size

@@ -8,7 +8,7 @@ from ovseg.training.config import DataConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
-    IMAGENET_MEAN, IMAGENET_STD, TEXT_FIELDS, build_transform, normalize_images, read_member,
+    IMAGENET_MEAN, IMAGENET_STD, TEXT_FIELDS, build_transform, fixed_length_encoder, normalize_images, read_member,
 )
 
 from .conftest import make_contract
@@ -50,6 +50,18 @@ def test_question_masks_the_entity_word_and_answer_names_it(tokenizer):
     assert masked == ["circle"]
     assert words.count("[MASK]") == 1 and "red" in words and "background" in words  # only the selected root
     assert entity_prompt(["dog", "person"], "a photo of a {}.") == "a photo of a dog and a person."
+
+
+@pytest.mark.parametrize("text", ["a photo of a red circle on a striped background", "", "zebra unicorn ###",
+                                  " ".join(WORDS * 3)])  # the last is longer than max_length: truncated
+def test_fixed_length_encoder_gives_what_the_tokenizer_call_gives(tokenizer, text):
+    encoder = fixed_length_encoder(tokenizer, 16)
+    want = tokenizer(text, max_length=16, truncation=True, padding="max_length", return_offsets_mapping=True)
+    got = encoder.encode(text)
+    assert got.ids == want["input_ids"] and got.attention_mask == want["attention_mask"]
+    assert [tuple(o) for o in got.offsets] == [tuple(o) for o in want["offset_mapping"]]
+    assert len(got.ids) == 16
+    assert len(tokenizer(text)["input_ids"]) == len(tokenizer.backend_tokenizer.encode(text).ids)  # caller untouched
 
 
 def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
