@@ -171,7 +171,7 @@ def bench_synthetic(
 def bench_train(
     presets: str = typer.Option("test,synthetic-small", "--presets", "--preset", help="Comma-separated presets to time (hub-initialised ones, like paper, run with random weights of the same shape)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: the preset's]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size \\[default: the preset's]."),
     steps: int = typer.Option(10, help="Timed steps per preset."),
     loader: bool = typer.Option(True, help="Also measure loader throughput per core."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every preset, key.sub=value."),

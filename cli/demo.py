@@ -11,7 +11,7 @@ import typer
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for the world, the data, the run and the report."),
     quick: bool = typer.Option(False, "--quick", help="Smoke-sized run (a couple of minutes): 600 training images, seconds of training."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Training budget in minutes, split 70/30 between stage 1 and stage 2 [default: 10 + 4]."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Training budget in minutes, split 70/30 between stage 1 and stage 2 \\[default: 10 + 4]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world and of training."),
     workers: int = typer.Option(2, "--workers", help="spaCy parse processes."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Training config overrides, key.sub=value."),

@@ -22,3 +22,25 @@ def test_help_does_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, path + (name,))
+
+
+def test_no_help_text_is_eaten_as_rich_markup():
+    """Rich renders help as markup, so an unescaped "[default: ...]" silently disappears."""
+    import re
+
+    import typer
+
+    root = typer.main.get_command(app)
+    eaten = []
+    for path, command in _commands(root):
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            if re.search(r"(?<!\\)\[[a-zA-Z/]", text):
+                eaten.append(f"{' '.join(path)} {param.name}: {text}")
+    assert root.commands and not eaten
