@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,11 +96,51 @@ def _from_dict(cls, values: dict[str, Any], where: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[key] = _from_dict(hint, value, f"{where}{key}.")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            kwargs[key] = tuple(value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(hint, value, f"{where}{key}")
     return cls(**kwargs)
+
+
+def _typed(hint, value, key: str):
+    """`value` as the field's type: YAML 1.1 reads `3e-3` as a string, and a config that
+    silently carried one would fail much later (or train with the wrong value). Numbers are
+    converted (an int field takes only whole numbers), anything else that does not fit is a
+    ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _typed(options[0], value, key) if len(options) == 1 else value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        if len(items) != len(value):
+            raise ConfigError(f"config key '{key}' wants {len(items)} values, got {value!r}")
+        typed = [_typed(h, v, f"{key}[{i}]") for i, (h, v) in enumerate(zip(items, value))]
+        return tuple(typed) if origin is tuple else typed
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {k: _typed(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' wants true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"config key '{key}' wants a number, got {value!r}")
+        if hint is int:
+            if not float(number).is_integer():
+                raise ConfigError(f"config key '{key}' wants a whole number, got {value!r}")
+            return int(number)
+        return float(number)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -30,6 +30,27 @@ def test_unknown_key_is_refused_with_its_path():
         resolve("test", overrides=["train.stepz=1"])
 
 
+def test_values_take_their_field_types(tmp_path):
+    """YAML 1.1 reads 3e-3 as a string; the config must still hold the number."""
+    cfg = resolve("test", overrides=["optim.lr=3e-3", "train.steps=1e3", "model.loss_weights.grounding=2",
+                                     "optim.betas=[0.9, 1]", "data.randaugment=null"])
+    assert cfg.optim.lr == 0.003 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.model.loss_weights["grounding"] == 2.0 and cfg.optim.betas == (0.9, 1.0)
+    assert cfg.data.randaugment is None
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  lr: 5e-4\n")
+    assert resolve("test", extra).optim.lr == 0.0005
+
+
+@pytest.mark.parametrize("override, key", [("train.steps=abc", "train.steps"), ("train.steps=2.5", "train.steps"),
+                                           ("optim.lr=fast", "optim.lr"), ("train.compile=maybe", "train.compile"),
+                                           ("optim.betas=[0.9]", "optim.betas"), ("model.cnn_channels=[32, x]", "model.cnn_channels[1]")])
+def test_a_value_of_the_wrong_type_is_refused_with_its_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        resolve("test", overrides=[override])
+
+
 def test_resolved_config_round_trips_through_yaml_with_the_git_sha(tmp_path):
     cfg = resolve("test", overrides=["model.num_groups=3"])
     write_config(cfg, tmp_path / "config.yaml")
