@@ -52,7 +52,7 @@ def train(
         extra.append(f"data.data_dir={data}")
     try:
         cfg = resolve(preset, config, extra)
-    except (ConfigError, KeyError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError) as error:
         typer.echo(f"ovseg train: {error}", err=True)
         raise typer.Exit(2)
     if not cfg.data.data_dir:

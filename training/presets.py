@@ -19,5 +19,7 @@ def list_presets() -> list[str]:
 def get_preset(name: str) -> dict:
     path = _folder().joinpath(f"{name}.yaml")
     if not path.is_file():
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+        from ovseg.training.config import ConfigError
+
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
     return yaml.safe_load(path.read_text()) or {}

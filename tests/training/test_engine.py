@@ -96,6 +96,16 @@ def test_unknown_override_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "unknown config key" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["optim.lr=fast"], "config key 'optim.lr' wants a number, got 'fast'"),
+    (["--preset", "nope"], "unknown preset 'nope'; available: paper, synthetic-small, test"),
+])
+def test_a_bad_value_or_preset_is_a_one_line_error(tmp_path, args, message):
+    data = make_contract(tmp_path / "D", n=8)
+    result = _cli("--data", str(data), "--run", str(tmp_path / "r"), *args)
+    assert result.exit_code == 2 and result.output.strip() == f"ovseg train: {message}"
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     result = _cli("--data", str(tmp_path / "nothing"), "--run", str(tmp_path / "r"))
     assert result.exit_code == 2 and "ovseg curate" in result.output

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from ovseg.training.model import ModelConfig, build_model, parameter_counts  # noqa: E402
 from ovseg.training.model.image_encoder import assignment_grid  # noqa: E402
 from ovseg.training.presets import get_preset, list_presets  # noqa: E402
+from ovseg.training.config import ConfigError  # noqa: E402
 from ovseg.training.tokenizer import train_wordpiece  # noqa: E402
 
 torch.set_num_threads(1)
@@ -23,7 +24,7 @@ def test_registry_lists_the_paper_and_cpu_presets():
 
 
 def test_unknown_preset_names_the_available_ones():
-    with pytest.raises(KeyError, match="synthetic-small"):
+    with pytest.raises(ConfigError, match="unknown preset 'no-such-preset'; available: .*synthetic-small"):
         get_preset("no-such-preset")
 
 
