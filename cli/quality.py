@@ -38,12 +38,14 @@ def _evaluate(world_dir: Path, checkpoint: Path, out: Path, device: str) -> dict
 
 def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: Path, budgets: list[float], seed: int,
                        preset: str = "synthetic-small", overrides: tuple[str, ...] = (), device: str = "cpu",
-                       threads: int = 2) -> list[dict]:
+                       threads: int = 2, done: list[dict] = ()) -> list[dict]:
     """Train one variant and evaluate it (threshold chosen on val) after each of `budgets`
     minutes of training (ascending). The schedule is constant after warm-up (the step limit is
     out of reach), so one run stopped and resumed at each budget is the run a shorter budget
     would have made; evaluation time is not training time. The full method spends the last
-    STAGE2_SHARE of each budget in stage 2, started from a copy of stage 1 at that point."""
+    STAGE2_SHARE of each budget in stage 2, started from a copy of stage 1 at that point.
+    `done` holds the results of budgets this run already measured (an earlier benchmark with
+    fewer budgets): those are kept, and training goes on from the stage-1 checkpoint they left."""
     import shutil
 
     import torch
@@ -59,7 +61,14 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
     t = cfg.train
     stage1_dir = run_dir / "stage1"
     results, trained = [], 0.0
+    measured = {r["minutes"]: r for r in done}
     for budget in sorted(budgets):
+        if budget in measured:
+            results.append(measured[budget])
+            trained = budget * (1 - share)
+            continue
+        if results:  # going on from a budget measured earlier: its stage-1 checkpoint must be that point
+            _check_resumes_at(stage1_dir / "last.pt", results[-1]["steps"]["stage1"])
         minutes = budget * (1 - share) - trained
         first = replace(cfg, train=replace(t, stage=1, stage1_losses=spec["stage1"], max_minutes=minutes))
         s1 = train(first, stage1_dir, progress=False)  # resumes from where the last budget stopped
@@ -76,6 +85,15 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
         scores = _evaluate(world_dir, checkpoint, run_dir / f"eval-{budget:g}min", device)
         results.append({"variant": variant, "seed": seed, "minutes": budget, "steps": steps, **scores})
     return results
+
+
+def _check_resumes_at(checkpoint: Path, step: int) -> None:
+    import torch
+
+    found = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+    if found != step:
+        raise RuntimeError(f"{checkpoint} is at step {found}, but the earlier budget ended at step {step}: "
+                           "the run folder does not match its result file; delete both to rerun")
 
 
 def random_init(world_dir: Path, out: Path, seed: int, preset: str = "synthetic-small", captions: list[str] = ()) -> dict:
@@ -127,7 +145,8 @@ def patch_grid_ceiling(world_dir: Path, cells: int) -> float:
 def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, first_core: int = 0) -> list[dict]:
     """Run `train_and_evaluate` jobs as child processes, `parallel` at a time, each limited to
     `threads` CPU threads (and pinned to its own cores where the OS allows). Jobs whose result
-    file is already in `log_dir` are read, not rerun, so an interrupted benchmark resumes."""
+    file is already in `log_dir` are read, not rerun, so an interrupted benchmark resumes; a job
+    asked for a budget its result file lacks goes on from its last measured budget."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, results = list(jobs), [], []
     cores = os.cpu_count() or 1
@@ -135,8 +154,12 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
     for job in list(pending):  # a job that finished in an earlier (interrupted) call is not rerun
         done = log_dir / f"{job['name']}.json"
         if done.exists():
-            results.extend(json.loads(done.read_text()))
-            pending.remove(job)
+            earlier = json.loads(done.read_text())
+            if {float(b) for b in job["budgets"]} <= {r["minutes"] for r in earlier}:
+                results.extend(r for r in earlier if r["minutes"] in job["budgets"])
+                pending.remove(job)
+            else:  # longer budgets asked for: the run goes on from where the earlier call left it
+                job["done"] = earlier
     while pending or running:
         while pending and slot_free:
             job, slot = pending.pop(0), slot_free.pop(0)
@@ -274,7 +297,8 @@ def main() -> None:  # one job, in its own process (see run_parallel)
     job = json.loads(sys.argv[1])
     result = train_and_evaluate(job["variant"], Path(job["data"]), Path(job["world"]), Path(job["run"]),
                                 job["budgets"], job["seed"], job.get("preset", "synthetic-small"),
-                                tuple(job.get("overrides", ())), job.get("device", "cpu"), job.get("threads", 2))
+                                tuple(job.get("overrides", ())), job.get("device", "cpu"), job.get("threads", 2),
+                                job.get("done", ()))
     Path(job["result"]).write_text(json.dumps(result))
 
 

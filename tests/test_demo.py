@@ -52,6 +52,21 @@ def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_t
     assert "| grid ceiling (16x16 group maps) | 72.0 |" in table
 
 
+def test_quality_bench_goes_on_from_the_budgets_an_earlier_call_measured(demo_out, tmp_path):
+    from ovseg.cli.quality import train_and_evaluate
+
+    out, _ = demo_out
+    run = tmp_path / "run"
+    first = train_and_evaluate("+ entity", out / "data", out / "world", run, [0.03], seed=0, threads=1)
+    rows = train_and_evaluate("+ entity", out / "data", out / "world", run, [0.03, 0.06], seed=0, threads=1,
+                              done=first)
+    assert rows[0] == first[0] and rows[1]["minutes"] == 0.06
+    assert rows[1]["steps"]["stage1"] > first[0]["steps"]["stage1"]  # trained on from there
+    wrong = [{**first[0], "steps": {"stage1": -1}}]  # the checkpoint is past this budget
+    with pytest.raises(RuntimeError, match="does not match its result file"):
+        train_and_evaluate("+ entity", out / "data", out / "world", run, [0.03, 0.1], seed=0, threads=1, done=wrong)
+
+
 def test_grid_ceiling_is_perfect_at_pixel_cells_and_falls_with_coarser_maps(demo_out):
     from ovseg.cli.quality import patch_grid_ceiling
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ovseg.cli.quality import diagnostics_table, final_checkpoint, run_parallel, summarise
 
 
@@ -14,6 +16,17 @@ def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
            "data": str(tmp_path / "missing"), "world": str(tmp_path / "missing"), "run": str(tmp_path / "run")}
     assert run_parallel([job], threads=1, parallel=1, log_dir=tmp_path) == [row]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_job_asked_for_a_longer_budget_runs_again_with_what_it_measured(tmp_path):
+    row = {"variant": "contrastive", "seed": 0, "minutes": 5.0, "steps": {"stage1": 10}, "miou": 0.1,
+           "group_majority_miou": 0.3, "bg_threshold": 0.5}
+    (tmp_path / "contrastive-seed0.json").write_text(json.dumps([row]))
+    job = {"name": "contrastive-seed0", "variant": "contrastive", "budgets": [5.0, 15.0], "seed": 0,
+           "data": str(tmp_path / "missing"), "world": str(tmp_path / "missing"), "run": str(tmp_path / "run")}
+    with pytest.raises(RuntimeError, match="job contrastive-seed0 failed"):  # it ran: its data do not exist
+        run_parallel([job], threads=1, parallel=1, log_dir=tmp_path)
+    assert job["done"] == [row]
 
 
 def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
