@@ -224,24 +224,57 @@ def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
     return run_dir / "stage1" / "last.pt"
 
 
-def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test") -> dict[str, dict]:
-    """`group_diagnostics` of each named checkpoint on the synthetic split."""
+PROBE_IMAGES = 800  # images of the world drawn for fitting the linear probe (the val split has 100)
+
+
+def probe_world(world_dir: Path, out: Path) -> Path:
+    """A second draw of the same world (same settings, another seed, one split of
+    PROBE_IMAGES labelled images) to fit `group_probe` on, so that the probe never sees the
+    test split and has more groups to learn from than the val split holds. Made once."""
+    from dataclasses import fields
+
+    from ovseg.curation.synthetic import WorldConfig, generate
+
+    settings = json.loads((world_dir / "world.json").read_text())["config"]
+    known = {f.name for f in fields(WorldConfig)}
+    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known})
+    generate(out, replace(cfg, n_train=0, n_val=PROBE_IMAGES, n_test=0, seed=cfg.seed + 1000))
+    return out
+
+
+def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test",
+             fit_dir: Path | None = None) -> dict[str, dict]:
+    """`group_diagnostics` of each named checkpoint on the synthetic split, and `group_probe`
+    fitted on the val split of `fit_dir` (a `probe_world`; default: this world's val split)
+    and scored on `split`."""
     from ovseg.evaluation.datasets import load_synthetic
-    from ovseg.evaluation.diagnostics import group_diagnostics
+    from ovseg.evaluation.diagnostics import group_diagnostics, group_probe
     from ovseg.training.checkpoint import load_model
 
     data = load_synthetic(world_dir / "voc", split=split)
-    return {name: group_diagnostics(load_model(path, map_location="cpu"), data) for name, path in checkpoints.items()}
+    fit = load_synthetic((fit_dir or world_dir) / "voc", split="val")
+    out = {}
+    for name, path in checkpoints.items():
+        model = load_model(path, map_location="cpu")
+        out[name] = {**group_diagnostics(model, data), **group_probe(model, fit, data)}
+    return out
 
 
 def diagnostics_table(diagnostics: dict[str, dict]) -> str:
     """Markdown rows of `diagnose`'s output, in percent."""
-    lines = ["| model | image embedding names a present shape | groups named with their object's shape | groups per image |",
-             "|---|---:|---:|---:|"]
+    lines = ["| model | image embedding names a present shape | groups named with their object's shape | "
+             "linear probe of the groups | groups per image |",
+             "|---|---:|---:|---:|---:|"]
+
+    def percent(value: float | None, nan: str) -> str:
+        if value is None:
+            return "-"
+        return nan if value != value else f"{100 * value:.1f}"  # NaN: no group is mostly an object
+
     for name, d in diagnostics.items():
-        accuracy = d["group_accuracy"]
-        named = "- (no group is mostly an object)" if accuracy != accuracy else f"{100 * accuracy:.1f}"  # NaN
-        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {d['groups_per_image']:.2f} |")
+        named = percent(d["group_accuracy"], "- (no group is mostly an object)")
+        probe = percent(d.get("probe_group_accuracy"), "-")
+        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {probe} | {d['groups_per_image']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +300,10 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     return (summarise(results, chance, ceiling, machine, threads, grid)
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
-            "background groups left out):\n\n" + diagnostics_table(diagnose(checkpoints, world_dir))
+            "background groups left out; the linear probe is a logistic regression on the groups' features, "
+            f"fitted on the object groups of {PROBE_IMAGES} more images drawn from the same world: whether the "
+            "class is in the groups at all, whatever the prompts say):\n\n"
+            + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")))
             + _pictures(out, results, last, images)
             + "\nWhat these numbers mean and what was measured while looking for the cause: "
             "[quality.md](quality.md).\n")

@@ -35,10 +35,12 @@ def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
     table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16)
     assert "| contrastive | 12.0 ± 4.0 [30.0] (100 steps) |" in table
     assert "| + entity | - |" in table
-    diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5}})
-    assert "| m | 50.0 | 12.5 | 2.50 |" in diag
-    one_segment = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": float("nan"), "groups_per_image": 1}})
-    assert "| m | 50.0 | - (no group is mostly an object) | 1.00 |" in one_segment
+    diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5,
+                                    "probe_group_accuracy": 0.375}})
+    assert "| m | 50.0 | 12.5 | 37.5 | 2.50 |" in diag
+    one_segment = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": float("nan"), "groups_per_image": 1,
+                                           "probe_group_accuracy": float("nan")}})
+    assert "| m | 50.0 | - (no group is mostly an object) | - | 1.00 |" in one_segment
     assert final_checkpoint(tmp_path, "+ mask (full)", 15.0) == tmp_path / "stage2-15min" / "last.pt"
     assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"
 

@@ -1,12 +1,12 @@
 """Group diagnostics on a model whose groups and embeddings are set by hand."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ovseg.evaluation.datasets import SegmentationDataset
-from ovseg.evaluation.diagnostics import group_diagnostics
+from ovseg.evaluation.diagnostics import group_diagnostics, group_probe
 
 
 @dataclass
@@ -14,6 +14,7 @@ class Out:
     embedding: torch.Tensor
     group_embeddings: torch.Tensor
     assignment: torch.Tensor
+    groups: torch.Tensor = field(default=None)  # features before the projector
 
 
 class HandModel:
@@ -22,8 +23,9 @@ class HandModel:
 
     image_size, image_mean, image_std = 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
-    def __init__(self, right: str):
+    def __init__(self, right: str, blind: bool = False):
         self.right = right
+        self.blind = blind  # features that are the same for every group
 
     def eval(self):
         return self
@@ -38,7 +40,8 @@ class HandModel:
         assignment[:, 1, :, 2:] = 1
         right = [1.0, 0.0] if self.right == "circle" else [0.0, 1.0]
         groups = torch.tensor([[1.0, 0.0], right]).expand(b, 2, 2)
-        return Out(torch.tensor([[1.0, 0.0]]).expand(b, 2), groups, assignment)
+        features = torch.ones(b, 2, 3) if self.blind else torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]).expand(b, 2, 3)
+        return Out(torch.tensor([[1.0, 0.0]]).expand(b, 2), groups, assignment, features)
 
 
 class Data(SegmentationDataset):
@@ -64,3 +67,15 @@ def test_groups_are_scored_against_their_majority_object_and_background_groups_a
     assert group_diagnostics(HandModel("square"), only_squares)["image_top1_present"] == 0.0
     only_background = Data([np.zeros((8, 8), dtype=np.int64)])
     assert np.isnan(group_diagnostics(HandModel("square"), only_background)["group_accuracy"])
+
+
+def test_the_probe_reads_the_class_from_the_group_features_even_when_the_prompts_misname_it():
+    halves = np.zeros((8, 8), dtype=np.int64)
+    halves[:, :4], halves[:, 4:] = 1, 2  # circle | square: one object group of each class
+    fit, test = Data([halves, halves]), Data([halves])
+    misnamed = HandModel("circle")  # the square group is named circle, but its features differ
+    assert group_diagnostics(misnamed, test)["group_accuracy"] == 0.5
+    probe = group_probe(misnamed, fit, test)
+    assert probe == {"probe_group_accuracy": 1.0, "probe_fit_groups": 4, "probe_test_groups": 2}
+    assert group_probe(HandModel("circle", blind=True), fit, test)["probe_group_accuracy"] == 0.5
+    assert np.isnan(group_probe(misnamed, Data([np.zeros((8, 8), dtype=np.int64)]), test)["probe_group_accuracy"])
