@@ -96,7 +96,28 @@ def _check_resumes_at(checkpoint: Path, step: int) -> None:
                            "the run folder does not match its result file; delete both to rerun")
 
 
-def random_init(world_dir: Path, out: Path, seed: int, preset: str = "synthetic-small", captions: list[str] = ()) -> dict:
+def check_recipe(out: Path, recipe: dict) -> None:
+    """Record the preset and overrides the runs under `out` train with (OUT/recipe.json), or
+    refuse another recipe: finished runs are reused, and must be of the recipe asked for. A
+    folder from before the record was kept is taken to hold the default recipe."""
+    from ovseg.training.config import ConfigError
+
+    path = out / "recipe.json"
+    if path.exists():
+        held = json.loads(path.read_text())
+    elif (out / "logs").is_dir():
+        held = {"preset": "synthetic-small", "overrides": []}
+    else:
+        held = recipe
+    if held != recipe:
+        raise ConfigError(f"{out} holds runs of preset {held['preset']} with overrides {held['overrides']}, not "
+                          f"{recipe['preset']} with {recipe['overrides']}: pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe))
+
+
+def random_init(world_dir: Path, out: Path, seed: int, preset: str = "synthetic-small", captions: list[str] = (),
+                overrides: tuple[str, ...] = ()) -> dict:
     """A model that never trained: the chance row."""
     import torch
 
@@ -105,7 +126,7 @@ def random_init(world_dir: Path, out: Path, seed: int, preset: str = "synthetic-
     from ovseg.training.model import build_model
     from ovseg.training.tokenizer import tokenizer_to_json, train_wordpiece
 
-    cfg = resolve(preset)
+    cfg = resolve(preset, overrides=overrides)
     tokenizer = train_wordpiece(captions or ["a photo of a shape"], vocab_size=cfg.data.tokenizer_vocab_size)
     torch.manual_seed(seed)
     model = build_model(cfg.model, tokenizer)
@@ -279,7 +300,7 @@ def diagnostics_table(diagnostics: dict[str, dict]) -> str:
 
 
 def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str,
-           images: Path | None = None) -> str:
+           images: Path | None = None, preset: str = "synthetic-small", overrides: list[str] = ()) -> str:
     """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, the
     diagnostics of every run at its largest budget and of the random model, and (with `images`,
     the folder next to the Markdown file that pictures go to) the segmentation panels of the
@@ -288,8 +309,8 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid
 
-    chance = random_init(world_dir, out / "random", 0, captions=[c for _, c in captions(world_dir)])
-    grid = assignment_grid(resolve("synthetic-small").model)
+    chance = random_init(world_dir, out / "random", 0, preset, [c for _, c in captions(world_dir)], tuple(overrides))
+    grid = assignment_grid(resolve(preset, overrides=overrides).model)
     ceiling = patch_grid_ceiling(world_dir, grid)
     last = max(r["minutes"] for r in results)
     names = {r["variant"]: r["variant"].split()[-1].strip("()") for r in results}
@@ -297,7 +318,8 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
                    final_checkpoint(out / "runs" / f"{names[r['variant']]}-seed{r['seed']}", r["variant"], last)
                    for r in results if r["minutes"] == last}
     checkpoints["random init"] = out / "random" / "random.pt"
-    return (summarise(results, chance, ceiling, machine, threads, grid)
+    recipe = f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
+    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid)
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
             "background groups left out; the linear probe is a logistic regression on the groups' features, "

@@ -60,3 +60,35 @@ def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_p
     assert [p.read_bytes() for p in copied] == [b"full0-0", b"full0-1"]
     assert "](images/synthetic-full-15min-0.png)" in md and "+ mask (full), seed 0" in md
     assert _pictures(tmp_path, rows, 15.0, None) == ""
+
+
+def test_a_folder_keeps_the_recipe_its_runs_were_trained_with(tmp_path):
+    from ovseg.cli.quality import check_recipe
+    from ovseg.training.config import ConfigError
+
+    default = {"preset": "synthetic-small", "overrides": []}
+    other = {"preset": "synthetic-small", "overrides": ["model.loss_weights.contrastive=0.25"]}
+    check_recipe(tmp_path / "a", other)
+    check_recipe(tmp_path / "a", other)  # the same recipe again: its runs are reused
+    with pytest.raises(ConfigError, match="pass another --out"):
+        check_recipe(tmp_path / "a", default)
+    (tmp_path / "old" / "logs").mkdir(parents=True)  # runs from before recipe.json was written
+    check_recipe(tmp_path / "old", default)
+    with pytest.raises(ConfigError, match="holds runs of preset synthetic-small with overrides \\[\\]"):
+        check_recipe(tmp_path / "old", other)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "contrastive,fancy"], "unknown variants ['fancy']"),
+    (["--minutes", "5,ten"], "comma-separated numbers"),
+    (["optim.lr=fast"], "config key 'optim.lr' wants a number"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_bad_benchmark_arguments_are_refused_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "synthetic", "--out", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "b" / "world").exists()
