@@ -28,13 +28,15 @@ class DataConfig:
     max_entities: int = 3  # masked entities per caption given a prompt of their own (grounding loss)
     tokenizer: str | None = None  # a tokenizer directory; None: train WordPiece on the captions
     tokenizer_vocab_size: int = 4000
-    # stage 1 (DeiT-style, as the public code) and stage 2 augmentations
+    # stage 1 (DeiT-style) and stage 2 augmentations, as the public code's configs have them
     crop_scale_min: float = 0.08
     stage2_crop_scale_min: float = 0.4
     hflip: float = 0.5
     randaugment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.4
     random_erasing: float = 0.25
+    erasing_mode: str = "pixel"  # pixel: noise that is N(0, 1) once normalised; const: the mean colour
+    interpolation: str = "bilinear"  # of the crops' resize and RandAugment's geometric ops (or bicubic)
     max_skip_rate: float = 0.05  # stop when more than this share of samples cannot be read
     min_samples_for_skip_check: int = 200
 

@@ -113,33 +113,63 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
     )
 
 
-def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN):
+def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Augmentations that end in a uint8 (3, H, W) tensor; `normalize_images` turns a batch of
     them into the model's float input on its device (timm's prefetcher split: a quarter of the
     bytes between processes and to the GPU, and the float work done once per batch).
     Stage 1: DeiT-style (random resized crop, flip, RandAugment, colour jitter) through timm's
-    factory, then random erasing with the mean colour (what timm's constant erasing of a
-    normalised image gives); stage 2: random resized crop and flip only."""
+    factory, then random erasing; stage 2: random resized crop and flip only. The public code's
+    configs resize bilinearly and erase with per-pixel noise (`cfg.interpolation`,
+    `cfg.erasing_mode`)."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
+    if cfg.interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"data.interpolation must be bilinear or bicubic, not {cfg.interpolation!r}")
     if stage == 1:
         steps = create_transform(
             image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
             auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, use_prefetcher=True,
-            interpolation="bicubic", mean=mean,  # RandAugment fills with the mean colour too
+            interpolation=cfg.interpolation, mean=mean,  # RandAugment fills with the mean colour too
         ).transforms
         for step in steps:
             _guard_posterize(step)
         if cfg.random_erasing > 0:
-            steps.append(T.RandomErasing(cfg.random_erasing, value=[round(255 * m) for m in mean]))
+            steps.append(UInt8Erasing(cfg.random_erasing, cfg.erasing_mode, mean, std))
         return T.Compose(steps)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(cfg.stage2_crop_scale_min, 1.0),
-                            interpolation=T.InterpolationMode.BICUBIC),
+                            interpolation=T.InterpolationMode(cfg.interpolation)),
         T.RandomHorizontalFlip(cfg.hflip),
         T.PILToTensor(),
     ])
+
+
+class UInt8Erasing(torch.nn.Module):
+    """Random erasing (one box, 2-33% of the area, aspect 0.3-3.3: torchvision's and timm's
+    defaults) of a uint8 image, in what timm's modes give once the image is normalised: "pixel"
+    fills the box with noise that is N(0, 1) after normalisation (mean + std * z, clipped to
+    0..255), "const" with the mean colour (0 after normalisation)."""
+
+    def __init__(self, p: float, mode: str, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if mode not in ("pixel", "const"):
+            raise ValueError(f"data.erasing_mode must be pixel or const, not {mode!r}")
+        self.p, self.mode = p, mode
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision import transforms as T
+
+        if torch.rand(1).item() >= self.p:
+            return image
+        i, j, h, w, noise = T.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=None)
+        if self.mode == "const":
+            noise = torch.zeros_like(noise)
+        image = image.clone()
+        image[:, i:i + h, j:j + w] = ((self.mean + self.std * noise) * 255).round().clamp(0, 255).to(torch.uint8)
+        return image
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -231,14 +261,14 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
     def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: int, cfg, seed: int,
-                 mean=IMAGENET_MEAN):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.table = table
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.stage = stage
         self.seed = seed
         self.epoch = 0
-        self.transform = build_transform(image_size, stage, cfg, mean)  # uint8 out: see normalize_images
+        self.transform = build_transform(image_size, stage, cfg, mean, std)  # uint8 out: see normalize_images
         self._encoder = fixed_length_encoder(tokenizer, cfg.max_text_length)
         self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
 

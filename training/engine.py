@@ -183,7 +183,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         # ---- data ----
         table = load_samples(cfg.data.data_dir, with_pairs=stage == 2)
         dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
-                                      mean=model.image_mean)
+                                      mean=model.image_mean, std=model.image_std)
         sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
         loader = make_loader(dataset, sampler, t.batch_size, cfg.data.num_workers,
                              pin_memory=info.device.type == "cuda")

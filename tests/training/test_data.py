@@ -164,16 +164,40 @@ def test_images_leave_the_loader_as_uint8_and_normalise_as_torchvision_would(con
             assert batch[k].dtype == torch.float32 and torch.allclose(batch[k][1], expected, atol=1e-5)
 
 
-def test_random_erasing_paints_the_mean_colour_that_normalises_to_zero():
+def _erased(mode: str):
     from PIL import Image
 
-    transform = build_transform(32, 1, _cfg(random_erasing=1.0))
+    torch.manual_seed(0)
+    transform = build_transform(64, 1, _cfg(random_erasing=1.0, erasing_mode=mode))
     out = transform(Image.new("RGB", (64, 64), (255, 255, 255)))
-    fill = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1)
-    erased = (out == fill).all(dim=0)
-    assert out.dtype == torch.uint8 and 0 < erased.sum() < 32 * 32  # a box, the rest still white
-    normalised = normalize_images({"image": out[None]})["image"][0]
+    erased = (out != 255).any(dim=0)
+    assert out.dtype == torch.uint8 and 0 < erased.sum() < 64 * 64  # a box, the rest still white
+    return normalize_images({"image": out[None]})["image"][0], erased
+
+
+def test_const_erasing_paints_the_mean_colour_that_normalises_to_zero():
+    normalised, erased = _erased("const")
     assert normalised[:, erased].abs().max() < 0.01
+
+
+def test_pixel_erasing_paints_noise_that_normalises_to_a_standard_normal():
+    """timm's "pixel" mode, which the public code's configs use (re_mode: pixel)."""
+    normalised, erased = _erased("pixel")
+    noise = normalised[:, erased]
+    assert noise.numel() > 300
+    assert abs(noise.mean().item()) < 0.15 and 0.8 < noise.std().item() < 1.1  # a little is clipped at 0 and 255
+
+
+def test_the_public_code_s_resize_is_the_default_and_bad_modes_are_refused():
+    from torchvision.transforms import InterpolationMode
+
+    stage1, stage2 = (build_transform(32, s, DataConfig()).transforms[0] for s in (1, 2))
+    assert stage1.interpolation == InterpolationMode.BILINEAR and stage2.interpolation == InterpolationMode.BILINEAR
+    assert build_transform(32, 2, _cfg(interpolation="bicubic")).transforms[0].interpolation == InterpolationMode.BICUBIC
+    with pytest.raises(ValueError, match="data.interpolation"):
+        build_transform(32, 1, _cfg(interpolation="nearest"))
+    with pytest.raises(ValueError, match="data.erasing_mode"):
+        build_transform(32, 1, _cfg(random_erasing=0.5, erasing_mode="rand"))
 
 
 def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokenizer):
