@@ -88,9 +88,9 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
 
 
 def _check_resumes_at(checkpoint: Path, step: int) -> None:
-    import torch
+    from ovseg.training.checkpoint import load
 
-    found = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+    found = load(checkpoint)["step"]
     if found != step:
         raise RuntimeError(f"{checkpoint} is at step {found}, but the earlier budget ended at step {step}: "
                            "the run folder does not match its result file; delete both to rerun")
@@ -252,13 +252,9 @@ def probe_world(world_dir: Path, out: Path) -> Path:
     """A second draw of the same world (same settings, another seed, one split of
     PROBE_IMAGES labelled images) to fit `group_probe` on, so that the probe never sees the
     test split and has more groups to learn from than the val split holds. Made once."""
-    from dataclasses import fields
+    from ovseg.curation.synthetic import generate, load_config
 
-    from ovseg.curation.synthetic import WorldConfig, generate
-
-    settings = json.loads((world_dir / "world.json").read_text())["config"]
-    known = {f.name for f in fields(WorldConfig)}
-    cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in known})
+    cfg = load_config(world_dir)
     generate(out, replace(cfg, n_train=0, n_val=PROBE_IMAGES, n_test=0, seed=cfg.seed + 1000))
     return out
 

@@ -164,9 +164,9 @@ class UInt8Erasing(torch.nn.Module):
 
         if torch.rand(1).item() >= self.p:
             return image
-        i, j, h, w, noise = T.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=None)
-        if self.mode == "const":
-            noise = torch.zeros_like(noise)
+        # value None: per-pixel N(0, 1) noise of the box's shape; [0.0]: zero, broadcast over it
+        i, j, h, w, noise = T.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+                                                       value=None if self.mode == "pixel" else [0.0])
         image = image.clone()
         image[:, i:i + h, j:j + w] = ((self.mean + self.std * noise) * 255).round().clamp(0, 255).to(torch.uint8)
         return image
