@@ -4,6 +4,7 @@ ovseg.evaluation, imported inside the command so that `ovseg --help` stays insta
 
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
@@ -25,6 +26,24 @@ app.command("sql")(sql.sql)
 app.command("train")(train.train)
 app.command("segment")(segment.segment)
 app.command("demo")(demo.demo)
+
+
+def _unwrap(text: str) -> str:
+    """A docstring with each paragraph on one line: Typer keeps the source's line breaks in the
+    paragraphs after the first, so 100-column source lines came out ragged in an 80-column help."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paragraphs)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Unwrap the help of every command and group of `typer_app` (taken from the docstrings)."""
+    infos = [*typer_app.registered_commands, typer_app.registered_callback]
+    for info in infos:
+        callback = getattr(info, "callback", None)
+        if callback is not None and callback.__doc__:
+            callback.__doc__ = _unwrap(callback.__doc__)
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
 
 
 def _version() -> str:
@@ -52,6 +71,9 @@ def _root(
     """ovseg: curate caption data, train OVSegmentor, measure zero-shot segmentation."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+_unwrap_help(app)
 
 
 def main() -> None:

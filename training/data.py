@@ -257,6 +257,15 @@ def fixed_length_encoder(tokenizer, length: int):
     return encoder
 
 
+CACHE_ROWS = 8192
+
+
+def _make_room(cache: dict) -> None:
+    """Bound a per-process cache: start it again when full (most rows repeat soon)."""
+    if len(cache) >= CACHE_ROWS:
+        cache.clear()
+
+
 class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
@@ -270,7 +279,11 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.transform = build_transform(image_size, stage, cfg, mean, std)  # uint8 out: see normalize_images
         self._encoder = fixed_length_encoder(tokenizer, cfg.max_text_length)
+        # entities repeat across captions: each prompt, answer and slot block is built once per
+        # process (the last two keyed by a caption's entity list, so capped at CACHE_ROWS)
         self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
+        self._answer_cache: dict[tuple[str, ...], dict[str, list[int]]] = {}
+        self._slots_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -316,7 +329,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         enc = self._tokens(caption, offsets=True)
         question, masked = masked_question(caption, self.table.chunks[index], set(self.table.entities[index]),
                                            enc["offset_mapping"], enc["input_ids"], self.tokenizer.mask_token_id)
-        answer = self._tokens(entity_prompt(masked, self.cfg.prompt_template))
+        answer = self._answer(masked)
         item = {
             "sample_id": sid,
             "image": image,
@@ -339,14 +352,26 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             self._prompt_cache[entity] = (enc["input_ids"], enc["attention_mask"], key)
         return self._prompt_cache[entity]
 
-    def _entity_prompts(self, masked: list[str]) -> dict[str, Any]:
+    def _answer(self, masked: list[str]) -> dict[str, list[int]]:
+        """The answer prompt's tokens ("a photo of a dog and a person.")."""
+        key = tuple(masked)
+        if key not in self._answer_cache:
+            _make_room(self._answer_cache)
+            self._answer_cache[key] = self._tokens(entity_prompt(masked, self.cfg.prompt_template))
+        return self._answer_cache[key]
+
+    def _entity_prompts(self, masked: list[str]) -> dict[str, torch.Tensor]:
         """One prompt per masked entity (for the grounding loss), padded to `max_entities`
-        slots; an empty slot has key -1."""
-        slots = masked[:self.cfg.max_entities]
-        rows = [self._prompt(e) for e in slots] + [self._prompt(None)] * (self.cfg.max_entities - len(slots))
-        return {"entity_prompt_ids": torch.tensor([ids for ids, _, _ in rows]),
-                "entity_prompt_mask": torch.tensor([mask for _, mask, _ in rows]),
-                "entity_keys": torch.tensor([key for _, _, key in rows])}
+        slots; an empty slot has key -1. The tensors are shared between samples with the same
+        entities: `collate` stacks them into new ones, and nothing writes into them."""
+        slots = tuple(masked[:self.cfg.max_entities])
+        if slots not in self._slots_cache:
+            _make_room(self._slots_cache)
+            rows = [self._prompt(e) for e in slots] + [self._prompt(None)] * (self.cfg.max_entities - len(slots))
+            self._slots_cache[slots] = {"entity_prompt_ids": torch.tensor([ids for ids, _, _ in rows]),
+                                        "entity_prompt_mask": torch.tensor([mask for _, mask, _ in rows]),
+                                        "entity_keys": torch.tensor([key for _, _, key in rows])}
+        return self._slots_cache[slots]
 
     def _partner(self, index: int, sid: int) -> dict[str, Any]:
         options = self.table.partners.get(sid, [])
