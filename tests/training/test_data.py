@@ -82,6 +82,24 @@ def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
     assert first.replace(" .", ".") == f"a photo of a {shapes[0][0]}."
 
 
+def test_cached_prompts_are_the_uncached_ones_and_the_cache_stays_bounded(contract, tokenizer, monkeypatch):
+    """Answers and grounding slots are built once per entity list; a full cache starts again."""
+    from ovseg.training import data
+
+    monkeypatch.setattr(data, "CACHE_ROWS", 2)
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+    lists = [["circle"], ["square", "star"], ["star"], ["circle"]]
+    for masked in lists:
+        direct = ds._encoder.encode(entity_prompt(masked, ds.cfg.prompt_template))
+        assert ds._answer(masked) == {"input_ids": direct.ids, "attention_mask": direct.attention_mask}
+        slots = ds._entity_prompts(masked)
+        keys = [entity_key(e) for e in masked] + [-1] * (ds.cfg.max_entities - len(masked))
+        assert slots["entity_keys"].tolist() == keys
+        assert slots["entity_prompt_ids"][0].tolist() == ds._encoder.encode(ds.cfg.prompt_template.format(masked[0])).ids
+        assert len(ds._answer_cache) <= 2 and len(ds._slots_cache) <= 2
+    assert ds._entity_prompts(["circle"]) is ds._entity_prompts(["circle"])  # reused, not rebuilt
+
+
 def test_collate_trims_only_padding(contract, tokenizer):
     ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(max_text_length=32), seed=0)
     items = [ds[0], ds[1], ds[2]]
