@@ -260,10 +260,14 @@ def fixed_length_encoder(tokenizer, length: int):
 CACHE_ROWS = 8192
 
 
-def _make_room(cache: dict) -> None:
-    """Bound a per-process cache: start it again when full (most rows repeat soon)."""
-    if len(cache) >= CACHE_ROWS:
-        cache.clear()
+def _cached(cache: dict, key, build):
+    """cache[key], built on first use; a full cache (CACHE_ROWS) starts again, since most keys
+    repeat soon."""
+    if key not in cache:
+        if len(cache) >= CACHE_ROWS:
+            cache.clear()
+        cache[key] = build()
+    return cache[key]
 
 
 class CaptionImageDataset(torch.utils.data.Dataset):
@@ -280,7 +284,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         self.transform = build_transform(image_size, stage, cfg, mean, std)  # uint8 out: see normalize_images
         self._encoder = fixed_length_encoder(tokenizer, cfg.max_text_length)
         # entities repeat across captions: each prompt, answer and slot block is built once per
-        # process (the last two keyed by a caption's entity list, so capped at CACHE_ROWS)
+        # process (`_cached`, at most CACHE_ROWS of each)
         self._prompt_cache: dict[str | None, tuple[list[int], list[int], int]] = {}
         self._answer_cache: dict[tuple[str, ...], dict[str, list[int]]] = {}
         self._slots_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
@@ -346,32 +350,30 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     def _prompt(self, entity: str | None) -> tuple[list[int], list[int], int]:
         """Token ids, attention mask and key of one entity's prompt (None: an empty slot).
         Entities repeat across captions, so each is tokenised once per process."""
-        if entity not in self._prompt_cache:
+        def build() -> tuple[list[int], list[int], int]:
             enc = self._tokens("" if entity is None else self.cfg.prompt_template.format(entity))
-            key = -1 if entity is None else entity_key(entity)
-            self._prompt_cache[entity] = (enc["input_ids"], enc["attention_mask"], key)
-        return self._prompt_cache[entity]
+            return enc["input_ids"], enc["attention_mask"], -1 if entity is None else entity_key(entity)
+
+        return _cached(self._prompt_cache, entity, build)
 
     def _answer(self, masked: list[str]) -> dict[str, list[int]]:
         """The answer prompt's tokens ("a photo of a dog and a person.")."""
-        key = tuple(masked)
-        if key not in self._answer_cache:
-            _make_room(self._answer_cache)
-            self._answer_cache[key] = self._tokens(entity_prompt(masked, self.cfg.prompt_template))
-        return self._answer_cache[key]
+        return _cached(self._answer_cache, tuple(masked),
+                       lambda: self._tokens(entity_prompt(masked, self.cfg.prompt_template)))
 
     def _entity_prompts(self, masked: list[str]) -> dict[str, torch.Tensor]:
         """One prompt per masked entity (for the grounding loss), padded to `max_entities`
         slots; an empty slot has key -1. The tensors are shared between samples with the same
         entities: `collate` stacks them into new ones, and nothing writes into them."""
         slots = tuple(masked[:self.cfg.max_entities])
-        if slots not in self._slots_cache:
-            _make_room(self._slots_cache)
+
+        def build() -> dict[str, torch.Tensor]:
             rows = [self._prompt(e) for e in slots] + [self._prompt(None)] * (self.cfg.max_entities - len(slots))
-            self._slots_cache[slots] = {"entity_prompt_ids": torch.tensor([ids for ids, _, _ in rows]),
-                                        "entity_prompt_mask": torch.tensor([mask for _, mask, _ in rows]),
-                                        "entity_keys": torch.tensor([key for _, _, key in rows])}
-        return self._slots_cache[slots]
+            return {"entity_prompt_ids": torch.tensor([ids for ids, _, _ in rows]),
+                    "entity_prompt_mask": torch.tensor([mask for _, mask, _ in rows]),
+                    "entity_keys": torch.tensor([key for _, _, key in rows])}
+
+        return _cached(self._slots_cache, slots, build)
 
     def _partner(self, index: int, sid: int) -> dict[str, Any]:
         options = self.table.partners.get(sid, [])
