@@ -445,6 +445,61 @@ def test_patches_that_look_alike_share_a_group_and_a_different_region_gets_its_o
     assert labels[0, 0] != labels[0, 7]
 
 
+def textbook_cluster(assign, queries, x, grid, low):
+    """ClusterAssign written the slow, obvious way: F.normalize, full squared distances
+    (torch.cdist), and the values upsampled to the key grid before pooling."""
+    import torch.nn.functional as F
+
+    from ovseg.training.model.grouping import grid_positions
+
+    st = assign.settings
+    b, _, c = x.shape
+    size = tuple(low.shape[-2:])
+    tokens = F.interpolate(x.transpose(1, 2).reshape(b, c, *grid), size=size, mode="bilinear",
+                           align_corners=False).flatten(2)
+    keys = torch.cat([st.low_weight * F.normalize(low.flatten(2), dim=1), st.token_weight * F.normalize(tokens, dim=1),
+                      st.position_weight * grid_positions(*size).T[None].expand(b, -1, -1)], dim=1).transpose(1, 2)
+    free = keys.detach()
+    seed = F.normalize(assign.seed(queries), dim=-1)
+    soft = (seed @ F.normalize(free, dim=-1).transpose(1, 2) / st.tau).softmax(dim=1)
+    for _ in range(st.iters):
+        centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ free
+        soft = (-torch.cdist(centres, free).pow(2) / st.tau).softmax(dim=1)
+    centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ keys
+    attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)
+    merged = assign.proj(attn @ assign.v_proj(tokens.transpose(1, 2)))
+    return merged, soft, centres
+
+
+def test_the_cluster_grouping_equals_the_textbook_soft_k_means_with_its_gradients():
+    """ClusterAssign skips the keys' own norms (they cancel in the softmax over groups), pools
+    the values on the token grid through the upsampling matrix, and scales the keys by a
+    broadcast rsqrt: the same assignment, groups, centres and input gradient as the obvious
+    implementation, and the same cross-image masks."""
+    from ovseg.training.model.grouping import ClusterAssign, ClusterSettings
+
+    torch.manual_seed(0)
+    assign = ClusterAssign(dim=16, low_dim=8, settings=ClusterSettings(iters=3, tau=0.1, low_weight=1.0,
+                                                                        token_weight=2.0, position_weight=0.5))
+    x = torch.randn(3, 20, 16, requires_grad=True)  # a 4x5 token grid, upsampled to the 8x10 map
+    low, queries = torch.randn(3, 8, 8, 10), torch.randn(3, 6, 16)
+    merged, soft, centres, grid = assign(queries, x, (4, 5), low)
+    (merged.square().sum() + centres.square().sum()).backward()
+    fast_grad, x.grad = x.grad, None
+    ref_merged, ref_soft, ref_centres = textbook_cluster(assign, queries, x, (4, 5), low)
+    (ref_merged.square().sum() + ref_centres.square().sum()).backward()
+    assert grid == (8, 10)
+    torch.testing.assert_close(soft, ref_soft, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, ref_merged, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(centres, ref_centres, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast_grad, x.grad, atol=1e-5, rtol=1e-4)
+    other = torch.randn(3, 20, 16)
+    keys, _ = assign.keys(other, (4, 5), low)
+    distance = torch.cdist(centres.detach(), keys).pow(2)
+    torch.testing.assert_close(assign.masks(centres.detach(), other, (4, 5), low),
+                               (-distance / 0.1).softmax(dim=1), atol=1e-5, rtol=1e-4)
+
+
 def test_a_loss_that_rewards_one_big_group_collapses_the_learned_grouping_but_cannot_move_the_cluster_one(tokenizer):
     """The failure the cluster grouping exists for (docs/quality.md): gradient through a learned
     assignment can fold every patch into one group; without a path to the assignment, the

@@ -4,6 +4,7 @@ OVSegmentor uses it)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,24 @@ def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
     return torch.stack([yy, xx], dim=-1).view(h * w, 2)
 
 
+def _unit(x: torch.Tensor, length: float) -> torch.Tensor:
+    """x (B, C, N) with each column scaled to `length` (F.normalize(x, dim=1) * length, eps
+    1e-12): one broadcast product, whose backward is several times cheaper than the
+    division by an expanded norm that F.normalize's is, on the (B, 128, 256) token map."""
+    return x * (length * torch.rsqrt(x.pow(2).sum(1, keepdim=True).clamp_min(1e-24)))
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling(grid: tuple[int, int], size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H W, h w): bilinear upsampling (align_corners=False) from `grid` (h, w) to `size`
+    (H, W) as a matrix U, so that for a map m on `grid`, the upsampled map is U @ m.flatten(),
+    and weights a on `size` pull back to `grid` as a @ U."""
+    h, w = grid
+    basis = torch.eye(h * w, device=device, dtype=torch.float32).view(h * w, 1, h, w)
+    up = F.interpolate(basis, size=size, mode="bilinear", align_corners=False)
+    return up.view(h * w, -1).T.contiguous().to(dtype)
+
+
 @dataclass
 class ClusterSettings:
     """The `model.cluster_*` settings (their defaults live in ModelConfig)."""
@@ -93,8 +112,7 @@ class ClusterAssign(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def keys(self, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
-        """Keys (B, N', Dk) with gradient in the token part only, the tokens resampled to the
-        key grid (B, N', C), and that grid."""
+        """Keys (B, N', Dk), contiguous, with gradient in the token part only, and their grid."""
         st = self.settings
         b, n, c = x.shape
         h, w = grid
@@ -104,41 +122,47 @@ class ClusterAssign(nn.Module):
             size = tuple(low.shape[-2:])
             if size != (h, w):
                 tokens = F.interpolate(tokens, size=size, mode="bilinear", align_corners=False)
-            parts.append(st.low_weight * F.normalize(low.detach().flatten(2).float(), dim=1))
+            parts.append(_unit(low.detach().flatten(2).float(), st.low_weight))
             h, w = size
-        tokens = tokens.flatten(2)  # (B, C, N')
-        parts.append(st.token_weight * F.normalize(tokens.float(), dim=1))
-        position = grid_positions(h, w, x.device).T[None].expand(b, -1, -1)  # (B, 2, N')
-        parts.append(st.position_weight * position)
-        return torch.cat(parts, dim=1).transpose(1, 2), tokens.transpose(1, 2), (h, w)
+        parts.append(_unit(tokens.flatten(2).float(), st.token_weight))
+        parts.append(st.position_weight * grid_positions(h, w, x.device).T[None].expand(b, -1, -1))
+        # (B, N', d) views, joined along the last axis: one contiguous copy
+        return torch.cat([part.transpose(1, 2) for part in parts], dim=-1), (h, w)
 
     def soft_assign(self, centres: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """(B, K, Dk) centres, (B, N, Dk) keys -> (B, K, N), a softmax over the groups."""
-        distance = (centres.pow(2).sum(-1)[:, :, None] + keys.pow(2).sum(-1)[:, None, :]
-                    - 2 * centres @ keys.transpose(1, 2))
-        return (-distance / self.settings.tau).softmax(dim=1)
+        """(B, K, Dk) centres, (B, N, Dk) keys -> (B, K, N), a softmax over the groups of minus
+        the squared distance / tau. A key's own squared norm is the same for every group, so it
+        cancels in the softmax and is never computed: |c|^2 - 2 c.k is enough."""
+        logits = 2 * centres @ keys.transpose(1, 2) - centres.pow(2).sum(-1)[:, :, None]
+        return (logits / self.settings.tau).softmax(dim=1)
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
         """queries (B, K, C), x (B, N, C) normalised patch tokens -> merged groups (B, K, C),
         soft assignment (B, K, N'), centres (B, K, Dk) and the assignment's grid."""
-        keys, tokens, out_grid = self.keys(x, grid, low)
+        keys, out_grid = self.keys(x, grid, low)
         free = keys.detach()
         with torch.no_grad():
+            # cosine similarity of the seeds and the keys: the keys' norms divide the product
             seed = F.normalize(self.seed(queries).float(), dim=-1)
-            soft = (seed @ F.normalize(free, dim=-1).transpose(1, 2) / self.settings.tau).softmax(dim=1)
+            cosine = (seed @ free.transpose(1, 2)) / free.norm(dim=-1).clamp_min(1e-12)[:, None, :]
+            soft = (cosine / self.settings.tau).softmax(dim=1)
             for _ in range(self.settings.iters):
                 centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ free
                 soft = self.soft_assign(centres, free)
         # the centres of the final assignment, differentiable through the token part of the keys
         centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ keys
         soft = soft.to(x.dtype)
-        attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)
-        merged = self.proj(attn @ self.v_proj(tokens.to(x.dtype)))  # (B, K, C)
+        attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)  # (B, K, N') on the key grid
+        if out_grid != tuple(grid):
+            # the values stay on the token grid: pooling upsampled values equals pooling the
+            # values with the assignment pulled back through the (linear) upsampling
+            attn = attn @ _upsampling(tuple(grid), out_grid, attn.device, attn.dtype)
+        merged = self.proj(attn @ self.v_proj(x))  # (B, K, C)
         return merged, soft, centres, out_grid
 
     def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's keys to `centres`, with gradient."""
-        keys, _, _ = self.keys(x, grid, low)
+        keys, _ = self.keys(x, grid, low)
         return self.soft_assign(centres, keys)
 
 
