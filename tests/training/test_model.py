@@ -475,7 +475,9 @@ def test_the_cluster_grouping_equals_the_textbook_soft_k_means_with_its_gradient
     """ClusterAssign skips the keys' own norms (they cancel in the softmax over groups), pools
     the values on the token grid through the upsampling matrix, and scales the keys by a
     broadcast rsqrt: the same assignment, groups, centres and input gradient as the obvious
-    implementation, and the same cross-image masks."""
+    implementation. Its cross-image masks compare the token parts alone."""
+    import torch.nn.functional as F
+
     from ovseg.training.model.grouping import ClusterAssign, ClusterSettings
 
     torch.manual_seed(0)
@@ -493,11 +495,77 @@ def test_the_cluster_grouping_equals_the_textbook_soft_k_means_with_its_gradient
     torch.testing.assert_close(merged, ref_merged, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(centres, ref_centres, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast_grad, x.grad, atol=1e-5, rtol=1e-4)
+    # cross-image masks: the partner's unit tokens, upsampled, against the centres' token part
     other = torch.randn(3, 20, 16)
-    keys, _ = assign.keys(other, (4, 5), low)
-    distance = torch.cdist(centres.detach(), keys).pow(2)
-    torch.testing.assert_close(assign.masks(centres.detach(), other, (4, 5), low),
-                               (-distance / 0.1).softmax(dim=1), atol=1e-5, rtol=1e-4)
+    unit_tokens = 2.0 * F.normalize(other.transpose(1, 2).reshape(3, 16, 4, 5), dim=1)
+    partner = F.interpolate(unit_tokens, size=(8, 10), mode="bilinear", align_corners=False).flatten(2)
+    distance = torch.cdist(centres.detach()[..., 8:24], partner.transpose(1, 2)).pow(2)
+    masks = assign.masks(centres.detach(), other, (4, 5), low)
+    torch.testing.assert_close(masks, (-distance / 0.1).softmax(dim=1), atol=1e-5, rtol=1e-4)
+    # they ignore the partner's colour and position: another low-level map gives the same masks
+    torch.testing.assert_close(assign.masks(centres.detach(), other, (4, 5), torch.randn(3, 8, 8, 10)), masks)
+
+
+def test_colour_keys_split_two_flat_colours_that_the_tokens_and_low_level_map_cannot_tell_apart():
+    """With a pixel weight the image's own colour is part of the keys: two flat regions whose
+    tokens and low-level features are identical still fall into two groups, split exactly at
+    the colour border, and without it they cannot be told apart."""
+    from ovseg.training.model.grouping import ClusterAssign, ClusterSettings
+
+    pixels = torch.zeros(1, 3, 8, 8)
+    pixels[:, 0, :, :3] = 2.0  # a red band three cells wide: the border is off the 4x4 token grid
+    x, low = torch.ones(1, 16, 16), torch.ones(1, 3, 8, 8)  # identical tokens and low-level features
+    queries = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    labels = {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)
+        assign = ClusterAssign(dim=16, low_dim=3, settings=ClusterSettings(
+            iters=5, tau=0.05, low_weight=1.0, token_weight=1.0, position_weight=0.0, pixel_weight=weight))
+        _, soft, _, grid = assign(queries, x, (4, 4), low, pixels)
+        assert grid == (8, 8)
+        labels[weight] = soft.argmax(dim=1).view(8, 8)
+    coloured = labels[2.0]
+    assert coloured[:, :3].unique().numel() == 1 and coloured[:, 3:].unique().numel() == 1
+    assert coloured[0, 0] != coloured[0, 7]
+    assert labels[0.0].unique().numel() == 1  # every key equal: nothing to split by
+
+
+def test_a_finer_cluster_stride_draws_the_group_maps_on_that_grid_and_equals_upsampled_keys(tokenizer):
+    """cluster_stride=1 clusters on the low-level map, then assigns every input pixel to the
+    centres: the fine assignment equals the squared-distance softmax over keys whose
+    low-level and token parts are resampled to the pixel grid, and the model's maps are
+    drawn at the input's resolution."""
+    import torch.nn.functional as F
+
+    from ovseg.training.model.grouping import ClusterAssign, ClusterSettings, _unit, grid_positions
+
+    torch.manual_seed(0)
+    settings = ClusterSettings(iters=3, tau=0.1, low_weight=1.0, token_weight=2.0, position_weight=0.5,
+                               pixel_weight=1.5)
+    assign = ClusterAssign(dim=16, low_dim=8, settings=settings)
+    x = torch.randn(2, 20, 16, requires_grad=True)  # 4x5 tokens, 8x10 low-level map, 16x20 pixels
+    low, pixels, queries = torch.randn(2, 8, 8, 10), torch.randn(2, 3, 16, 20), torch.randn(2, 6, 16)
+    _, soft, centres, grid = assign(queries, x, (4, 5), low, pixels)
+    assert grid == (16, 20) and soft.shape == (2, 6, 320)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(2, 320))
+
+    def up(m):
+        return F.interpolate(m, size=(16, 20), mode="bilinear", align_corners=False).flatten(2)
+
+    tokens = x.detach().transpose(1, 2).reshape(2, 16, 4, 5)
+    keys = torch.cat([up(_unit(low.flatten(2), 1.0).view(2, 8, 8, 10)), up(_unit(tokens.flatten(2), 2.0).view(2, 16, 4, 5)),
+                      1.5 * pixels.flatten(2), 0.5 * grid_positions(16, 20).T[None].expand(2, -1, -1)], dim=1)
+    expected = (-torch.cdist(centres.detach(), keys.transpose(1, 2)).pow(2) / 0.1).softmax(dim=1)
+    torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-4)
+    # the partner's masks for mask consistency are drawn on the same grid, with gradient
+    masks = assign.masks(centres, torch.randn(2, 20, 16), (4, 5), low, pixels)
+    assert masks.shape == (2, 6, 320) and masks.requires_grad
+
+    model = build_model(cluster_config(cluster_stride=1, cluster_pixel_weight=1.0), tokenizer=tokenizer).eval()
+    out = model.encode_image(torch.randn(2, 3, 32, 24))
+    assert out.assignment.shape == (2, 4, 32, 24)
+    with pytest.raises(ValueError, match="cluster_stride"):
+        build_model(cluster_config(cluster_stride=3), tokenizer=tokenizer)
 
 
 def test_a_loss_that_rewards_one_big_group_collapses_the_learned_grouping_but_cannot_move_the_cluster_one(tokenizer):

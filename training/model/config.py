@@ -36,6 +36,12 @@ class ModelConfig:
     cluster_low_weight: float = 1.0      # weight of the (unit-norm) low-level features in the keys
     cluster_token_weight: float = 2.0    # weight of the (unit-norm) patch tokens in the keys
     cluster_position_weight: float = 0.5  # weight of the (y, x) position in [-1, 1]
+    # weight of the image's own colour (its normalised pixels averaged over each cell of the
+    # assignment grid): flat-coloured regions then fall into one group with crisp borders
+    cluster_pixel_weight: float = 0.0
+    # input pixels per cell of the assignment grid (0: the low-level map's grid when there is
+    # one, else the token grid); 1 draws the group maps at the input's own resolution
+    cluster_stride: int = 0
     vision_init: str | None = None  # DINO checkpoint file (or timm model name, needs the hub)
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -90,44 +90,54 @@ class ClusterSettings:
     low_weight: float
     token_weight: float
     position_weight: float
+    pixel_weight: float = 0.0
 
 
 class ClusterAssign(nn.Module):
     """Soft k-means over keys that carry no gradient, seeded by the group queries.
 
-    A key is [low-level features, patch token, position], each part unit-normalised and
-    weighted, on the low-level map's grid (the token grid when there is none). The queries
-    pick the first soft assignment by cosine similarity; each step moves every centre to the
-    mean of its keys and reassigns by squared distance (a softmax over the groups). No loss
-    reaches the assignment, so none can fold every patch into one group, the collapse
-    GroupViT's learned assignment showed on the synthetic world (docs/quality.md); the groups
-    still pool the patch tokens with gradient, and the centres keep a gradient path through
-    the token part of the keys for cross-image mask consistency."""
+    A key is [low-level features, patch token, colour, position], the first two unit-normalised,
+    each weighted, on the clustering grid: the low-level map's (the token grid when there is
+    none). The colour, only with a pixel weight, is the image's normalised pixels averaged over
+    each cell. The queries pick the first soft assignment by cosine similarity; each step moves
+    every centre to the mean of its keys and reassigns by squared distance (a softmax over the
+    groups). When the image's pooled pixels come on a finer grid than the clustering's, the
+    final assignment is drawn on that grid: every fine cell goes to the centres by the same
+    distance, each part read on its own grid (a dot product with a centre commutes with
+    bilinear resampling, so it is taken on the coarse grid and resampled). No loss reaches the
+    assignment, so none can fold every patch into one group, the collapse GroupViT's learned
+    assignment showed on the synthetic world (docs/quality.md); the groups still pool the
+    patch tokens with gradient, and the centres keep a gradient path through the token part of
+    the keys for cross-image mask consistency, whose masks compare token parts only."""
 
     def __init__(self, dim: int, low_dim: int, settings: ClusterSettings):
         super().__init__()
         self.settings = settings
-        self.seed = nn.Linear(dim, low_dim + dim + 2)  # into the key space: [low-level, token, (y, x)]
+        colour = 3 if settings.pixel_weight else 0
+        self.seed = nn.Linear(dim, low_dim + dim + colour + 2)  # into the key space: [low-level, token, colour, (y, x)]
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def keys(self, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
-        """Keys (B, N', Dk), contiguous, with gradient in the token part only, and their grid."""
+    def keys(self, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
+             pixels: torch.Tensor | None = None):
+        """Keys (B, N', Dk) on the clustering grid, contiguous, with gradient in the token part
+        only, and that grid. `pixels` (B, 3, H', W'): the input averaged over cells of any grid."""
         st = self.settings
         b, n, c = x.shape
         h, w = grid
+        size = tuple(low.shape[-2:]) if low is not None else (h, w)
         tokens = x.transpose(1, 2).reshape(b, c, h, w)
+        if size != (h, w):
+            tokens = F.interpolate(tokens, size=size, mode="bilinear", align_corners=False)
         parts = []
         if low is not None:
-            size = tuple(low.shape[-2:])
-            if size != (h, w):
-                tokens = F.interpolate(tokens, size=size, mode="bilinear", align_corners=False)
             parts.append(_unit(low.detach().flatten(2).float(), st.low_weight))
-            h, w = size
         parts.append(_unit(tokens.flatten(2).float(), st.token_weight))
-        parts.append(st.position_weight * grid_positions(h, w, x.device).T[None].expand(b, -1, -1))
+        if st.pixel_weight:
+            parts.append(st.pixel_weight * _pooled(pixels, size).flatten(2).float())
+        parts.append(st.position_weight * grid_positions(*size, x.device).T[None].expand(b, -1, -1))
         # (B, N', d) views, joined along the last axis: one contiguous copy
-        return torch.cat([part.transpose(1, 2) for part in parts], dim=-1), (h, w)
+        return torch.cat([part.transpose(1, 2) for part in parts], dim=-1), size
 
     def soft_assign(self, centres: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, K, Dk) centres, (B, N, Dk) keys -> (B, K, N), a softmax over the groups of minus
@@ -136,10 +146,45 @@ class ClusterAssign(nn.Module):
         logits = 2 * centres @ keys.transpose(1, 2) - centres.pow(2).sum(-1)[:, :, None]
         return (logits / self.settings.tau).softmax(dim=1)
 
-    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None):
+    def fine_assign(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
+                    low: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor:
+        """`soft_assign` of the cells of the pixels' grid (B, K, H' W'): the low-level and token
+        parts' products with the centres are taken on their own grids and resampled
+        bilinearly; colour and position are read on the fine grid. Differentiable through the
+        token part, like the keys."""
+        st = self.settings
+        b, k, _ = centres.shape
+        size = tuple(pixels.shape[-2:])
+        first = 0
+
+        def product(features: torch.Tensor, weight: float, cells: tuple[int, int]) -> torch.Tensor:
+            nonlocal first
+            d = features.shape[1]
+            dot = centres[..., first:first + d] @ _unit(features.flatten(2).float(), weight)  # (B, K, cells)
+            first += d
+            dot = dot.view(b, k, *cells)
+            if cells != size:
+                dot = F.interpolate(dot, size=size, mode="bilinear", align_corners=False)
+            return dot.flatten(2)  # (B, K, H' W')
+
+        dots = 0
+        if low is not None:
+            dots = dots + product(low.detach(), st.low_weight, tuple(low.shape[-2:]))
+        dots = dots + product(x.transpose(1, 2), st.token_weight, tuple(grid))
+        if st.pixel_weight:
+            colour = centres[..., first:first + 3]
+            first += 3
+            dots = dots + colour @ (st.pixel_weight * pixels.detach().flatten(2).float())
+        position = st.position_weight * grid_positions(*size, x.device).T  # (2, H' W')
+        dots = dots + centres[..., first:first + 2] @ position
+        logits = 2 * dots - centres.pow(2).sum(-1)[:, :, None]
+        return (logits / st.tau).softmax(dim=1)
+
+    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
+                pixels: torch.Tensor | None = None):
         """queries (B, K, C), x (B, N, C) normalised patch tokens -> merged groups (B, K, C),
         soft assignment (B, K, N'), centres (B, K, Dk) and the assignment's grid."""
-        keys, out_grid = self.keys(x, grid, low)
+        keys, out_grid = self.keys(x, grid, low, pixels)
         free = keys.detach()
         with torch.no_grad():
             # cosine similarity of the seeds and the keys: the keys' norms divide the product
@@ -151,8 +196,12 @@ class ClusterAssign(nn.Module):
                 soft = self.soft_assign(centres, free)
         # the centres of the final assignment, differentiable through the token part of the keys
         centres = (soft / (soft.sum(-1, keepdim=True) + 1e-6)) @ keys
+        if self._finer(pixels, out_grid):
+            with torch.no_grad():
+                soft = self.fine_assign(centres.detach(), x, grid, low, pixels)
+            out_grid = tuple(pixels.shape[-2:])
         soft = soft.to(x.dtype)
-        attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)  # (B, K, N') on the key grid
+        attn = soft / (soft.sum(dim=-1, keepdim=True) + 1.0)  # (B, K, N') on the assignment grid
         if out_grid != tuple(grid):
             # the values stay on the token grid: pooling upsampled values equals pooling the
             # values with the assignment pulled back through the (linear) upsampling
@@ -160,10 +209,36 @@ class ClusterAssign(nn.Module):
         merged = self.proj(attn @ self.v_proj(x))  # (B, K, C)
         return merged, soft, centres, out_grid
 
-    def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None) -> torch.Tensor:
-        """Soft assignment (B, K, N') of another image's keys to `centres`, with gradient."""
-        keys, _ = self.keys(x, grid, low)
-        return self.soft_assign(centres, keys)
+    @staticmethod
+    def _finer(pixels: torch.Tensor | None, grid: tuple[int, int]) -> bool:
+        return pixels is not None and tuple(pixels.shape[-2:]) != tuple(grid)
+
+    def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
+              pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft assignment (B, K, N') of another image's cells to `centres`, with gradient, on
+        the grid `forward` draws its assignment on, by the token part of the keys alone: across
+        images a group is what it shows, not where it is or what colour (the partner's shared
+        object lies elsewhere and may be another colour)."""
+        st = self.settings
+        b, n, c = x.shape
+        k = centres.shape[1]
+        first = low.shape[1] if low is not None else 0
+        token_centres = centres[..., first:first + c]  # (B, K, C)
+        dots = (token_centres @ _unit(x.transpose(1, 2).float(), st.token_weight)).view(b, k, *grid)
+        size = tuple(low.shape[-2:]) if low is not None else tuple(grid)
+        if self._finer(pixels, size):
+            size = tuple(pixels.shape[-2:])
+        if size != tuple(grid):
+            dots = F.interpolate(dots, size=size, mode="bilinear", align_corners=False)
+        logits = 2 * dots.flatten(2) - token_centres.pow(2).sum(-1)[:, :, None]
+        return (logits / st.tau).softmax(dim=1)
+
+
+def _pooled(pixels: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    """The pooled pixels (B, 3, H', W') averaged down to `size` (as they are when they fit)."""
+    if pixels is None:
+        raise ValueError("a pixel weight needs the image's pooled pixels")
+    return pixels if tuple(pixels.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(pixels, size)
 
 
 class GroupingBlock(nn.Module):
@@ -196,22 +271,23 @@ class GroupingBlock(nn.Module):
         return isinstance(self.assign, ClusterAssign)
 
     def masks(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
-              low: torch.Tensor | None = None) -> torch.Tensor:
+              low: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's patch tokens `x` (on `grid`, with its
-        low-level map) to this image's group `queries` (the centres, when clustered)."""
+        low-level map and pooled pixels) to this image's group `queries` (the centres, when
+        clustered)."""
         if self.clustered:
-            return self.assign.masks(queries, self.norm_x(x), grid, low)
+            return self.assign.masks(queries, self.norm_x(x), grid, low, pixels)
         return self.assign.logits(queries, self.norm_x(x)).softmax(dim=1)
 
     def forward(self, x: torch.Tensor, group_tokens: torch.Tensor, grid: tuple[int, int],
-                low: torch.Tensor | None = None):
+                low: torch.Tensor | None = None, pixels: torch.Tensor | None = None):
         """x (B, N, C) patches on `grid`, group_tokens (B, G, C) -> groups (B, K, C), soft
         assignment (B, K, N'), the group queries (B, K, C; the key-space centres when
         clustered) and the assignment's grid (the low-level map's when clustered over one)."""
         queries = self.queries(group_tokens)
         if self.clustered:
             # the queries only seed the clustering: a group is what it pools
-            merged, soft, centres, grid = self.assign(queries, self.norm_x(x), grid, low)
+            merged, soft, centres, grid = self.assign(queries, self.norm_x(x), grid, low, pixels)
             return merged + self.mlp_channels(self.norm_new_x(merged)), soft, centres, grid
         merged, soft = self.assign(queries, self.norm_x(x))
         groups = queries + merged

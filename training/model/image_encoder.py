@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer_hybrid import ConvStem
@@ -26,6 +28,15 @@ class EncoderOutput:
     assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
     queries: torch.Tensor     # (B, K, C) the grouping block's group queries ((B, K, Dk) centres when clustered)
     patches: torch.Tensor     # (B, N, C) patch tokens entering the grouping block
+
+
+class GroupingInput(NamedTuple):
+    """What the grouping block takes from the layers before it."""
+    patches: torch.Tensor              # (B, N, C) patch tokens
+    group_tokens: torch.Tensor         # (B, G, C)
+    grid: tuple[int, int]              # the token grid (h, w)
+    low: torch.Tensor | None           # (B, C0, H', W') the CNN embedding's first-stage map
+    pixels: torch.Tensor | None        # (B, 3, H/s, W/s) the input averaged every cluster_stride pixels
 
 
 class ConvPatchEmbed(nn.Module):
@@ -76,12 +87,20 @@ class CNNPatchEmbed(nn.Module):
         return self.head(x).permute(0, 2, 3, 1), low
 
 
-def assignment_grid(cfg: ModelConfig) -> int:
-    """Cells per side of the group maps at `cfg.image_size`: the clustering over a CNN embedding
-    draws them on its first stage's map (stride 2), everything else on the token grid."""
+def assignment_stride(cfg: ModelConfig) -> int:
+    """Input pixels per cell of the group maps: the clustering's `cluster_stride` when set, else
+    the clustering over a CNN embedding draws them on its first stage's map (stride 2);
+    everything else on the token grid."""
+    if cfg.grouping == "cluster" and cfg.cluster_stride:
+        return cfg.cluster_stride
     if cfg.grouping == "cluster" and cfg.patch_embed == "cnn":
-        return cfg.image_size // 2
-    return cfg.image_size // cfg.patch_size
+        return 2
+    return cfg.patch_size
+
+
+def assignment_grid(cfg: ModelConfig) -> int:
+    """Cells per side of the group maps at `cfg.image_size`."""
+    return cfg.image_size // assignment_stride(cfg)
 
 
 class GroupingViT(nn.Module):
@@ -103,8 +122,15 @@ class GroupingViT(nn.Module):
             raise ValueError(f"model.grouping must be learned or cluster, not {cfg.grouping!r}")
         cluster = None
         if cfg.grouping == "cluster":
+            if cfg.cluster_stride < 0 or cfg.image_size % max(cfg.cluster_stride, 1):
+                raise ValueError(f"model.cluster_stride must divide the image size {cfg.image_size}, "
+                                 f"not {cfg.cluster_stride}")
             cluster = ClusterSettings(cfg.cluster_iters, cfg.cluster_tau, cfg.cluster_low_weight,
-                                      cfg.cluster_token_weight, cfg.cluster_position_weight)
+                                      cfg.cluster_token_weight, cfg.cluster_position_weight, cfg.cluster_pixel_weight)
+        # the clustering's own grid (and colour keys): the input averaged over its cells
+        self.pixel_stride = 0
+        if cluster is not None and (cfg.cluster_stride or cfg.cluster_pixel_weight):
+            self.pixel_stride = assignment_stride(cfg)
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
         self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))
@@ -124,9 +150,10 @@ class GroupingViT(nn.Module):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, [h, w], old_size=list(self.grid), num_prefix_tokens=0)
 
-    def before_grouping(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    def before_grouping(self, images: torch.Tensor) -> GroupingInput:
         """Patch tokens (B, N, C) and group tokens (B, G, C) after the first blocks, the token
-        grid, and the patch embedding's low-level map (None unless it makes one)."""
+        grid, the patch embedding's low-level map (None unless it makes one) and the image
+        averaged every `cluster_stride` pixels (None unless the clustering asks for it)."""
         if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(images)  # (B, h, w, C), and for the CNN also its low-level map
@@ -137,16 +164,19 @@ class GroupingViT(nn.Module):
         tokens = torch.cat([x, self.group_token.expand(b, -1, -1)], dim=1)  # (B, N + G, C)
         for block in self.blocks_before:
             tokens = block(tokens)
-        return tokens[:, :n], tokens[:, n:], (h, w), low
+        pixels = None
+        if self.pixel_stride:
+            pixels = F.avg_pool2d(images, self.pixel_stride) if self.pixel_stride > 1 else images  # (B, 3, H/s, W/s)
+        return GroupingInput(tokens[:, :n], tokens[:, n:], (h, w), low, pixels)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
-        patches, group_tokens, grid, low = self.before_grouping(images)
-        groups, soft, queries, (h, w) = self.grouping(patches, group_tokens, grid, low)  # (B, K, C), (B, K, N')
+        x = self.before_grouping(images)
+        groups, soft, queries, (h, w) = self.grouping(x.patches, x.group_tokens, x.grid, x.low, x.pixels)  # (B, K, C), (B, K, N')
         for block in self.blocks_after:
             groups = block(groups)
         groups = self.norm(groups)
         b, k, _ = soft.shape
-        return EncoderOutput(groups, soft.view(b, k, h, w), queries, patches)
+        return EncoderOutput(groups, soft.view(b, k, h, w), queries, x.patches)
 
 
 def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[list[str], list[str]]:

@@ -149,8 +149,8 @@ class OVSegmentor(nn.Module):
 
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
         partner = batch["partner_image"]
-        patches, _, grid, low = self.image_encoder.before_grouping(partner)  # (B, N, C)
-        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low)  # (B, K, N')
+        x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
+        student = self.image_encoder.grouping.masks(image.queries, x.patches, x.grid, x.low, x.pixels)  # (B, K, N')
         with torch.no_grad():
             teacher = self.momentum_encoder(partner).assignment.flatten(2)  # (B, K, N)
             shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
