@@ -24,6 +24,10 @@ PROTOCOL_HELP = ("paper: short side 448, window 448 stride 224. training-free: s
 THRESHOLD_DEFAULT = {"voc": "the paper's 0.95", "context": "the paper's 0.35", "coco-object": "the paper's 0.9",
                      "ade20k": "none, ADE20K has no background class",
                      "synthetic": "0.5; better: --tune-threshold-on val"}
+SCORING_HELP = ("How a group scores a class. softmax: the paper's softmax over the classes at the contrastive "
+                "temperature. grounding: the grounding head's presence probability per class (models trained with "
+                "the grounding loss; without --bg-threshold the threshold is then 0.5, the paper's belong to softmax). "
+                "auto: grounding when the model trained with it, else softmax.")
 DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade20k": "validation",
                  "synthetic": "test"}
 
@@ -31,7 +35,7 @@ DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade2
 def _run(name: str, data: Path, checkpoint: Path, output: Path, split: Optional[str], protocol: str,
          bg_threshold: Optional[float], tune_threshold_on: Optional[str], ensemble: bool,
          top_k: Optional[int], save_pictures: int, limit: Optional[int], device: Optional[str],
-         diagnostics: bool, batch_size: int) -> None:
+         diagnostics: bool, batch_size: int, scoring: str) -> None:
     from ovseg.evaluation.datasets import DatasetNotFound
     from ovseg.evaluation.evaluate import run_evaluation
 
@@ -43,7 +47,7 @@ def _run(name: str, data: Path, checkpoint: Path, output: Path, split: Optional[
             name, data, checkpoint, output_dir=output, split=split or DEFAULT_SPLIT[name],
             protocol=protocol, bg_threshold=bg_threshold, tune_threshold_on=tune_threshold_on,
             ensemble=ensemble, top_k=top_k, save_pictures=save_pictures, limit=limit,
-            device=device, diagnostics=diagnostics, batch_size=batch_size,
+            device=device, diagnostics=diagnostics, batch_size=batch_size, scoring=scoring,
         )
     except DatasetNotFound as error:
         typer.echo(f"ovseg eval {name}: data set not found: {error}", err=True)
@@ -54,7 +58,7 @@ def _run(name: str, data: Path, checkpoint: Path, output: Path, split: Optional[
     m = result.metrics
     line = f"{name}: mIoU {100 * m.miou:.2f}  pixel acc {100 * m.pixel_accuracy:.2f}  mean acc {100 * m.mean_accuracy:.2f}"
     if result.bg_threshold is not None:
-        line += f"  (background threshold {result.bg_threshold:.2f})"
+        line += f"  (background threshold {result.bg_threshold:.2f}, {result.scoring} scoring)"
     if result.group_majority is not None:
         line += f"  group-majority mIoU {100 * result.group_majority.miou:.2f}"
     typer.echo(line)
@@ -69,6 +73,7 @@ def _make_command(name: str):
         split: Optional[str] = typer.Option(None, help=f"Split to measure (default: {DEFAULT_SPLIT[name]})."),
         protocol: str = typer.Option("paper", help=PROTOCOL_HELP if name != "synthetic" else "Ignored: the synthetic world is measured at its own size, one window per image."),
         bg_threshold: Optional[float] = typer.Option(None, help="Background threshold on the class probability (default: " + THRESHOLD_DEFAULT[name] + ")."),
+        scoring: str = typer.Option("auto", help=SCORING_HELP),
         tune_threshold_on: Optional[str] = typer.Option(None, help="Choose the background threshold on this split (e.g. val) before measuring; never the measured split."),
         ensemble: bool = typer.Option(False, help="Average several prompt templates instead of the paper's single one."),
         top_k: Optional[int] = typer.Option(None, help="Keep only the k classes most similar to the whole image (the paper's filter)."),
@@ -79,7 +84,7 @@ def _make_command(name: str):
         batch_size: int = typer.Option(16, min=1, help="Windows per forward pass (across images when each image is one window)."),
     ) -> None:
         _run(name, data, checkpoint, output, split, protocol, bg_threshold, tune_threshold_on,
-             ensemble, top_k, save_pictures, limit, device, diagnostics, batch_size)
+             ensemble, top_k, save_pictures, limit, device, diagnostics, batch_size, scoring)
 
     command.__doc__ = f"Zero-shot segmentation on {name}: mIoU, pixel accuracy, per-class IoU."
     return command

@@ -15,6 +15,7 @@ def segment(
     output: Path = typer.Option(Path("segment-out"), "--output", "-o", help="Folder for the overlays and label maps."),
     bg_threshold: float = typer.Option(0.5, help="Pixels whose best class probability is below this are background."),
     short_side: Optional[int] = typer.Option(None, help="Resize the short side to this before inference (default: the model's training size)."),
+    scoring: str = typer.Option("auto", help="How a group scores a class: softmax (the paper's), grounding (the grounding head's presence probability) or auto (grounding when the model trained with it)."),
     groups: bool = typer.Option(False, "--groups", help="Also save the group map."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
 ) -> None:
@@ -25,10 +26,15 @@ def segment(
     if not names:
         typer.echo("ovseg segment: --vocab needs at least one class name", err=True)
         raise typer.Exit(2)
+    from ovseg.evaluation.segmenter import SCORINGS
+
+    if scoring not in SCORINGS:
+        typer.echo(f"ovseg segment: unknown --scoring {scoring!r}; choose from {', '.join(SCORINGS)}", err=True)
+        raise typer.Exit(2)
     missing = [p for p in [checkpoint, *images] if not p.exists()]
     if missing:
         typer.echo(f"ovseg segment: file not found: {missing[0]}", err=True)
         raise typer.Exit(2)
     for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
-                                  short_side=short_side, save_groups=groups, device=device):
+                                  short_side=short_side, save_groups=groups, device=device, scoring=scoring):
         typer.echo(f"wrote {written}")

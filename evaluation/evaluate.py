@@ -16,7 +16,7 @@ from ovseg.evaluation import datasets as ds
 from ovseg.evaluation.metrics import ConfusionMatrix, SegmentationMetrics, group_majority_labels
 from ovseg.evaluation.pictures import colourise, group_picture, palette_png, side_by_side
 from ovseg.evaluation.segmenter import (
-    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, ZeroShotSegmenter, synthetic_protocol,
+    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, SCORINGS, ZeroShotSegmenter, resolve_scoring, synthetic_protocol,
 )
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class EvalResult:
     bg_threshold: float | None
     group_majority: SegmentationMetrics | None
     output_dir: Path | None
+    scoring: str = "softmax"  # how groups scored the classes (see evaluation.segmenter)
 
 
 def load_dataset(name: str, data: Path, split: str | None = None, protocol: str = "paper") -> ds.SegmentationDataset:
@@ -44,19 +45,24 @@ def load_dataset(name: str, data: Path, split: str | None = None, protocol: str 
 
 def make_segmenter(model, dataset: ds.SegmentationDataset, *, protocol: str = "paper",
                    bg_threshold: float | None = None, ensemble: bool = False,
-                   top_k: int | None = None, device: str = "cpu", batch_size: int = 16) -> ZeroShotSegmenter:
+                   top_k: int | None = None, device: str = "cpu", batch_size: int = 16,
+                   scoring: str = "auto") -> ZeroShotSegmenter:
+    """The data set's segmenter. Without a threshold: the paper's for its softmax scoring, and
+    0.5 (the presence head's own decision boundary) for grounding scoring."""
+    scoring = resolve_scoring(model, scoring)
     if dataset.name == "synthetic":
         chosen = synthetic_protocol(int(getattr(model, "image_size", 64)))
     elif protocol in PROTOCOLS:
         chosen = PROTOCOLS[protocol]
     else:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    threshold = bg_threshold if bg_threshold is not None else (dataset.bg_threshold or 0.5)
+    paper = dataset.bg_threshold if scoring == "softmax" else None
+    threshold = bg_threshold if bg_threshold is not None else (paper or 0.5)
     return ZeroShotSegmenter(
         model, dataset.prompt_classes,
         templates=ENSEMBLE_TEMPLATES if ensemble else (PAPER_TEMPLATE,),
         with_background=dataset.has_background, bg_threshold=threshold,
-        protocol=chosen, top_k=top_k, device=device, batch_size=batch_size,
+        protocol=chosen, top_k=top_k, device=device, batch_size=batch_size, scoring=scoring,
     )
 
 
@@ -132,23 +138,26 @@ def evaluate_dataset(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDatas
         extra = {
             "dataset": dataset.name, "n_images": n, "protocol": segmenter.protocol.name,
             "bg_threshold": segmenter.bg_threshold if dataset.has_background else None,
-            "templates": list(segmenter.templates),
+            "scoring": segmenter.scoring, "templates": list(segmenter.templates),
         }
         if majority_metrics is not None:
             extra["group_majority_miou"] = majority_metrics.miou
         metrics.write(Path(output_dir), title=f"{dataset.name} ({n} images)", extra=extra)
     return EvalResult(metrics, segmenter.bg_threshold if dataset.has_background else None,
-                      majority_metrics, output_dir)
+                      majority_metrics, output_dir, segmenter.scoring)
 
 
 def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path | None = None,
                    split: str | None = None, protocol: str = "paper", bg_threshold: float | None = None,
                    tune_threshold_on: str | None = None, ensemble: bool = False,
                    top_k: int | None = None, save_pictures: int = 0, limit: int | None = None,
-                   device: str | None = None, diagnostics: bool = False, batch_size: int = 16) -> EvalResult:
+                   device: str | None = None, diagnostics: bool = False, batch_size: int = 16,
+                   scoring: str = "auto") -> EvalResult:
     """Load the checkpoint and the data set, optionally choose the background threshold on
     another split (never the one being measured), and evaluate."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
     dataset = load_dataset(name, data, split, protocol)  # a missing data set fails before the model loads
     if tune_threshold_on is not None and tune_threshold_on == split:
         raise ValueError(f"the threshold must be chosen on another split than the one measured ({split})")
@@ -156,7 +165,8 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
 
     model = load_model(checkpoint, map_location=device)
     segmenter = make_segmenter(model, dataset, protocol=protocol, bg_threshold=bg_threshold,
-                               ensemble=ensemble, top_k=top_k, device=device, batch_size=batch_size)
+                               ensemble=ensemble, top_k=top_k, device=device, batch_size=batch_size,
+                               scoring=scoring)
     if tune_threshold_on is not None and dataset.has_background:
         tuning = load_dataset(name, data, tune_threshold_on, protocol)
         segmenter.bg_threshold = tune_threshold(segmenter, tuning, limit=limit)
@@ -166,6 +176,6 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
         (Path(output_dir) / "eval_config.json").write_text(json.dumps({
             "dataset": name, "data": str(data), "checkpoint": str(checkpoint), "split": split,
             "protocol": protocol, "bg_threshold": segmenter.bg_threshold,
-            "threshold_tuned_on": tune_threshold_on, "ensemble": ensemble, "top_k": top_k,
+            "threshold_tuned_on": tune_threshold_on, "scoring": segmenter.scoring, "ensemble": ensemble, "top_k": top_k,
         }, indent=2))
     return result

@@ -16,7 +16,7 @@ from ovseg.evaluation.segmenter import PAPER_TEMPLATE, Protocol, ZeroShotSegment
 
 def segment_images(images: list[Path], checkpoint: Path, names: list[str], output: Path, *,
                    bg_threshold: float = 0.5, short_side: int | None = None,
-                   save_groups: bool = False, device: str | None = None) -> Iterator[Path]:
+                   save_groups: bool = False, device: str | None = None, scoring: str = "auto") -> Iterator[Path]:
     """For each image write `<stem>_overlay.png` (with a legend), `<stem>_labels.png` (palette
     PNG: 0 background, i = names[i-1]) and optionally `<stem>_groups.png`; yields the paths."""
     from ovseg.training.checkpoint import load_model
@@ -27,7 +27,7 @@ def segment_images(images: list[Path], checkpoint: Path, names: list[str], outpu
     window = max(side, 2 * int(getattr(model, "patch_size", 16)))
     segmenter = ZeroShotSegmenter(model, names, templates=(PAPER_TEMPLATE,), with_background=True,
                                   bg_threshold=bg_threshold, protocol=Protocol("segment", side, window, window // 2),
-                                  device=device)
+                                  device=device, scoring=scoring)
     output.mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     legend = ["background", *names]

@@ -5,6 +5,15 @@ encoder is scored against every class; each group keeps only its best class (Gro
 OVSegmentor's inference); pixels take the class scores of their groups through the soft
 patch-to-group assignment, upsampled to the image; a pixel whose best score stays below the
 background threshold is background. Large images are processed with a sliding window.
+
+A group's class scores are, by `scoring`:
+- "softmax" (GroupViT's and OVSegmentor's): a softmax over the classes of the cosine
+  similarities at the contrastive temperature; a group that shows none of the classes still
+  puts its whole probability on them;
+- "grounding" (ovseg's, for models trained with the grounding loss): the grounding head's
+  presence probability, sigmoid(scale * cosine + bias), one per class, trained to say whether
+  a group shows that entity at all, so background groups can score low for every class;
+- "auto": grounding when the model trained with the grounding loss, else softmax.
 """
 
 from __future__ import annotations
@@ -26,6 +35,19 @@ ENSEMBLE_TEMPLATES = (
     "a photo of a large {}.",
     "a cropped photo of a {}.",
 )
+
+
+SCORINGS = ("auto", "softmax", "grounding")
+
+
+def resolve_scoring(model, scoring: str = "auto") -> str:
+    """"softmax" or "grounding" for `model` ("auto": grounding if it trained with that loss)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+    if scoring != "auto":
+        return scoring
+    losses = getattr(getattr(model, "cfg", None), "losses", ())
+    return "grounding" if "grounding" in losses else "softmax"
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,10 @@ class ZeroShotSegmenter:
     def __init__(self, model, class_names: list[str], *, templates=(PAPER_TEMPLATE,),
                  with_background: bool = True, bg_threshold: float = 0.5,
                  protocol: Protocol = PROTOCOLS["paper"], top_k: int | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 8, bf16: bool = True):
+                 device: str | torch.device = "cpu", batch_size: int = 8, bf16: bool = True,
+                 scoring: str = "auto"):
         self.model = model.eval()
+        self.scoring = resolve_scoring(model, scoring)
         self.class_names = list(class_names)
         self.templates = tuple(templates)
         self.with_background = with_background
@@ -99,6 +123,13 @@ class ZeroShotSegmenter:
         value = scale.exp().item() if isinstance(scale, torch.Tensor) else float(np.exp(scale))
         return min(value, 100.0)
 
+    def _group_probabilities(self, cosine: torch.Tensor) -> torch.Tensor:
+        """(N, K, C) cosine similarities of groups and classes -> the groups' class scores."""
+        if self.scoring == "grounding":
+            scale, bias = self.model.grounding_scale.float(), self.model.grounding_bias.float()
+            return torch.sigmoid(scale * cosine + bias)
+        return (self._logit_scale() * cosine).softmax(dim=-1)
+
     # -- image side --------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) -> normalised (1, 3, h, w) with the short side at the protocol's."""
@@ -119,7 +150,7 @@ class ZeroShotSegmenter:
         with self._autocast():
             out = self.model.encode_image(crops.to(self.device))
         groups = F.normalize(out.group_embeddings.float(), dim=-1)  # (N, K, D)
-        probs = (self._logit_scale() * groups @ classes.T).softmax(dim=-1)  # (N, K, C)
+        probs = self._group_probabilities(groups @ classes.T)  # (N, K, C)
         if self.top_k is not None and self.top_k < probs.shape[-1]:
             image_sim = F.normalize(out.embedding.float(), dim=-1) @ classes.T  # (N, C)
             keep = torch.zeros_like(image_sim, dtype=torch.bool)

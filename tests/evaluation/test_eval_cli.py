@@ -160,3 +160,13 @@ def test_cuda_scores_equal_cpu_scores_and_bf16_stays_a_valid_score_map(checkpoin
     # the map must still be a valid score map: finite and in [0, 1]
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert half.min() >= 0 and half.max() <= 1 + 1e-3
+
+
+def test_an_unknown_scoring_is_a_one_line_error_before_any_work(checkpoint, world, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(checkpoint), "--data", str(world),
+                                      "--scoring", "argmax", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "unknown scoring 'argmax'" in result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["segment", str(checkpoint), "--checkpoint", str(checkpoint), "--vocab", "circle",
+                                      "--scoring", "argmax"])
+    assert result.exit_code == 2 and "--scoring" in result.output

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ovseg.evaluation.segmenter import Protocol, ZeroShotSegmenter
 
@@ -98,3 +99,64 @@ def test_small_images_are_batched_across_images_in_one_forward_pass(redness_mode
         alone, alone_groups = seg.scores(image, with_groups=True)
         torch.testing.assert_close(scores, alone)
         torch.testing.assert_close(groups, alone_groups)
+
+
+class _FaintGroupModel(torch.nn.Module):
+    """Two groups over a 4-d text space: group 0 is exactly "circle"; group 1 leans slightly
+    towards "square" (cosine 0.3) and is mostly a direction no class has, like background that
+    shares a little with one class. Trained with the grounding loss (cfg.losses)."""
+
+    patch_size, image_size = 4, 32
+    image_mean, image_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(losses=["contrastive", "entity", "grounding"])
+        self.logit_scale = torch.nn.Parameter(torch.tensor(np.log(100.0)), requires_grad=False)
+        self.grounding_scale = torch.nn.Parameter(torch.tensor(10.0), requires_grad=False)
+        self.grounding_bias = torch.nn.Parameter(torch.tensor(-5.0), requires_grad=False)
+
+    def encode_text(self, texts):
+        words = ["circle", "square", "star"]
+        return torch.stack([torch.eye(4)[next(i for i, w in enumerate(words) if f" {w}." in t)] for t in texts])
+
+    def encode_image(self, images):
+        from types import SimpleNamespace
+
+        b, _, h, w = images.shape
+        faint = torch.tensor([0.0, 0.3, 0.0, (1 - 0.09) ** 0.5])
+        groups = torch.stack([torch.eye(4)[0], faint])[None].expand(b, -1, -1)
+        left = torch.zeros(b, 1, h // 4, w // 4)
+        left[..., : w // 8] = 1.0
+        return SimpleNamespace(embedding=F.normalize(groups.mean(1), dim=-1), group_embeddings=groups,
+                               assignment=torch.cat([left, 1 - left], dim=1))
+
+
+def test_grounding_scoring_leaves_a_group_that_only_leans_towards_a_class_as_background():
+    """Softmax over the classes gives the faint group "square" with near certainty (its other
+    cosines are 0), so no threshold below 1 keeps it background; the grounding head's presence
+    probability, sigmoid(10 * 0.3 - 5) = 0.12, does at its own boundary of 0.5, while the
+    group that is a circle stays a circle."""
+    model = _FaintGroupModel()
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    softmax = ZeroShotSegmenter(model, ["circle", "square", "star"], protocol=Protocol("t", 32, 32, 16),
+                                scoring="softmax", bg_threshold=0.5)
+    grounding = ZeroShotSegmenter(model, ["circle", "square", "star"], protocol=Protocol("t", 32, 32, 16),
+                                  bg_threshold=0.5)
+    assert grounding.scoring == "grounding"  # auto: the model trained with the grounding loss
+    soft_pred, ground_pred = softmax.predict(image), grounding.predict(image)
+    assert (soft_pred[:, 20:] == 2).all() and (ground_pred[:, 20:] == 0).all()
+    assert (soft_pred[:, :12] == 1).all() and (ground_pred[:, :12] == 1).all()
+    scores, _ = grounding.scores(image)
+    assert abs(float(scores[1, 0, 31]) - float(torch.sigmoid(torch.tensor(-2.0)))) < 1e-4
+
+
+def test_auto_scoring_is_softmax_for_a_model_that_never_trained_grounding(redness_model):
+    from ovseg.evaluation.segmenter import resolve_scoring
+
+    assert resolve_scoring(redness_model) == "softmax"
+    assert resolve_scoring(_FaintGroupModel(), "softmax") == "softmax"
+    with pytest.raises(ValueError, match="unknown scoring"):
+        resolve_scoring(redness_model, "argmax")
