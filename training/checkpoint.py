@@ -45,8 +45,15 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
+def model_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's model is used with: the moving average of the weights when
+    the run kept one (`train.ema_decay`), else the trained weights themselves."""
+    return state.get("ema") or state["model"]
+
+
 def model_from_state(state: dict[str, Any], map_location: str | torch.device = "cpu"):
-    """Build the model the checkpoint describes and load its weights (strict)."""
+    """Build the model the checkpoint describes and load its weights (strict; the moving
+    average when the run kept one, see `model_weights`)."""
     from ovseg.training.config import RunConfig, _from_dict
     from ovseg.training.model import build_model
     from ovseg.training.tokenizer import tokenizer_from_json
@@ -54,7 +61,7 @@ def model_from_state(state: dict[str, Any], map_location: str | torch.device = "
     config = _from_dict(RunConfig, {k: v for k, v in state["config"].items() if k != "git_sha"})
     tokenizer = tokenizer_from_json(state["tokenizer"]) if state.get("tokenizer") else None
     model = build_model(config.model, tokenizer=tokenizer)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(model_weights(state))
     return model.to(map_location)
 
 

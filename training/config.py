@@ -63,6 +63,11 @@ class TrainConfig:
     stage2_steps: int = 500
     stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's
     max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    # decay per step of a moving average of the weights (timm's ModelEmaV3, with warm-up), kept
+    # beside the model and saved in every checkpoint; evaluation, `segment` and stage 2's init
+    # use it. 0: none. It averages out the noise of a constant learning rate, which runs
+    # stopped by the clock (train.max_minutes) have
+    ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
@@ -207,6 +212,8 @@ def resolve(preset: str | None = None, config_file: Path | None = None,
         values = deep_merge(values, parse_override(text))
     values.pop("git_sha", None)
     config = _from_dict(RunConfig, values)
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' wants a decay in [0, 1), got {config.train.ema_decay}")
     config.git_sha = git_sha()
     return config
 

@@ -119,6 +119,16 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def _moving_average(model: torch.nn.Module, decay: float):
+    """timm's ModelEmaV3 of `model` (warm-up: the decay grows from 0 towards `decay`, so the
+    average starts as the model itself), or None when `decay` is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 class _StopFlag:
     """Set by SIGTERM (preemption): the loop saves a checkpoint and returns cleanly."""
 
@@ -170,8 +180,8 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
             write_config(cfg, run_dir / "config.yaml")
 
         model = build_model(cfg.model, tokenizer=tokenizer)
-        if init_state is not None:
-            missing, unexpected = model.load_state_dict(init_state["model"], strict=False)
+        if init_state is not None:  # the weights stage 1 is evaluated with: its moving average if it kept one
+            missing, unexpected = model.load_state_dict(ckpt.model_weights(init_state), strict=False)
             if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
                 model.reset_momentum()  # stage 1 had none: it starts as a copy of stage 1's encoder
             log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
@@ -200,9 +210,12 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas))
         scheduler = _schedule(optimizer, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr / lr if lr else 0.0)
 
+        ema = _moving_average(model, t.ema_decay)
         step, epoch, batch_in_epoch = 0, 0, 0
         if state is not None:
             model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.module.load_state_dict(state.get("ema") or state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["sampler"]["batch_in_epoch"]
@@ -226,6 +239,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                 "sampler": {"batch_in_epoch": batch_in_epoch, "seed": t.seed},
+                "ema": ema.module.state_dict() if ema is not None else None,
                 "rng": _rng_state(), "config": to_dict(cfg),
                 "tokenizer": model.tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None,
                 "stage": stage,
@@ -297,6 +311,8 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     model.momentum_update()
+                    if ema is not None:
+                        ema.update(model, step=step)
                     step += 1
                     bar.update(1)
                     last_parts = {k: float(dist_utils.all_reduce_mean(v.detach().float()).item())
@@ -325,8 +341,9 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                                         writer.add_scalar(f"stage{stage}/{key}", value, step)
                         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                     if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and info.is_main:
-                        model.eval()
-                        result = eval_fn(model, step)
+                        evaluated = ema.module if ema is not None else model
+                        evaluated.eval()
+                        result = eval_fn(evaluated, step)
                         model.train()
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps({"step": step, "stage": stage, **{f"val/{k}": v for k, v in result.items()}}) + "\n")

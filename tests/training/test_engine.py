@@ -50,6 +50,43 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert (run / "stage1" / "config.yaml").exists()
 
 
+def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resumed_exactly(tmp_path):
+    """train.ema_decay keeps timm's ModelEmaV3 of the weights: every checkpoint holds it, it
+    differs from the trained weights, load_model (evaluation, segment) and stage 2's init take
+    it, and a run stopped and resumed ends with the same average as one run straight through."""
+    from ovseg.training.checkpoint import load_model, model_weights
+
+    data = make_contract(tmp_path / "D", n=16)
+    ema = ("train.ema_decay=0.9", "train.ckpt_every=2", "train.batch_size=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _cli("--data", str(data), "--run", str(straight), "--stage", "1", "train.steps=4", *ema).exit_code == 0
+    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.steps=2", *ema).exit_code == 0
+    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.steps=4", *ema).exit_code == 0
+    a, b = (torch.load(r / "last.pt", weights_only=True) for r in (straight, resumed))
+    assert a["ema"] is not None and set(a["ema"]) == set(a["model"])
+    moved = [k for k, v in a["model"].items() if v.is_floating_point() and not torch.equal(v, a["ema"][k])]
+    assert moved, "the average should lag behind the trained weights"
+    assert all(torch.allclose(a["ema"][k], b["ema"][k], atol=1e-6) for k in a["ema"])
+    evaluated = load_model(straight / "last.pt").state_dict()
+    assert all(torch.equal(evaluated[k], model_weights(a)[k]) for k in moved)
+    # stage 2 starts from the average
+    second = tmp_path / "second"
+    assert _cli("--data", str(data), "--run", str(second), "--stage", "2", "--init", str(straight / "last.pt"),
+                "train.stage2_steps=1").exit_code == 0
+    text = [k for k in moved if k.startswith("text_encoder.")]  # frozen in stage 2: still the average
+    s2 = torch.load(second / "last.pt", weights_only=True)["model"]
+    assert text and all(torch.equal(s2[k], a["ema"][k]) for k in text)
+
+
+def test_without_a_decay_no_average_is_kept(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1").exit_code == 0
+    assert torch.load(run / "last.pt", weights_only=True)["ema"] is None
+    result = _cli("--data", str(data), "--run", str(tmp_path / "bad"), "--stage", "1", "train.ema_decay=1.5")
+    assert result.exit_code == 2 and "train.ema_decay" in result.output and "Traceback" not in result.output
+
+
 def test_checkpoint_loads_into_a_fresh_process(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
