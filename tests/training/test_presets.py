@@ -54,7 +54,7 @@ def test_cpu_presets_build_and_train_a_step(name):
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     grid = assignment_grid(cfg)
-    assert grid == (s // 2 if name == "synthetic-small" else s // cfg.patch_size)  # clustering: the CNN's first stage
+    assert grid == (s if name == "synthetic-small" else s // cfg.patch_size)  # clustering: drawn at every input pixel
     assert model.encode_image(batch["image"]).assignment.shape == (b, cfg.num_groups, grid, grid)
 
 
