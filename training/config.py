@@ -62,6 +62,11 @@ class TrainConfig:
     steps: int = 1000
     stage2_steps: int = 500
     stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's
+    # stage 2 with the partners in the batch: batch_size / 2 images and their partners, every
+    # one trained on by every loss, so a stage-2 step costs about what a stage-1 step does.
+    # False: batch_size images, each with an extra partner that only the mask loss sees
+    stage2_pairs_in_batch: bool = False
+    stage2_freeze_text: bool = True  # the paper's stage 2 trains the image side only
     max_minutes: float | None = None  # stop (and checkpoint) after this much training time
     # decay per step of a moving average of the weights (timm's ModelEmaV3, with warm-up), kept
     # beside the model and saved in every checkpoint; evaluation, `segment` and stage 2's init

@@ -274,11 +274,15 @@ class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
     def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: int, cfg, seed: int,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, pairs_in_batch: bool = False):
+        """`pairs_in_batch` (stage 2): a sample is its image and its partner as two full
+        samples, both trained on by every loss (`collate` puts the partners in the batch), instead
+        of an image with a partner that only the mask-consistency loss sees."""
         self.table = table
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.stage = stage
+        self.pairs_in_batch = pairs_in_batch and stage == 2
         self.seed = seed
         self.epoch = 0
         self.transform = build_transform(image_size, stage, cfg, mean, std)  # uint8 out: see normalize_images
@@ -321,20 +325,31 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             out["offset_mapping"] = enc.offsets
         return out
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | list[dict[str, Any]] | None:
+        """The sample (None when its image cannot be read); with `pairs_in_batch`, a list of the
+        sample and its partner (the sample alone when it has none that can be read)."""
         sid = int(self.table.sample_id[index])
         try:
             decoded = self._decode(index)
         except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and counted
             log.debug("sample %d skipped: %s", sid, error)
             return None
-        image = self._image(decoded, [self.seed, self.epoch, sid, 0])
+        item = self._sample(index, self._image(decoded, [self.seed, self.epoch, sid, 0]))
+        if self.pairs_in_batch:
+            return self._pair(item)
+        if self.stage == 2:
+            item.update(self._partner(index, sid))
+        return item
+
+    def _sample(self, index: int, image: torch.Tensor) -> dict[str, Any]:
+        """Row `index`'s training sample around its augmented `image`."""
+        sid = int(self.table.sample_id[index])
         caption = self.table.caption[index]
         enc = self._tokens(caption, offsets=True)
         question, masked = masked_question(caption, self.table.chunks[index], set(self.table.entities[index]),
                                            enc["offset_mapping"], enc["input_ids"], self.tokenizer.mask_token_id)
         answer = self._answer(masked)
-        item = {
+        return {
             "sample_id": sid,
             "image": image,
             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
@@ -343,9 +358,6 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             "has_entity": bool(masked),
             **self._entity_prompts(masked),
         }
-        if self.stage == 2:
-            item.update(self._partner(index, sid))
-        return item
 
     def _prompt(self, entity: str | None) -> tuple[list[int], list[int], int]:
         """Token ids, attention mask and key of one entity's prompt (None: an empty slot).
@@ -375,22 +387,37 @@ class CaptionImageDataset(torch.utils.data.Dataset):
 
         return _cached(self._slots_cache, slots, build)
 
-    def _partner(self, index: int, sid: int) -> dict[str, Any]:
+    def _draw_partner(self, sid: int) -> tuple[int | None, str, Image.Image | None]:
+        """This epoch's partner of sample `sid`: its row, the shared entity and its decoded
+        image (None where the sample has no partner or its image cannot be read)."""
         options = self.table.partners.get(sid, [])
+        if not options:
+            return None, "thing", None
         rng = np.random.default_rng([self.seed, self.epoch, sid, 1])
-        found = False
-        image = None
-        entity = "thing"
-        if options:
-            partner_id, entity = options[int(rng.integers(len(options)))]
-            p_index = int(np.searchsorted(self.table.sample_id, partner_id))
-            try:
-                decoded = self._decode(p_index)
-            except Exception as error:  # noqa: BLE001
-                log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
-            else:
-                image = self._image(decoded, [self.seed, self.epoch, sid, 2])
-                found = True
+        partner_id, entity = options[int(rng.integers(len(options)))]
+        p_index = int(np.searchsorted(self.table.sample_id, partner_id))
+        try:
+            return p_index, entity, self._decode(p_index)
+        except Exception as error:  # noqa: BLE001
+            log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
+            return p_index, entity, None
+
+    def _pair(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """The sample and its partner, both full samples that name their shared entity."""
+        sid = item["sample_id"]
+        p_index, entity, decoded = self._draw_partner(sid)
+        if decoded is None:
+            shared_ids, shared_mask, _ = self._prompt("thing")
+            return [{**item, "shared_ids": shared_ids, "shared_mask": shared_mask}]
+        partner = self._sample(p_index, self._image(decoded, [self.seed, self.epoch, sid, 2]))
+        shared_ids, shared_mask, _ = self._prompt(entity)
+        shared = {"shared_ids": shared_ids, "shared_mask": shared_mask}
+        return [{**item, **shared}, {**partner, **shared}]
+
+    def _partner(self, index: int, sid: int) -> dict[str, Any]:
+        _, entity, decoded = self._draw_partner(sid)
+        found = decoded is not None
+        image = self._image(decoded, [self.seed, self.epoch, sid, 2]) if found else None
         if image is None:
             image = torch.zeros(3, *self._image_shape(), dtype=torch.uint8)
         shared_ids, shared_mask, _ = self._prompt(entity)
@@ -420,9 +447,13 @@ def trim_padding(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def collate(items: list[dict | None]) -> dict[str, Any]:
+def collate(items: list[dict | list[dict] | None]) -> dict[str, Any]:
     """Stack the readable samples (text trimmed to its longest row, see `trim_padding`);
-    `n_skipped` counts the unreadable ones."""
+    `n_skipped` counts the unreadable ones. Pairs (lists, see `CaptionImageDataset`) go in as
+    rows of their own: the samples first, then the partners, with `partner_index` giving each
+    row's partner row (-1: none) and `has_partner` saying whether it has one."""
+    if any(isinstance(item, list) for item in items):
+        return _collate_pairs(items)
     kept = [item for item in items if item is not None]
     batch: dict[str, Any] = {"n_skipped": len(items) - len(kept), "n_items": len(items)}
     if not kept:
@@ -436,6 +467,22 @@ def collate(items: list[dict | None]) -> dict[str, Any]:
         else:
             batch[key] = torch.tensor(values, dtype=torch.long)
     return trim_padding(batch)
+
+
+def _collate_pairs(items: list[list[dict] | None]) -> dict[str, Any]:
+    kept = [pair for pair in items if pair is not None]
+    samples = [pair[0] for pair in kept]
+    partners = [pair[1] for pair in kept if len(pair) > 1]
+    index = [-1] * (len(samples) + len(partners))
+    row = len(samples)
+    for i, pair in enumerate(kept):
+        if len(pair) > 1:
+            index[i], index[row] = row, i
+            row += 1
+    rows = [{**sample, "partner_index": p, "has_partner": p >= 0} for sample, p in zip(samples + partners, index)]
+    batch = collate(rows) if rows else {}
+    batch.update(n_skipped=len(items) - len(kept), n_items=len(items))
+    return batch
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):

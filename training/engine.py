@@ -185,21 +185,24 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
             if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
                 model.reset_momentum()  # stage 1 had none: it starts as a copy of stage 1's encoder
             log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
-        if stage == 2:
+        if stage == 2 and t.stage2_freeze_text:
             for p in model.text_encoder.parameters():
                 p.requires_grad_(False)
         model.to(info.device)
 
         # ---- data ----
         table = load_samples(cfg.data.data_dir, with_pairs=stage == 2)
+        in_batch = stage == 2 and t.stage2_pairs_in_batch
         dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
-                                      mean=model.image_mean, std=model.image_std)
+                                      mean=model.image_mean, std=model.image_std, pairs_in_batch=in_batch)
         sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
-        loader = make_loader(dataset, sampler, t.batch_size, cfg.data.num_workers,
-                             pin_memory=info.device.type == "cuda")
-        batches_per_epoch = len(sampler) // t.batch_size
+        drawn = t.batch_size // 2 if in_batch else t.batch_size  # samples drawn per batch
+        if drawn == 0:
+            raise TrainingError("train.stage2_pairs_in_batch needs train.batch_size of at least 2")
+        loader = make_loader(dataset, sampler, drawn, cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+        batches_per_epoch = len(sampler) // drawn
         if batches_per_epoch == 0:
-            raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {t.batch_size}")
+            raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {drawn}")
 
         # ---- optimiser and schedule ----
         global_batch = t.batch_size * info.world_size * cfg.optim.accum_steps
@@ -264,7 +267,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         with _StopFlag() as stop:
             while step < total_steps:
                 dataset.set_epoch(epoch)
-                sampler.set_epoch(epoch, start=batch_in_epoch * t.batch_size)
+                sampler.set_epoch(epoch, start=batch_in_epoch * drawn)
                 fetch_start = time.perf_counter()
                 for batch in loader:
                     data_wait += time.perf_counter() - fetch_start

@@ -232,6 +232,32 @@ def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokeni
     assert len(partners) > 1
 
 
+
+def test_stage2_pairs_in_batch_put_each_partner_in_the_batch_as_a_full_sample(tmp_path, tokenizer):
+    root = make_contract(tmp_path / "D", n=24, corrupt=(23,))
+    table = load_samples(str(root), with_pairs=True)
+    ds = CaptionImageDataset(table, tokenizer, 32, 2, _cfg(), seed=0, pairs_in_batch=True)
+    unpaired = next(i for i in range(len(ds)) if int(table.sample_id[i]) not in table.partners and i != 23)
+    items = [ds[0], ds[1], ds[unpaired], ds[23]]
+    assert [len(x) for x in items[:3]] == [2, 2, 1] and items[3] is None  # 23 cannot be read
+    batch = collate(items)
+    assert batch["n_items"] == 4 and batch["n_skipped"] == 1 and batch["image"].shape == (5, 3, 32, 32)
+    assert "partner_image" not in batch
+    # the samples first, then their partners; each row points at its partner's row
+    assert batch["partner_index"].tolist() == [3, 4, -1, 0, 1]
+    assert batch["has_partner"].tolist() == [True, True, False, True, True]
+    ids = batch["sample_id"].tolist()
+    assert ids[:3] == [0, 1, int(table.sample_id[unpaired])]
+    for row, partner in [(0, 3), (1, 4)]:
+        assert ids[partner] != ids[row] and ids[partner] % 3 == ids[row] % 3  # the contract's pairs share a shape
+        assert torch.equal(batch["shared_ids"][row], batch["shared_ids"][partner])
+    # a partner row is a full sample: its own caption, question and entity prompts
+    partner_item = items[0][1]
+    assert partner_item["sample_id"] == ids[3] and torch.equal(batch["image"][3], partner_item["image"])
+    assert {"input_ids", "question_ids", "answer_ids", "entity_keys"} <= set(partner_item)
+    assert "circle" in tokenizer.convert_ids_to_tokens(batch["shared_ids"][0])
+
+
 def test_sampler_resumes_mid_epoch_and_splits_ranks():
     full = list(ResumableSampler(10, seed=1))
     resumed = ResumableSampler(10, seed=1)

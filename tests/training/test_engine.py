@@ -50,6 +50,38 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert (run / "stage1" / "config.yaml").exists()
 
 
+
+def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_and_resumes_exactly(tmp_path):
+    """train.stage2_pairs_in_batch with model.momentum=0 and the text encoder left to train: the
+    batch is batch_size / 2 samples and their partners, stage 2 keeps no momentum encoder, the
+    text encoder moves, and a run resumed from a mid-epoch checkpoint repeats the losses of the
+    run straight through (the sampler resumes by samples drawn, half a batch of rows)."""
+    import shutil
+
+    data = make_contract(tmp_path / "D", n=16)
+    run = tmp_path / "run"
+    args = ("--data", str(data), "train.steps=2", "train.stage2_steps=5", "train.batch_size=4",
+            "train.ckpt_every=1", "train.keep_last=10", "train.log_every=1",
+            "train.stage2_pairs_in_batch=true", "model.momentum=0", "train.stage2_freeze_text=false")
+    result = _cli("--run", str(run), *args)
+    assert result.exit_code == 0, result.output
+    stage2 = run / "stage2"
+    records = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["loss/mask"] > 0 for r in records)
+    state = torch.load(stage2 / "last.pt", weights_only=True)
+    assert not any(k.startswith("momentum_encoder.") for k in state["model"])
+    s1 = torch.load(run / "stage1" / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(s1[k], state["model"][k]) for k in s1 if k.startswith("text_encoder."))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    for late in sorted((resumed / "stage2" / "ckpt").glob("step-*.pt"))[3:]:  # keep steps 1-3: resume mid-epoch (8 batches of 2 pairs)
+        late.unlink()
+    (resumed / "stage2" / "last.pt").unlink()
+    assert _cli("--run", str(resumed), *args).exit_code == 0  # stage 1 is done; stage 2 resumes at step 3
+    assert _losses(resumed / "stage2") == _losses(stage2)
+
+
 def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resumed_exactly(tmp_path):
     """train.ema_decay keeps timm's ModelEmaV3 of the weights: every checkpoint holds it, it
     differs from the trained weights, load_model (evaluation, segment) and stage 2's init take

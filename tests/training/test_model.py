@@ -250,6 +250,27 @@ def test_no_momentum_encoder_without_the_mask_loss(tokenizer):
     model.momentum_update()  # a no-op, so the engine can always call it
 
 
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_images(tokenizer, momentum):
+    """stage2_pairs_in_batch: a row's partner is another row (`partner_index`), whose patches
+    and teacher masks the batch's own forward makes; the loss is the one the partner gives as
+    an extra image (eval mode, so no noise tells them apart). Momentum 0: no momentum encoder,
+    the image encoder is the teacher."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(losses=["mask"], momentum=momentum), tokenizer=tokenizer).eval()
+    assert (model.momentum_encoder is None) == (momentum == 0)
+    batch = make_batch(tokenizer)
+    index = torch.tensor([2, 3, 0, -1])
+    in_batch = {k: v for k, v in batch.items() if k != "partner_image"}
+    in_batch.update(partner_index=index, has_partner=index >= 0)
+    extra = {**batch, "partner_image": batch["image"][index.clamp(min=0)], "has_partner": index >= 0}
+    torch.testing.assert_close(model(in_batch)["mask"], model(extra)["mask"])
+    model.train()
+    model(in_batch)["loss"].backward()  # the image encoder learns from it without a momentum copy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
+
+
 # -- initialisation from files ------------------------------------------------------------------
 
 def write_dino_checkpoint(path, width=32, depth=2, grid=6, patch=8):

@@ -22,14 +22,6 @@ from ovseg.training.model.grouping import ClusterSettings, GroupingBlock
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EncoderOutput:
-    groups: torch.Tensor      # (B, K, C) output group tokens, normalised
-    assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
-    queries: torch.Tensor     # (B, K, C) the grouping block's group queries ((B, K, Dk) centres when clustered)
-    patches: torch.Tensor     # (B, N, C) patch tokens entering the grouping block
-
-
 class GroupingInput(NamedTuple):
     """What the grouping block takes from the layers before it."""
     patches: torch.Tensor              # (B, N, C) patch tokens
@@ -37,6 +29,14 @@ class GroupingInput(NamedTuple):
     grid: tuple[int, int]              # the token grid (h, w)
     low: torch.Tensor | None           # (B, C0, H', W') the CNN embedding's first-stage map
     pixels: torch.Tensor | None        # (B, 3, H/s, W/s) the input averaged every cluster_stride pixels
+
+
+@dataclass
+class EncoderOutput:
+    groups: torch.Tensor      # (B, K, C) output group tokens, normalised
+    assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
+    queries: torch.Tensor     # (B, K, C) the grouping block's group queries ((B, K, Dk) centres when clustered)
+    inputs: GroupingInput     # what entered the grouping block (patch tokens, grid, low-level map, pixels)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -176,7 +176,7 @@ class GroupingViT(nn.Module):
             groups = block(groups)
         groups = self.norm(groups)
         b, k, _ = soft.shape
-        return EncoderOutput(groups, soft.view(b, k, h, w), queries, x.patches)
+        return EncoderOutput(groups, soft.view(b, k, h, w), queries, x)
 
 
 def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[list[str], list[str]]:

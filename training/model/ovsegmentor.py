@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, entity_completion_loss, grounding_loss
 from ovseg.training.model.config import ModelConfig
 from ovseg.training.model.entity_decoder import EntityDecoder
-from ovseg.training.model.image_encoder import GroupingViT
+from ovseg.training.model.image_encoder import GroupingInput, GroupingViT
 from ovseg.training.model.projector import Projector
 from ovseg.training.model.text_encoder import TextEncoder
 
@@ -23,7 +23,8 @@ BATCH_KEYS = {  # what each loss reads from the batch (docs/architecture.md)
     "contrastive": ("image", "input_ids", "attention_mask"),
     "entity": ("image", "question_ids", "question_mask", "answer_ids", "answer_mask", "has_entity"),
     "grounding": ("image", "entity_prompt_ids", "entity_prompt_mask", "entity_keys"),
-    "mask": ("image", "partner_image", "shared_ids", "shared_mask", "has_partner"),
+    # and the partner: `partner_image` (an extra image) or `partner_index` (a row of the batch)
+    "mask": ("image", "shared_ids", "shared_mask", "has_partner"),
 }
 
 
@@ -34,6 +35,7 @@ class ImageEncoding:
     assignment: torch.Tensor        # (B, K, h, w) soft patch-to-group assignment
     groups: torch.Tensor            # (B, K, C) group tokens before the projector
     queries: torch.Tensor           # (B, K, C) grouping queries
+    inputs: GroupingInput           # what entered the grouping block
 
 
 class OVSegmentor(nn.Module):
@@ -57,9 +59,10 @@ class OVSegmentor(nn.Module):
         # so checkpoints load across stages and loss choices)
         self.grounding_scale = nn.Parameter(torch.tensor(float(cfg.grounding_scale_init)))
         self.grounding_bias = nn.Parameter(torch.tensor(float(cfg.grounding_bias_init)))
-        # the momentum (EMA) image encoder exists only when the mask-consistency loss is on
+        # the momentum (EMA) image encoder exists only when the mask-consistency loss is on and
+        # `momentum` > 0 (0: the teacher is the image encoder itself, without gradient)
         self.momentum_encoder = None
-        if mask_loss is not None:
+        if mask_loss is not None and cfg.momentum > 0:
             self.momentum_encoder = copy.deepcopy(image_encoder).requires_grad_(False)
         self.patch_size = cfg.patch_size
         self.image_size = cfg.image_size
@@ -76,7 +79,7 @@ class OVSegmentor(nn.Module):
         # group through the same projector is what segmentation compares with class prompts
         embedding = F.normalize(self.image_projector(out.groups.mean(dim=1)), dim=-1)  # (B, D)
         groups = F.normalize(self.image_projector(out.groups), dim=-1)  # (B, K, D)
-        return ImageEncoding(embedding, groups, out.assignment, out.groups, out.queries)
+        return ImageEncoding(embedding, groups, out.assignment, out.groups, out.queries, out.inputs)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, attention_mask)  # (B, L, Ct)
@@ -148,14 +151,35 @@ class OVSegmentor(nn.Module):
                               self.grounding_bias, self.cfg.grounding_tau)
 
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
-        partner = batch["partner_image"]
-        x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
-        student = self.image_encoder.grouping.masks(image.queries, x.patches, x.grid, x.low, x.pixels)  # (B, K, N')
+        """Each image's group queries on its partner's patches, against the partner's own masks
+        (momentum encoder, or the image encoder when `momentum` is 0; no gradient). The partner
+        is an extra image (`partner_image`) or another row of the batch (`partner_index`), whose
+        patches and masks the batch's forward has already made."""
+        has_partner = batch["has_partner"]
+        if "partner_index" in batch:
+            rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
+            patches, low, pixels = (None if part is None else part[rows]
+                                    for part in (image.inputs.patches, image.inputs.low, image.inputs.pixels))
+            grid = image.inputs.grid
+            with torch.no_grad():
+                if self.momentum_encoder is not None:
+                    teacher = self.momentum_encoder(batch["image"]).assignment.flatten(2)[rows]
+                else:
+                    teacher = image.assignment.flatten(2)[rows].detach()
+        elif "partner_image" in batch:
+            partner = batch["partner_image"]
+            x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
+            patches, grid, low, pixels = x.patches, x.grid, x.low, x.pixels
+            with torch.no_grad():
+                teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+                teacher = teacher_encoder(partner).assignment.flatten(2)  # (B, K, N)
+        else:
+            raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
+        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels)  # (B, K, N')
         with torch.no_grad():
-            teacher = self.momentum_encoder(partner).assignment.flatten(2)  # (B, K, N)
             shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_embeddings, shared)
-        return self.mask_loss(student, teacher, relevance, batch["has_partner"])
+        return self.mask_loss(student, teacher, relevance, has_partner)
 
 
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
