@@ -74,16 +74,17 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
         s1 = train(first, stage1_dir, progress=False)  # resumes from where the last budget stopped
         trained += minutes
         steps = {"stage1": s1["step"]}
-        checkpoint = stage1_dir / "last.pt"
+        # kept for every variant: stage 2's start, and the model of this budget once the run goes on
+        snapshot = checkpoint = run_dir / f"stage1-at-{budget:g}min.pt"
+        shutil.copyfile(stage1_dir / "last.pt", snapshot)
         if spec["stage2"]:
-            snapshot = run_dir / f"stage1-at-{budget:g}min.pt"
-            shutil.copyfile(checkpoint, snapshot)
             second = replace(cfg, train=replace(t, stage=2, stage2_losses=spec["stage2"], max_minutes=budget * share))
             s2 = train(second, run_dir / f"stage2-{budget:g}min", init=snapshot, progress=False)
             steps["stage2"] = s2["step"]
             checkpoint = run_dir / f"stage2-{budget:g}min" / "last.pt"
         scores = _evaluate(world_dir, checkpoint, run_dir / f"eval-{budget:g}min", device)
-        results.append({"variant": variant, "seed": seed, "minutes": budget, "steps": steps, **scores})
+        results.append({"variant": variant, "seed": seed, "minutes": budget, "steps": steps, **scores,
+                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     return results
 
 
@@ -210,9 +211,16 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
     import numpy as np
 
     budgets = sorted({r["minutes"] for r in results})
+    times = sorted(r["measured"] for r in results if "measured" in r)
+    when = ""
+    if times:
+        untimed = sum("measured" not in r for r in results)
+        when = (f"Results evaluated from {times[0]} to {times[-1]}"
+                + (f" ({untimed} reused from before results were timed)" if untimed else "") + "; the runs "
+                "of one call share the machine's speed, so steps are given with each cell. ")
     lines = [
         f"Synthetic world, test split, mIoU (%) with background, threshold chosen on val; each run trained "
-        f"with {threads} CPU threads for the given wall-clock minutes. {machine} Mean ± spread (max - min) "
+        f"with {threads} CPU threads for the given wall-clock minutes. {machine} {when}Mean ± spread (max - min) "
         f"over seeds {sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each "
         "group given its majority true label: what the grouping itself allows).", "",
         "| variant | " + " | ".join(f"{b:g} min" for b in budgets) + " |",
@@ -238,11 +246,20 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
 
 
 def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
-    """Where `train_and_evaluate` leaves a variant's model after `budget` minutes (for the
-    variants without stage 2, the last budget's)."""
+    """Where `train_and_evaluate` leaves a variant's model after `budget` minutes. Runs from
+    before every variant kept its stage-1 snapshots have only `stage1/last.pt`, which is that
+    budget's model only when the run trained no longer (`report` checks its step)."""
     if VARIANTS[variant]["stage2"]:
         return run_dir / f"stage2-{budget:g}min" / "last.pt"
-    return run_dir / "stage1" / "last.pt"
+    snapshot = run_dir / f"stage1-at-{budget:g}min.pt"
+    return snapshot if snapshot.exists() else run_dir / "stage1" / "last.pt"
+
+
+def _at_step(checkpoint: Path, steps: dict) -> bool:
+    """False for a run's `stage1/last.pt` that is past the stage-1 step a result was measured at."""
+    from ovseg.training.checkpoint import load
+
+    return checkpoint.parent.name != "stage1" or load(checkpoint)["step"] == steps["stage1"]
 
 
 PROBE_IMAGES = 800  # images of the world drawn for fitting the linear probe (the val split has 100)
@@ -313,6 +330,9 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     checkpoints = {f"{r['variant']}, seed {r['seed']}, {last:g} min":
                    final_checkpoint(out / "runs" / f"{names[r['variant']]}-seed{r['seed']}", r["variant"], last)
                    for r in results if r["minutes"] == last}
+    steps = {f"{r['variant']}, seed {r['seed']}, {last:g} min": r["steps"] for r in results if r["minutes"] == last}
+    # a run trained past this budget by a later call, with no snapshot of it: no diagnostics
+    checkpoints = {name: path for name, path in checkpoints.items() if _at_step(path, steps[name])}
     checkpoints["random init"] = out / "random" / "random.pt"
     recipe = f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
     return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid)

@@ -42,7 +42,18 @@ def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
                                            "probe_group_accuracy": float("nan")}})
     assert "| m | 50.0 | - (no group is mostly an object) | - | 1.00 |" in one_segment
     assert final_checkpoint(tmp_path, "+ mask (full)", 15.0) == tmp_path / "stage2-15min" / "last.pt"
-    assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"
+    assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1" / "last.pt"  # a run from before snapshots
+    (tmp_path / "stage1-at-15min.pt").write_bytes(b"")
+    assert final_checkpoint(tmp_path, "+ entity", 15.0) == tmp_path / "stage1-at-15min.pt"
+
+
+def test_the_table_says_when_its_results_were_evaluated(tmp_path):
+    rows = [{"variant": "contrastive", "seed": s, "minutes": 5.0, "steps": {"stage1": 100}, "miou": 0.1,
+             "group_majority_miou": 0.3, "bg_threshold": 0.5} for s in (0, 1, 2)]
+    rows[0]["measured"], rows[1]["measured"] = "2026-12-03 19:38 UTC", "2026-12-03 15:02 UTC"
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16)
+    assert "evaluated from 2026-12-03 15:02 UTC to 2026-12-03 19:38 UTC (1 reused from before" in table
+    assert "evaluated from" not in summarise(rows[2:], {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "m", 1, 16)
 
 
 def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_path):

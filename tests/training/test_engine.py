@@ -75,7 +75,8 @@ def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_an
 
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
-    for late in sorted((resumed / "stage2" / "ckpt").glob("step-*.pt"))[3:]:  # keep steps 1-3: resume mid-epoch (8 batches of 2 pairs)
+    # keep steps 1-3, so stage 2 resumes mid-epoch (16 samples make 8 batches of 2 pairs)
+    for late in sorted((resumed / "stage2" / "ckpt").glob("step-*.pt"))[3:]:
         late.unlink()
     (resumed / "stage2" / "last.pt").unlink()
     assert _cli("--run", str(resumed), *args).exit_code == 0  # stage 1 is done; stage 2 resumes at step 3
