@@ -88,10 +88,14 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
     return results
 
 
-def _check_resumes_at(checkpoint: Path, step: int) -> None:
+def _step(checkpoint: Path) -> int:
     from ovseg.training.checkpoint import load
 
-    found = load(checkpoint)["step"]
+    return load(checkpoint)["step"]
+
+
+def _check_resumes_at(checkpoint: Path, step: int) -> None:
+    found = _step(checkpoint)
     if found != step:
         raise RuntimeError(f"{checkpoint} is at step {found}, but the earlier budget ended at step {step}: "
                            "the run folder does not match its result file; delete both to rerun")
@@ -257,9 +261,7 @@ def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
 
 def _at_step(checkpoint: Path, steps: dict) -> bool:
     """False for a run's `stage1/last.pt` that is past the stage-1 step a result was measured at."""
-    from ovseg.training.checkpoint import load
-
-    return checkpoint.parent.name != "stage1" or load(checkpoint)["step"] == steps["stage1"]
+    return checkpoint.parent.name != "stage1" or _step(checkpoint) == steps["stage1"]
 
 
 PROBE_IMAGES = 800  # images of the world drawn for fitting the linear probe (the val split has 100)

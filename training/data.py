@@ -338,7 +338,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         if self.pairs_in_batch:
             return self._pair(item)
         if self.stage == 2:
-            item.update(self._partner(index, sid))
+            item.update(self._partner(sid))
         return item
 
     def _sample(self, index: int, image: torch.Tensor) -> dict[str, Any]:
@@ -402,26 +402,27 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             log.debug("partner %d of %d skipped: %s", partner_id, sid, error)
             return p_index, entity, None
 
+    def _shared(self, entity: str) -> dict[str, list[int]]:
+        """The prompt naming the entity a sample shares with its partner."""
+        shared_ids, shared_mask, _ = self._prompt(entity)
+        return {"shared_ids": shared_ids, "shared_mask": shared_mask}
+
     def _pair(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         """The sample and its partner, both full samples that name their shared entity."""
         sid = item["sample_id"]
         p_index, entity, decoded = self._draw_partner(sid)
+        shared = self._shared(entity)
         if decoded is None:
-            shared_ids, shared_mask, _ = self._prompt("thing")
-            return [{**item, "shared_ids": shared_ids, "shared_mask": shared_mask}]
+            return [{**item, **shared}]
         partner = self._sample(p_index, self._image(decoded, [self.seed, self.epoch, sid, 2]))
-        shared_ids, shared_mask, _ = self._prompt(entity)
-        shared = {"shared_ids": shared_ids, "shared_mask": shared_mask}
         return [{**item, **shared}, {**partner, **shared}]
 
-    def _partner(self, index: int, sid: int) -> dict[str, Any]:
+    def _partner(self, sid: int) -> dict[str, Any]:
         _, entity, decoded = self._draw_partner(sid)
         found = decoded is not None
-        image = self._image(decoded, [self.seed, self.epoch, sid, 2]) if found else None
-        if image is None:
-            image = torch.zeros(3, *self._image_shape(), dtype=torch.uint8)
-        shared_ids, shared_mask, _ = self._prompt(entity)
-        return {"partner_image": image, "shared_ids": shared_ids, "shared_mask": shared_mask, "has_partner": found}
+        image = (self._image(decoded, [self.seed, self.epoch, sid, 2]) if found
+                 else torch.zeros(3, *self._image_shape(), dtype=torch.uint8))
+        return {"partner_image": image, **self._shared(entity), "has_partner": found}
 
     def _image_shape(self) -> tuple[int, int]:
         size = self.transform.transforms[0].size
@@ -480,7 +481,7 @@ def _collate_pairs(items: list[list[dict] | None]) -> dict[str, Any]:
             index[i], index[row] = row, i
             row += 1
     rows = [{**sample, "partner_index": p, "has_partner": p >= 0} for sample, p in zip(samples + partners, index)]
-    batch = collate(rows) if rows else {}
+    batch = collate(rows)
     batch.update(n_skipped=len(items) - len(kept), n_items=len(items))
     return batch
 

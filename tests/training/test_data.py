@@ -232,7 +232,6 @@ def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokeni
     assert len(partners) > 1
 
 
-
 def test_stage2_pairs_in_batch_put_each_partner_in_the_batch_as_a_full_sample(tmp_path, tokenizer):
     root = make_contract(tmp_path / "D", n=24, corrupt=(23,))
     table = load_samples(str(root), with_pairs=True)

@@ -50,7 +50,6 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert (run / "stage1" / "config.yaml").exists()
 
 
-
 def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_and_resumes_exactly(tmp_path):
     """train.stage2_pairs_in_batch with model.momentum=0 and the text encoder left to train: the
     batch is batch_size / 2 samples and their partners, stage 2 keeps no momentum encoder, the

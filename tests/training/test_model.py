@@ -250,7 +250,6 @@ def test_no_momentum_encoder_without_the_mask_loss(tokenizer):
     model.momentum_update()  # a no-op, so the engine can always call it
 
 
-
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_images(tokenizer, momentum):
     """stage2_pairs_in_batch: a row's partner is another row (`partner_index`), whose patches

@@ -165,7 +165,7 @@ class OVSegmentor(nn.Module):
                 if self.momentum_encoder is not None:
                     teacher = self.momentum_encoder(batch["image"]).assignment.flatten(2)[rows]
                 else:
-                    teacher = image.assignment.flatten(2)[rows].detach()
+                    teacher = image.assignment.flatten(2)[rows]
         elif "partner_image" in batch:
             partner = batch["partner_image"]
             x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
