@@ -48,6 +48,15 @@ def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
     return doc
 
 
+def read_section(name: str, doc: Path = DEFAULT_DOC) -> str | None:
+    """The body of the section `name` of the benchmarks document, or None when it has none."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = doc.read_text() if doc.exists() else ""
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
 @app.command("download")
 def bench_download(
     images: int = typer.Option(3000, "--images", help="Synthetic images to serve and download."),
@@ -143,6 +152,7 @@ def bench_synthetic(
     variants: str = typer.Option("all", help="Comma-separated variants (contrastive, entity, full) or all."),
     doc: Path = typer.Option(Path("docs/benchmarks.md"), help="Markdown file to write the results into."),
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
+    keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in --doc's section stand as they are, marked with when they were measured: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
     """Quality: each proxy task's contribution at equal training time on the synthetic world.
@@ -155,7 +165,7 @@ def bench_synthetic(
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
-    from ovseg.cli.quality import VARIANTS, check_recipe, report, run_parallel
+    from ovseg.cli.quality import check_recipe, kept_rows, report, run_parallel
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
 
@@ -165,6 +175,17 @@ def bench_synthetic(
     if unknown:
         raise typer.BadParameter(f"unknown variants {unknown}; known: {', '.join(names)}, all", param_hint="--variants")
     chosen = [names[v] for v in asked]
+    keep = [v.strip() for v in keep_rows.split(",") if v.strip()]
+    if any(v not in names for v in keep) or set(keep) & set(asked):
+        raise typer.BadParameter(f"takes variants ({', '.join(names)}) that --variants does not run, not {keep_rows}",
+                                 param_hint="--keep-rows")
+    kept = None
+    if keep:
+        try:
+            kept = kept_rows(read_section("synthetic", doc) or "", [names[v] for v in keep])
+        except ValueError as error:
+            typer.echo(f"ovseg bench synthetic: cannot keep rows of {doc}: {error}", err=True)
+            raise typer.Exit(2)
     try:
         budgets = sorted(float(m) for m in minutes.split(","))
         seed_list = [int(x) for x in seeds.split(",")]
@@ -185,7 +206,8 @@ def bench_synthetic(
             for v in chosen for s in seed_list]
     results = run_parallel(jobs, threads, parallel, out / "logs")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    md = report(out, prepared["world"], results, threads, machine_line(), images=doc.parent / "images", **recipe)
+    md = report(out, prepared["world"], results, threads, machine_line(), images=doc.parent / "images", kept=kept,
+                **recipe)
     write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
     typer.echo(md)
 

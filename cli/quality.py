@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -211,10 +212,14 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
     return results
 
 
-def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, threads: int, grid: int) -> str:
+def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, threads: int, grid: int,
+              kept: dict | None = None) -> str:
+    """The mIoU table; `kept` (from `kept_rows`) adds the rows of variants that were not rerun,
+    each named with when it was measured."""
     import numpy as np
 
-    budgets = sorted({r["minutes"] for r in results})
+    kept = kept or {"cells": {}, "measured": {}}
+    budgets = sorted({r["minutes"] for r in results} | {b for cells in kept["cells"].values() for b in cells})
     times = sorted(r["measured"] for r in results if "measured" in r)
     when = ""
     if times:
@@ -231,6 +236,10 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
         "|---|" + "---:|" * len(budgets),
     ]
     for variant in VARIANTS:
+        if variant in kept["cells"]:
+            cells = [kept["cells"][variant].get(b, "-") for b in budgets]
+            lines.append(f"| {variant} (measured {kept['measured'][variant]}, kept) | " + " | ".join(cells) + " |")
+            continue
         cells = []
         for b in budgets:
             rs = [r for r in results if r["variant"] == variant and r["minutes"] == b]
@@ -246,7 +255,43 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
         f"| random init (chance) | {100 * chance['miou']:.1f} [{100 * chance['group_majority_miou']:.1f}] |",
         f"| grid ceiling ({grid}x{grid} group maps) | {100 * ceiling:.1f} |", "",
     ]
+    if kept["cells"]:
+        lines += ["A variant marked \"kept\" was not rerun: its row is the one measured at the date it gives, kept "
+                  "by `--keep-rows` for a change that does not touch its training.", ""]
     return "\n".join(lines)
+
+
+_KEPT = re.compile(r"^\| (?P<name>[^|]+?)(?: \(measured (?P<when>[^,]+), kept\))? \|")
+
+
+def kept_rows(section: str, variants: list[str]) -> dict:
+    """What an earlier section written by `report` says of `variants`, to stand beside new runs
+    of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells by budget,
+    its diagnostics rows, and when it was measured (the section's date, or the date a row
+    already kept from an older section carries). Raises ValueError when the section has no
+    results table or no row of a variant."""
+    lines = section.splitlines()
+    header = next((line for line in lines if line.startswith("| variant |")), None)
+    measured = re.search(r"Measured (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", section)
+    if header is None or measured is None:
+        raise ValueError("it holds no results table of `ovseg bench synthetic`")
+    budgets = [float(cell.strip().removesuffix(" min")) for cell in header.strip().strip("|").split("|")[1:]]
+    out = {"cells": {}, "measured": {}, "diagnostics": []}
+    for variant in variants:
+        rows = [(line, m) for line in lines if (m := _KEPT.match(line)) and m["name"] == variant]
+        if not rows:
+            raise ValueError(f"it has no row of {variant}")
+        line, match = rows[0]
+        when = match["when"] or measured.group(1)
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")[1:]]
+        out["cells"][variant] = {b: c for b, c in zip(budgets, cells) if c != "-"}
+        out["measured"][variant] = when
+        for row in lines:
+            name = _KEPT.match(row)
+            if name and name["name"].startswith(f"{variant}, seed "):
+                out["diagnostics"].append(row if name["when"] else row.replace(
+                    f"| {name['name']} |", f"| {name['name']} (measured {when}, kept) |", 1))
+    return out
 
 
 def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
@@ -296,11 +341,10 @@ def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test",
     return out
 
 
-def diagnostics_table(diagnostics: dict[str, dict]) -> str:
-    """Markdown rows of `diagnose`'s output, in percent."""
-    lines = ["| model | image embedding names a present shape | groups named with their object's shape | "
-             "linear probe of the groups | groups per image |",
-             "|---|---:|---:|---:|---:|"]
+def diagnostics_table(diagnostics: dict[str, dict], kept: list[str] = ()) -> str:
+    """Markdown rows of `diagnose`'s output, in percent, with the `kept` rows of variants not
+    rerun (from `kept_rows`), in the order of VARIANTS and the random model last."""
+    rows = []
 
     def percent(value: float | None, nan: str) -> str:
         if value is None:
@@ -310,16 +354,24 @@ def diagnostics_table(diagnostics: dict[str, dict]) -> str:
     for name, d in diagnostics.items():
         named = percent(d["group_accuracy"], "- (no group is mostly an object)")
         probe = percent(d.get("probe_group_accuracy"), "-")
-        lines.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {probe} | {d['groups_per_image']:.2f} |")
-    return "\n".join(lines) + "\n"
+        rows.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {probe} | {d['groups_per_image']:.2f} |")
+
+    def order(row: str) -> int:
+        return next((i for i, v in enumerate(VARIANTS) if row.startswith(f"| {v}, seed ")), len(VARIANTS))
+
+    header = ["| model | image embedding names a present shape | groups named with their object's shape | "
+              "linear probe of the groups | groups per image |", "|---|---:|---:|---:|---:|"]
+    return "\n".join(header + sorted([*rows, *kept], key=order)) + "\n"
 
 
 def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str,
-           images: Path | None = None, preset: str = "synthetic-small", overrides: list[str] = ()) -> str:
+           images: Path | None = None, preset: str = "synthetic-small", overrides: list[str] = (),
+           kept: dict | None = None) -> str:
     """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, the
     diagnostics of every run at its largest budget and of the random model, and (with `images`,
     the folder next to the Markdown file that pictures go to) the segmentation panels of the
-    last variant's first seed at that budget."""
+    last variant's first seed at that budget. `kept` (from `kept_rows`) adds the rows of
+    variants that were not rerun."""
     from ovseg.curation.synthetic import captions
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid
@@ -337,13 +389,14 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
     checkpoints = {name: path for name, path in checkpoints.items() if _at_step(path, steps[name])}
     checkpoints["random init"] = out / "random" / "random.pt"
     recipe = f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
-    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid)
+    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid, kept)
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
             "background groups left out; the linear probe is a logistic regression on the groups' features, "
             f"fitted on the object groups of {PROBE_IMAGES} more images drawn from the same world: whether the "
             "class is in the groups at all, whatever the prompts say):\n\n"
-            + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")))
+            + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")),
+                                (kept or {}).get("diagnostics", ()))
             + _pictures(out, results, last, images)
             + "\nWhat these numbers mean and what was measured while looking for the cause: "
             "[quality.md](quality.md).\n")
