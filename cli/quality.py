@@ -215,7 +215,7 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
 def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, threads: int, grid: int,
               kept: dict | None = None) -> str:
     """The mIoU table; `kept` (from `kept_rows`) adds the rows of variants that were not rerun,
-    each named with when it was measured."""
+    each named with the date of the section they come from."""
     import numpy as np
 
     kept = kept or {"cells": {}, "measured": {}}
@@ -238,7 +238,7 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
     for variant in VARIANTS:
         if variant in kept["cells"]:
             cells = [kept["cells"][variant].get(b, "-") for b in budgets]
-            lines.append(f"| {variant} (measured {kept['measured'][variant]}, kept) | " + " | ".join(cells) + " |")
+            lines.append(f"| {variant} (kept from {kept['measured'][variant]}) | " + " | ".join(cells) + " |")
             continue
         cells = []
         for b in budgets:
@@ -256,19 +256,19 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
         f"| grid ceiling ({grid}x{grid} group maps) | {100 * ceiling:.1f} |", "",
     ]
     if kept["cells"]:
-        lines += ["A variant marked \"kept\" was not rerun: its row is the one measured at the date it gives, kept "
-                  "by `--keep-rows` for a change that does not touch its training.", ""]
+        lines += ["A variant marked \"kept from DATE\" was not rerun: its row is the one the section written at DATE "
+                  "gave, kept by `--keep-rows` for a change that does not touch its training.", ""]
     return "\n".join(lines)
 
 
-_KEPT = re.compile(r"^\| (?P<name>[^|]+?)(?: \(measured (?P<when>[^,]+), kept\))? \|")
+_KEPT = re.compile(r"^\| (?P<name>[^|]+?)(?: \(kept from (?P<when>[^)]+)\))? \|")
 
 
 def kept_rows(section: str, variants: list[str]) -> dict:
     """What an earlier section written by `report` says of `variants`, to stand beside new runs
     of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells by budget,
-    its diagnostics rows, and when it was measured (the section's date, or the date a row
-    already kept from an older section carries). Raises ValueError when the section has no
+    its diagnostics rows, and the date of the section it was measured for (this section's, or
+    the one a row already kept from an older section carries). Raises ValueError when the section has no
     results table or no row of a variant."""
     lines = section.splitlines()
     header = next((line for line in lines if line.startswith("| variant |")), None)
@@ -290,7 +290,7 @@ def kept_rows(section: str, variants: list[str]) -> dict:
             name = _KEPT.match(row)
             if name and name["name"].startswith(f"{variant}, seed "):
                 out["diagnostics"].append(row if name["when"] else row.replace(
-                    f"| {name['name']} |", f"| {name['name']} (measured {when}, kept) |", 1))
+                    f"| {name['name']} |", f"| {name['name']} (kept from {when}) |", 1))
     return out
 
 

@@ -112,20 +112,20 @@ Synthetic world, test split. Measured 2026-12-03 20:35 UTC on x86_64, 2 logical 
 | variant | 5 min | 30 min |
 |---|---:|---:|
 | contrastive | 10.6 ± 0.4 [87.2] (797 steps) | 10.5 ± 0.2 [87.4] (4664 steps) |
-| + entity (measured 2026-11-30 10:00 UTC, kept) | - | 58.8 ± 3.5 [88.1] (3072 steps) |
+| + entity (kept from 2026-11-30 10:00 UTC) | - | 58.8 ± 3.5 [88.1] (3072 steps) |
 | + mask (full) | 13.7 ± 5.9 [86.7] (539 steps) | 59.2 ± 3.9 [86.7] (3314 steps) |
 | random init (chance) | 6.4 [86.7] |
 
 | model | image embedding names a present shape | groups named with their object's shape | linear probe of the groups | groups per image |
 |---|---:|---:|---:|---:|
 | contrastive, seed 0, 30 min | 32.0 | 20.9 | 31.0 | 11.78 |
-| + entity, seed 0, 30 min (measured 2026-11-30 10:00 UTC, kept) | 91.0 | 77.5 | 77.1 | 11.77 |
+| + entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC) | 91.0 | 77.5 | 77.1 | 11.77 |
 | + mask (full), seed 0, 30 min | 87.7 | 77.5 | 75.7 | 11.86 |
 | random init | 14.0 | 5.5 | 12.8 | 11.61 |
 """
 
 
-def test_rows_of_variants_not_rerun_are_kept_with_when_they_were_measured():
+def test_rows_of_variants_not_rerun_are_kept_with_the_date_of_their_section():
     from ovseg.cli.quality import kept_rows
 
     kept = kept_rows(SECTION, ["contrastive", "+ entity"])
@@ -134,8 +134,8 @@ def test_rows_of_variants_not_rerun_are_kept_with_when_they_were_measured():
     # a row kept once before keeps its own date, not the section's
     assert kept["measured"] == {"contrastive": "2026-12-03 20:35 UTC", "+ entity": "2026-11-30 10:00 UTC"}
     assert kept["diagnostics"] == [
-        "| contrastive, seed 0, 30 min (measured 2026-12-03 20:35 UTC, kept) | 32.0 | 20.9 | 31.0 | 11.78 |",
-        "| + entity, seed 0, 30 min (measured 2026-11-30 10:00 UTC, kept) | 91.0 | 77.5 | 77.1 | 11.77 |"]
+        "| contrastive, seed 0, 30 min (kept from 2026-12-03 20:35 UTC) | 32.0 | 20.9 | 31.0 | 11.78 |",
+        "| + entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC) | 91.0 | 77.5 | 77.1 | 11.77 |"]
     assert kept_rows(SECTION, ["+ mask (full)"])["cells"]["+ mask (full)"][5.0].startswith("13.7")
     with pytest.raises(ValueError, match="no results table"):
         kept_rows("nothing here", ["contrastive"])
@@ -144,18 +144,18 @@ def test_rows_of_variants_not_rerun_are_kept_with_when_they_were_measured():
             "group_majority_miou": 0.8, "bg_threshold": 0.5} for m in (5.0, 15.0)]
     table = summarise(new, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16, kept)
     assert "| variant | 5 min | 15 min | 30 min |" in table
-    assert "| contrastive (measured 2026-12-03 20:35 UTC, kept) | 10.6 ± 0.4 [87.2] (797 steps) | - | 10.5" in table
-    assert "| + entity (measured 2026-11-30 10:00 UTC, kept) | - | - | 58.8" in table
+    assert "| contrastive (kept from 2026-12-03 20:35 UTC) | 10.6 ± 0.4 [87.2] (797 steps) | - | 10.5" in table
+    assert "| + entity (kept from 2026-11-30 10:00 UTC) | - | - | 58.8" in table
     assert "| + mask (full) | 50.0 ± 0.0 [80.0] (15 steps) | 50.0 ± 0.0 [80.0] (15 steps) | - |" in table
     assert table.index("| contrastive (") < table.index("| + entity (") < table.index("| + mask (full) |")
-    assert 'marked "kept" was not rerun' in table
+    assert 'marked "kept from DATE" was not rerun' in table
     diag = diagnostics_table({"+ mask (full), seed 0, 15 min": {"image_top1_present": 0.5, "group_accuracy": 0.5,
                                                                 "groups_per_image": 2, "probe_group_accuracy": 0.5},
                               "random init": {"image_top1_present": 0.1, "group_accuracy": 0.1, "groups_per_image": 2}},
                              kept["diagnostics"]).splitlines()
     assert [row.split(" |")[0] for row in diag[2:]] == [
-        "| contrastive, seed 0, 30 min (measured 2026-12-03 20:35 UTC, kept)",
-        "| + entity, seed 0, 30 min (measured 2026-11-30 10:00 UTC, kept)", "| + mask (full), seed 0, 15 min", "| random init"]
+        "| contrastive, seed 0, 30 min (kept from 2026-12-03 20:35 UTC)",
+        "| + entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC)", "| + mask (full), seed 0, 15 min", "| random init"]
 
 
 def test_keep_rows_is_refused_before_any_work_when_it_cannot_be_kept(tmp_path):
