@@ -152,7 +152,7 @@ def bench_synthetic(
     variants: str = typer.Option("all", help="Comma-separated variants (contrastive, entity, full) or all."),
     doc: Path = typer.Option(Path("docs/benchmarks.md"), help="Markdown file to write the results into."),
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
-    keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in --doc's section stand as they are, marked with when they were measured: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
+    keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in --doc's section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
     """Quality: each proxy task's contribution at equal training time on the synthetic world.
