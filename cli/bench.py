@@ -30,9 +30,14 @@ def machine_line() -> str:
     )
 
 
+def _markers(name: str) -> tuple[str, str]:
+    """The comments that open and close the section `name` of the benchmarks document."""
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
 def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
     """Replace (or append) the section `name` of the benchmarks document with `markdown`."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    start, end = _markers(name)
     text = doc.read_text() if doc.exists() else _HEADER
     block = f"{start}\n{markdown.rstrip()}\n{end}"
     if start in text and end in text:
@@ -50,7 +55,7 @@ def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
 
 def read_section(name: str, doc: Path = DEFAULT_DOC) -> str | None:
     """The body of the section `name` of the benchmarks document, or None when it has none."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    start, end = _markers(name)
     text = doc.read_text() if doc.exists() else ""
     if start not in text or end not in text:
         return None

@@ -264,6 +264,11 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
 _KEPT = re.compile(r"^\| (?P<name>[^|]+?)(?: \(kept from (?P<when>[^)]+)\))? \|")
 
 
+def _cells(row: str) -> list[str]:
+    """The cells of a Markdown table row after its first (the row's name)."""
+    return [cell.strip() for cell in row.strip().strip("|").split("|")[1:]]
+
+
 def kept_rows(section: str, variants: list[str]) -> dict:
     """What an earlier section written by `report` says of `variants`, to stand beside new runs
     of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells by budget,
@@ -275,7 +280,7 @@ def kept_rows(section: str, variants: list[str]) -> dict:
     measured = re.search(r"Measured (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", section)
     if header is None or measured is None:
         raise ValueError("it holds no results table of `ovseg bench synthetic`")
-    budgets = [float(cell.strip().removesuffix(" min")) for cell in header.strip().strip("|").split("|")[1:]]
+    budgets = [float(cell.removesuffix(" min")) for cell in _cells(header)]
     out = {"cells": {}, "measured": {}, "diagnostics": []}
     for variant in variants:
         rows = [(line, m) for line in lines if (m := _KEPT.match(line)) and m["name"] == variant]
@@ -283,8 +288,7 @@ def kept_rows(section: str, variants: list[str]) -> dict:
             raise ValueError(f"it has no row of {variant}")
         line, match = rows[0]
         when = match["when"] or measured.group(1)
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")[1:]]
-        out["cells"][variant] = {b: c for b, c in zip(budgets, cells) if c != "-"}
+        out["cells"][variant] = {b: c for b, c in zip(budgets, _cells(line)) if c != "-"}
         out["measured"][variant] = when
         for row in lines:
             name = _KEPT.match(row)
