@@ -156,6 +156,40 @@ def test_samples_without_a_partner_do_not_count():
     assert none.item() == 0.0
 
 
+def test_entity_matching_targets_the_partners_group_most_related_to_the_entity():
+    # one-hot groups; the image's group 0 is the entity's (highest relevance) and its mask on the
+    # partner overlaps the partner's group 1 most, but the partner's entity group is group 3
+    teacher = torch.eye(4).repeat_interleave(3, dim=1)[None]  # (1, 4, 12)
+    student = teacher[:, [1, 0, 2, 3]].clone()
+    relevance = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    partner_relevance = torch.tensor([[0.0, 0.0, 0.0, 2.0]])
+    has = torch.tensor([True])
+    by_overlap = MaskConsistencyLoss(keep_groups=1, matching="dice")(student, teacher, relevance, has, partner_relevance)
+    by_entity = MaskConsistencyLoss(keep_groups=1, matching="entity")(student, teacher, relevance, has, partner_relevance)
+    assert by_overlap.item() == pytest.approx(0.0, abs=1e-6)  # matched to group 1, which it already is
+    assert by_entity.item() == pytest.approx(dice_loss(student[0, 0], teacher[0, 3]).item())
+    with pytest.raises(ValueError, match="partner's relevance"):
+        MaskConsistencyLoss(keep_groups=1, matching="entity")(student, teacher, relevance, has)
+    with pytest.raises(ValueError, match="unknown mask matching"):
+        MaskConsistencyLoss(matching="nearest")
+
+
+def test_entity_matching_pairs_the_kept_groups_with_the_partners_kept_groups_by_overlap():
+    student, teacher, relevance, has = _mask_problem()
+    partner_relevance = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    loss = MaskConsistencyLoss(keep_groups=2, threshold=0.3, matching="entity")(student, teacher, relevance, has,
+                                                                                partner_relevance)
+    expected = []
+    for b in range(3):
+        mine = student[b, relevance[b].topk(2).indices]
+        theirs = (teacher[b, partner_relevance[b].topk(2).indices] > 0.3).float()
+        # the cheaper of the two one-to-one pairings
+        straight = dice_loss(mine, theirs).mean()
+        crossed = dice_loss(mine, theirs.flip(0)).mean()
+        expected.append(torch.minimum(straight, crossed))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
 # -- grounding ----------------------------------------------------------------------------------
 
 def test_pooled_similarity_is_the_best_groups_cosine_when_the_temperature_is_small():

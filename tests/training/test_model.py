@@ -250,14 +250,17 @@ def test_no_momentum_encoder_without_the_mask_loss(tokenizer):
     model.momentum_update()  # a no-op, so the engine can always call it
 
 
+@pytest.mark.parametrize("matching,grid", [("dice", "assignment"), ("entity", "assignment"), ("dice", "tokens")])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_images(tokenizer, momentum):
-    """stage2_pairs_in_batch: a row's partner is another row (`partner_index`), whose patches
-    and teacher masks the batch's own forward makes; the loss is the one the partner gives as
-    an extra image (eval mode, so no noise tells them apart). Momentum 0: no momentum encoder,
-    the image encoder is the teacher."""
+def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_images(tokenizer, momentum, matching, grid):
+    """stage2_pairs_in_batch: a row's partner is another row (`partner_index`), whose patches,
+    teacher masks (and group embeddings, for entity matching) the batch's own forward makes;
+    the loss is the one the partner gives as an extra image (eval mode, so no noise tells them
+    apart). Momentum 0: no momentum encoder, the image encoder is the teacher."""
     torch.manual_seed(0)
-    model = build_model(tiny_config(losses=["mask"], momentum=momentum), tokenizer=tokenizer).eval()
+    config = tiny_config if grid == "assignment" else cluster_config  # the cluster grouping draws a finer grid
+    model = build_model(config(losses=["mask"], momentum=momentum, mask_matching=matching, mask_grid=grid),
+                        tokenizer=tokenizer).eval()
     assert (model.momentum_encoder is None) == (momentum == 0)
     batch = make_batch(tokenizer)
     index = torch.tensor([2, 3, 0, -1])
@@ -628,6 +631,26 @@ def test_cross_image_masks_of_the_cluster_grouping_train_the_cnn(tokenizer):
     stem = model.image_encoder.patch_embed
     assert stem.head.weight.grad is not None and stem.head.weight.grad.abs().sum() > 0
     assert stem.stages[-1][0].conv.weight.grad.abs().sum() > 0
+
+
+def test_token_grid_masks_are_the_assignment_grid_masks_before_upsampling(tokenizer):
+    """model.mask_grid=tokens: the cross-image masks on the token grid, whose logits upsampled
+    bilinearly give the masks on the grid the groups are drawn on (the low-level map's)."""
+    torch.manual_seed(0)
+    model = build_model(cluster_config(losses=["mask"], mask_grid="tokens"), tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        enc = model.encode_image(make_batch(tokenizer)["image"])
+        x = enc.inputs
+        coarse = model.image_encoder.grouping.masks(enc.queries, x.patches, x.grid, x.low, x.pixels, fine=False)
+        fine = model.image_encoder.grouping.masks(enc.queries, x.patches, x.grid, x.low, x.pixels)
+    b, k = enc.queries.shape[:2]
+    (h, w), (fh, fw) = x.grid, enc.assignment.shape[-2:]
+    assert coarse.shape == (b, k, h * w) and fine.shape == (b, k, fh * fw) and fh > h
+    logits = torch.nn.functional.interpolate(coarse.log().view(b, k, h, w), size=(fh, fw), mode="bilinear",
+                                             align_corners=False)
+    torch.testing.assert_close(logits.softmax(dim=1).flatten(2), fine, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown mask grid"):
+        build_model(cluster_config(losses=["mask"], mask_grid="pixels"), tokenizer=tokenizer)
 
 
 CLUSTER_SEED_PATH = ("image_encoder.group_token", "image_encoder.grouping.norm_tokens.",

@@ -65,6 +65,12 @@ class ModelConfig:
     momentum: float = 0.99
     mask_keep_groups: int = 4  # groups most related to the shared entity that get the loss
     mask_target_threshold: float = 0.5
+    # which of the partner's groups the kept groups are matched to: "dice" (all of them, by mask
+    # overlap; the paper) or "entity" (its groups most related to the shared entity)
+    mask_matching: str = "dice"
+    # the grid both masks are compared on: "assignment" (the one the groups are drawn on) or
+    # "tokens" (the patch-token grid, which the cross-image masks can resolve)
+    mask_grid: str = "assignment"
     # group grounding (ovseg's addition): every masked entity must be found in one group
     grounding_tau: float = 0.1         # temperature of the area-weighted soft maximum over groups
     grounding_scale_init: float = 10.0  # learnable scale and bias of the per-entity presence logit

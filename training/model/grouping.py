@@ -214,11 +214,11 @@ class ClusterAssign(nn.Module):
         return pixels is not None and tuple(pixels.shape[-2:]) != tuple(grid)
 
     def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
-              pixels: torch.Tensor | None = None) -> torch.Tensor:
+              pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's cells to `centres`, with gradient, on
-        the grid `forward` draws its assignment on, by the token part of the keys alone: across
-        images a group is what it shows, not where it is or what colour (the partner's shared
-        object lies elsewhere and may be another colour)."""
+        the grid `forward` draws its assignment on (on the token grid unless `fine`), by the
+        token part of the keys alone: across images a group is what it shows, not where it is
+        or what colour (the partner's shared object lies elsewhere and may be another colour)."""
         st = self.settings
         b, n, c = x.shape
         k = centres.shape[1]
@@ -228,7 +228,7 @@ class ClusterAssign(nn.Module):
         size = tuple(low.shape[-2:]) if low is not None else tuple(grid)
         if self._finer(pixels, size):
             size = tuple(pixels.shape[-2:])
-        if size != tuple(grid):
+        if fine and size != tuple(grid):
             dots = F.interpolate(dots, size=size, mode="bilinear", align_corners=False)
         logits = 2 * dots.flatten(2) - token_centres.pow(2).sum(-1)[:, :, None]
         return (logits / st.tau).softmax(dim=1)
@@ -271,12 +271,12 @@ class GroupingBlock(nn.Module):
         return isinstance(self.assign, ClusterAssign)
 
     def masks(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
-              low: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
+              low: torch.Tensor | None = None, pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's patch tokens `x` (on `grid`, with its
         low-level map and pooled pixels) to this image's group `queries` (the centres, when
-        clustered)."""
+        clustered), on the grid the groups are drawn on, or on `grid` unless `fine`."""
         if self.clustered:
-            return self.assign.masks(queries, self.norm_x(x), grid, low, pixels)
+            return self.assign.masks(queries, self.norm_x(x), grid, low, pixels, fine)
         return self.assign.logits(queries, self.norm_x(x)).softmax(dim=1)
 
     def forward(self, x: torch.Tensor, group_tokens: torch.Tensor, grid: tuple[int, int],

@@ -151,10 +151,15 @@ class OVSegmentor(nn.Module):
                               self.grounding_bias, self.cfg.grounding_tau)
 
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
-        """Each image's group queries on its partner's patches, against the partner's own masks
-        (momentum encoder, or the image encoder when `momentum` is 0; no gradient). The partner
-        is an extra image (`partner_image`) or another row of the batch (`partner_index`), whose
-        patches and masks the batch's forward has already made."""
+        return self.mask_loss(*self.mask_inputs(image, batch))
+
+    def mask_inputs(self, image: ImageEncoding, batch: dict) -> tuple[torch.Tensor, ...]:
+        """What the mask-consistency loss reads: each image's group queries on its partner's
+        patches (the student masks, with gradient), the partner's own masks (momentum encoder,
+        or the image encoder when `momentum` is 0; no gradient), how related each group of the
+        image and of the partner is to the shared entity, and which rows have a partner. The
+        partner is an extra image (`partner_image`) or another row of the batch
+        (`partner_index`), whose patches and masks the batch's forward has already made."""
         has_partner = batch["has_partner"]
         if "partner_index" in batch:
             rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
@@ -163,23 +168,36 @@ class OVSegmentor(nn.Module):
             grid = image.inputs.grid
             with torch.no_grad():
                 if self.momentum_encoder is not None:
-                    teacher = self.momentum_encoder(batch["image"]).assignment.flatten(2)[rows]
+                    out = self.momentum_encoder(batch["image"])
+                    teacher = out.assignment[rows]
+                    partner_groups = F.normalize(self.image_projector(out.groups), dim=-1)[rows]
                 else:
-                    teacher = image.assignment.flatten(2)[rows]
+                    teacher = image.assignment[rows]
+                    partner_groups = image.group_embeddings[rows]
         elif "partner_image" in batch:
             partner = batch["partner_image"]
             x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
             patches, grid, low, pixels = x.patches, x.grid, x.low, x.pixels
             with torch.no_grad():
                 teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
-                teacher = teacher_encoder(partner).assignment.flatten(2)  # (B, K, N)
+                out = teacher_encoder(partner)
+                teacher = out.assignment  # (B, K, h, w)
+                partner_groups = F.normalize(self.image_projector(out.groups), dim=-1)
         else:
             raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
-        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels)  # (B, K, N')
+        fine = self.cfg.mask_grid == "assignment"
+        if not fine:  # both masks on the token grid: the teacher's averaged down to it
+            teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
+        teacher = teacher.flatten(2)  # (B, K, N')
+        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)  # (B, K, N')
         with torch.no_grad():
             shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_embeddings, shared)
-        return self.mask_loss(student, teacher, relevance, has_partner)
+            partner_relevance = torch.einsum("bkd,bd->bk", partner_groups, shared)
+        return student, teacher, relevance, has_partner, partner_relevance
+
+
+MASK_GRIDS = ("assignment", "tokens")
 
 
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +226,9 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         entity = EntityDecoder(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
                                       cfg.proj_hidden, cfg.embed_dim)
     if "mask" in cfg.losses:
-        mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold)
+        if cfg.mask_grid not in MASK_GRIDS:
+            raise ValueError(f"unknown mask grid {cfg.mask_grid!r}; choose from {', '.join(MASK_GRIDS)}")
+        mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold, cfg.mask_matching)
     return OVSegmentor(
         cfg, image_encoder, text_encoder,
         image_projector=Projector(cfg.width, cfg.proj_hidden, cfg.embed_dim),
