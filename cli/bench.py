@@ -217,6 +217,46 @@ def bench_synthetic(
     typer.echo(md)
 
 
+@app.command("mask-targets")
+def bench_mask_targets(
+    checkpoints: List[str] = typer.Argument(..., help="Checkpoints to measure, each NAME=PATH or PATH (named by its file)."),
+    out: Path = typer.Option(Path("bench-synthetic"), "--out", help="The `ovseg bench synthetic` folder whose world and cross-image pairs are read."),
+    pairs: int = typer.Option(512, "--pairs", min=1, help="Pairs measured (each in both directions)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the pairs' draw."),
+    keep_groups: Optional[int] = typer.Option(None, "--keep-groups", min=1, help="Groups kept per image \\[default: each checkpoint's model.mask_keep_groups]."),
+    threads: int = typer.Option(2, "--threads", help="torch threads."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """What the mask-consistency loss trains on: for pairs of synthetic training images that
+    share a class, how much of each kept group and of the target it is matched to lies on the
+    shared object, under each way of matching (model.mask_matching)."""
+    import torch
+
+    from ovseg.cli.mask_targets import report, synthetic_pairs
+    from ovseg.evaluation.mask_targets import mask_target_quality
+    from ovseg.training.checkpoint import load_model
+
+    named = {}
+    for item in checkpoints:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(path)
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
+        named[name or path.name] = path
+    torch.set_num_threads(threads)
+    results = {}
+    for name, path in named.items():
+        model = load_model(path)
+        try:
+            results[name] = mask_target_quality(model, synthetic_pairs(out, pairs, seed), keep_groups=keep_groups)
+        except (FileNotFoundError, TypeError, ValueError) as error:
+            typer.echo(f"ovseg bench mask-targets: {error}", err=True)
+            raise typer.Exit(2)
+    md = "## What the mask loss trains on (`ovseg bench mask-targets`)\n\n" + report(results, machine_line(), keep_groups)
+    write_section("mask-targets", md, doc)
+    typer.echo(md)
+
+
 @app.command("train")
 def bench_train(
     presets: str = typer.Option("test,synthetic-small", "--presets", "--preset", help="Comma-separated presets to time (hub-initialised ones, like paper, run with random weights of the same shape)."),
