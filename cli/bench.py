@@ -223,13 +223,13 @@ def bench_mask_targets(
     out: Path = typer.Option(Path("bench-synthetic"), "--out", help="The `ovseg bench synthetic` folder whose world and cross-image pairs are read."),
     pairs: int = typer.Option(512, "--pairs", min=1, help="Pairs measured (each in both directions)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pairs' draw."),
-    keep_groups: Optional[int] = typer.Option(None, "--keep-groups", min=1, help="Groups kept per image \\[default: each checkpoint's model.mask_keep_groups]."),
     threads: int = typer.Option(2, "--threads", help="torch threads."),
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ) -> None:
     """What the mask-consistency loss trains on: for pairs of synthetic training images that
     share a class, how much of each kept group and of the target it is matched to lies on the
-    shared object, under each way of matching (model.mask_matching)."""
+    shared object, under each checkpoint's own loss settings and under the paper's form of the
+    loss (dice matching on the assignment grid, 4 groups kept)."""
     import torch
 
     from ovseg.cli.mask_targets import report, synthetic_pairs
@@ -248,11 +248,11 @@ def bench_mask_targets(
     for name, path in named.items():
         model = load_model(path)
         try:
-            results[name] = mask_target_quality(model, synthetic_pairs(out, pairs, seed), keep_groups=keep_groups)
+            results[name] = mask_target_quality(model, synthetic_pairs(out, pairs, seed))
         except (FileNotFoundError, TypeError, ValueError) as error:
             typer.echo(f"ovseg bench mask-targets: {error}", err=True)
             raise typer.Exit(2)
-    md = "## What the mask loss trains on (`ovseg bench mask-targets`)\n\n" + report(results, machine_line(), keep_groups)
+    md = "## What the mask loss trains on (`ovseg bench mask-targets`)\n\n" + report(results, machine_line())
     write_section("mask-targets", md, doc)
     typer.echo(md)
 

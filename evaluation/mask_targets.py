@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.training.losses.mask_consistency import MATCHINGS, MaskConsistencyLoss
+from ovseg.training.losses.mask_consistency import MaskConsistencyLoss
 
 
 @dataclass
@@ -45,23 +45,40 @@ def _object_share(labels: list[np.ndarray], classes: list[int], grid: tuple[int,
     return F.adaptive_avg_pool2d(onehot[:, None], grid)[:, 0].flatten(1)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One way the loss could run: the grid the masks are compared on (`model.mask_grid`), the
+    groups kept per image (`model.mask_keep_groups`) and the matching (`model.mask_matching`)."""
+    grid: str
+    keep: int
+    matching: str
+
+
+def settings_of(model) -> list[Setting]:
+    """The model's own setting and, when it differs, the paper's form of the loss (dice matching
+    on the assignment grid, 4 groups kept: the public code's)."""
+    cfg = model.cfg
+    own = Setting(cfg.mask_grid, cfg.mask_keep_groups, cfg.mask_matching)
+    paper = Setting("assignment", 4, "dice")
+    return [own] if own == paper else [paper, own]
+
+
 @torch.no_grad()
-def mask_target_quality(model, pairs: Iterable[LabelledPair], *, batch_size: int = 32,
-                        template: str = "a photo of a {}.", keep_groups: int | None = None,
-                        matchings: tuple[str, ...] = MATCHINGS) -> dict[str, dict[str, float]]:
-    """Per matching, averaged over every kept group of every pair:
-    kept_on_object: share of the cells the kept group holds (arg-max) that are the shared object
-    in the image; target_precision and target_recall: share of the matched target that is the
-    shared object in the partner, and of that object the target covers; target_empty: share of
-    kept groups matched to an empty target; student_precision: share of the kept group's soft
-    mask on the partner that lies on the shared object. `pairs` counts the pairs measured.
-    `keep_groups`: the groups kept per image (default: the model's `mask_keep_groups`)."""
+def mask_target_quality(model, pairs: Iterable[LabelledPair], settings: list[Setting] | None = None, *,
+                        batch_size: int = 32, template: str = "a photo of a {}.") -> dict[Setting, dict[str, float]]:
+    """Per setting (default: `settings_of(model)`), averaged over every kept group of every pair
+    in both directions: kept_on_object: share of the cells the kept group holds (arg-max) that
+    are the shared object in the image; target_precision and target_recall: share of the matched
+    target that is the shared object in the partner, and of that object the target covers;
+    target_empty: share of kept groups matched to an empty target; student_precision: share of
+    the kept group's soft mask on the partner that lies on the shared object. `pairs` counts
+    the pairs measured."""
     if not hasattr(model, "mask_inputs"):
         raise TypeError("the model has no cross-image masks to measure")
-    cfg = model.cfg
-    sums: dict[str, dict[str, list[float]]] = {m: {} for m in matchings}
-    keep = cfg.mask_keep_groups if keep_groups is None else keep_groups
-    losses = {m: MaskConsistencyLoss(keep, cfg.mask_target_threshold, m) for m in matchings}
+    settings = settings_of(model) if settings is None else list(settings)
+    base = model.cfg
+    sums: dict[Setting, dict[str, list[float]]] = {s: {} for s in settings}
+    losses = {s: MaskConsistencyLoss(s.keep, base.mask_target_threshold, s.matching) for s in settings}
     n_pairs = 0
     batch: list[LabelledPair] = []
 
@@ -69,37 +86,23 @@ def mask_target_quality(model, pairs: Iterable[LabelledPair], *, batch_size: int
         p = len(chunk)
         images = _images(model, [c.image for c in chunk] + [c.partner_image for c in chunk])
         prompts = model.tokenizer([template.format(c.shared_name) for c in chunk] * 2, padding=True,
-                                  truncation=True, max_length=cfg.max_text_length, return_tensors="pt")
+                                  truncation=True, max_length=base.max_text_length, return_tensors="pt")
         rows = torch.cat([torch.arange(p, 2 * p), torch.arange(p)])
         encoding = model.encode_image(images)
-        student, teacher, relevance, _, partner_relevance = model.mask_inputs(encoding, {
-            "image": images, "partner_index": rows, "has_partner": torch.ones(2 * p, dtype=torch.bool),
-            "shared_ids": prompts["input_ids"], "shared_mask": prompts["attention_mask"]})
-        grid = tuple(encoding.inputs.grid) if cfg.mask_grid == "tokens" else tuple(encoding.assignment.shape[-2:])
         labels = [c.label for c in chunk] + [c.partner_label for c in chunk]
         classes = [c.shared_class for c in chunk] * 2
-        own = _object_share(labels, classes, grid)  # (2P, N): the object in each row's image
-        partner = own[rows]
-        # each row's arg-max group map on the same grid as the masks
-        assignment = F.adaptive_avg_pool2d(encoding.assignment.float(), grid).flatten(2).argmax(dim=1)  # (2P, N)
-        for matching, loss in losses.items():
-            keep, kept_student, target = loss.pairs(student, teacher, relevance, partner_relevance)
-            out = sums[matching]
-            for i in range(2 * p):
-                for j, k in enumerate(keep[i].tolist()):
-                    held = assignment[i] == k
-                    if held.any():
-                        out.setdefault("kept_on_object", []).append(float(own[i][held].mean()))
-                    t = target[i, j]
-                    empty = float(t.sum() == 0)
-                    out.setdefault("target_empty", []).append(empty)
-                    if not empty:
-                        out.setdefault("target_precision", []).append(float((t * partner[i]).sum() / t.sum()))
-                        obj = partner[i].sum()
-                        if obj > 0:
-                            out.setdefault("target_recall", []).append(float((t * partner[i]).sum() / obj))
-                    s = kept_student[i, j].float()
-                    out.setdefault("student_precision", []).append(float((s * partner[i]).sum() / s.sum().clamp_min(1e-6)))
+        for grid_name in dict.fromkeys(s.grid for s in settings):
+            student, teacher, relevance, _, partner_relevance = model.mask_inputs(encoding, {
+                "image": images, "partner_index": rows, "has_partner": torch.ones(2 * p, dtype=torch.bool),
+                "shared_ids": prompts["input_ids"], "shared_mask": prompts["attention_mask"]}, mask_grid=grid_name)
+            grid = tuple(encoding.inputs.grid) if grid_name == "tokens" else tuple(encoding.assignment.shape[-2:])
+            own = _object_share(labels, classes, grid)  # (2P, N): the object in each row's image
+            partner = own[rows]
+            # each row's arg-max group map on the same grid as the masks
+            assignment = F.adaptive_avg_pool2d(encoding.assignment.float(), grid).flatten(2).argmax(dim=1)
+            for setting in (s for s in settings if s.grid == grid_name):
+                keep, kept_student, target = losses[setting].pairs(student, teacher, relevance, partner_relevance)
+                _accumulate(sums[setting], keep, kept_student, target, own, partner, assignment)
 
     for pair in pairs:
         batch.append(pair)
@@ -111,4 +114,24 @@ def mask_target_quality(model, pairs: Iterable[LabelledPair], *, batch_size: int
         measure(batch)
     if n_pairs == 0:
         raise ValueError("no pairs to measure")
-    return {m: {"pairs": float(n_pairs), **{k: float(np.mean(v)) for k, v in sums[m].items()}} for m in matchings}
+    return {s: {"pairs": float(n_pairs), **{k: float(np.mean(v)) for k, v in sums[s].items()}} for s in settings}
+
+
+def _accumulate(out: dict[str, list[float]], keep: torch.Tensor, student: torch.Tensor, target: torch.Tensor,
+                own: torch.Tensor, partner: torch.Tensor, assignment: torch.Tensor) -> None:
+    """Add every kept group's measures (see `mask_target_quality`) to `out`."""
+    for i in range(keep.shape[0]):
+        for j, k in enumerate(keep[i].tolist()):
+            held = assignment[i] == k
+            if held.any():
+                out.setdefault("kept_on_object", []).append(float(own[i][held].mean()))
+            t = target[i, j]
+            empty = float(t.sum() == 0)
+            out.setdefault("target_empty", []).append(empty)
+            if not empty:
+                on_object = float((t * partner[i]).sum())
+                out.setdefault("target_precision", []).append(on_object / float(t.sum()))
+                if partner[i].sum() > 0:
+                    out.setdefault("target_recall", []).append(on_object / float(partner[i].sum()))
+            s = student[i, j].float()
+            out.setdefault("student_precision", []).append(float((s * partner[i]).sum() / s.sum().clamp_min(1e-6)))

@@ -1,6 +1,9 @@
 """`ovseg bench mask-targets`: the measurement of what the mask-consistency loss trains on, with
 a real (tiny, untrained) model, pairs whose truth is known, and a real synthetic world."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -8,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from ovseg.cli.main import app
-from ovseg.evaluation.mask_targets import LabelledPair, mask_target_quality
+from ovseg.evaluation.mask_targets import LabelledPair, Setting, mask_target_quality, settings_of
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +36,55 @@ def _pair(partner_fill: int, own_fill: int = 1, seed: int = 0) -> LabelledPair:
     return LabelledPair(image, np.full((32, 32), own_fill), partner, np.full((32, 32), partner_fill), 1, "circle")
 
 
+SETTINGS = [Setting(grid, keep, matching) for grid in ("assignment", "tokens") for keep in (1, 2)
+            for matching in ("dice", "entity")]
+
+
 def test_precision_is_full_when_every_pixel_is_the_object_and_nil_when_none_is(built):
     model, _ = built
-    full = mask_target_quality(model, [_pair(1, seed=s) for s in range(3)])
-    none = mask_target_quality(model, [_pair(0, own_fill=0, seed=s) for s in range(3)])
+    full = mask_target_quality(model, [_pair(1, seed=s) for s in range(3)], SETTINGS)
+    none = mask_target_quality(model, [_pair(0, own_fill=0, seed=s) for s in range(3)], SETTINGS)
     # each pair is measured both ways: the image all object and its partner none of it, then
     # the other way round; every kept group gives one student mask in each direction
-    half = mask_target_quality(model, [_pair(0, own_fill=1, seed=s) for s in range(3)])
-    for matching in ("dice", "entity"):
-        m = full[matching]
+    half = mask_target_quality(model, [_pair(0, own_fill=1, seed=s) for s in range(3)], SETTINGS)
+    for setting in SETTINGS:
+        m = full[setting]
         assert m["pairs"] == 3
         assert m["kept_on_object"] == pytest.approx(1.0)
         assert m["student_precision"] == pytest.approx(1.0)
         if m["target_empty"] < 1:
             assert m["target_precision"] == pytest.approx(1.0)
             assert 0 < m["target_recall"] <= 1
-        n = none[matching]
+        n = none[setting]
         assert n["kept_on_object"] == 0 and n["student_precision"] == 0
         assert "target_recall" not in n  # no object to cover
         if n["target_empty"] < 1:
             assert n["target_precision"] == 0
-        assert half[matching]["student_precision"] == pytest.approx(0.5)
+        assert half[setting]["student_precision"] == pytest.approx(0.5)
+
+
+def test_the_models_own_setting_is_measured_with_the_papers_form_of_the_loss(built):
+    model, _ = built  # the test preset: keep 2, dice, assignment grid
+    assert settings_of(model) == [Setting("assignment", 4, "dice"), Setting("assignment", 2, "dice")]
+    results = mask_target_quality(model, [_pair(1)])
+    assert list(results) == settings_of(model)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_targets_that_cover_the_whole_partner_measure_the_share_of_it_that_is_the_object(built, setting):
+    """At threshold 0 every target is the whole partner: its precision is the share of the
+    partner that is the object (half of it one way, all of it the other) and its recall 1."""
+    model, _ = built
+    model = copy.deepcopy(model)
+    model.cfg = dataclasses.replace(model.cfg, mask_target_threshold=0.0)
+    pair = _pair(1)
+    left = np.zeros((32, 32), dtype=np.int64)
+    left[:, :16] = 1  # the partner's left half is the object
+    pair.partner_label = left
+    m = mask_target_quality(model, [pair], [setting])[setting]
+    assert m["target_empty"] == 0
+    assert m["target_precision"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["target_recall"] == pytest.approx(1.0)
 
 
 def test_no_pairs_is_an_error(built):
@@ -82,13 +113,14 @@ def test_bench_mask_targets_measures_the_curated_pairs_of_a_world_and_writes_its
     pl.DataFrame(rows, schema=["sample_id", "partner_id", "entity"], orient="row").write_parquet(out / "data" / "pairs.parquet")
     doc = tmp_path / "benchmarks.md"
     result = CliRunner().invoke(app, ["bench", "mask-targets", f"untrained={checkpoint}", "--out", str(out),
-                                      "--pairs", "100", "--doc", str(doc), "--threads", "1", "--keep-groups", "1"])
+                                      "--pairs", "100", "--doc", str(doc), "--threads", "1"])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
-    assert "<!-- bench:mask-targets -->" in text and "Groups kept: 1 per image." in text
+    assert "<!-- bench:mask-targets -->" in text
     n_class_pairs = len(rows) - 1
-    for matching in ("dice", "entity"):
-        assert f"| untrained | {matching} | {n_class_pairs} |" in text
+    # the test preset's own setting, and the paper's form of the loss
+    assert f"| untrained | assignment | 2 | dice | {n_class_pairs} |" in text
+    assert f"| untrained | assignment | 4 | dice | {n_class_pairs} |" in text
 
 
 def test_bench_mask_targets_without_a_benchmark_folder_is_a_clear_error(built, tmp_path):

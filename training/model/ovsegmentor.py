@@ -153,13 +153,17 @@ class OVSegmentor(nn.Module):
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
         return self.mask_loss(*self.mask_inputs(image, batch))
 
-    def mask_inputs(self, image: ImageEncoding, batch: dict) -> tuple[torch.Tensor, ...]:
+    def mask_inputs(self, image: ImageEncoding, batch: dict, mask_grid: str | None = None) -> tuple[torch.Tensor, ...]:
         """What the mask-consistency loss reads: each image's group queries on its partner's
         patches (the student masks, with gradient), the partner's own masks (momentum encoder,
         or the image encoder when `momentum` is 0; no gradient), how related each group of the
         image and of the partner is to the shared entity, and which rows have a partner. The
         partner is an extra image (`partner_image`) or another row of the batch
-        (`partner_index`), whose patches and masks the batch's forward has already made."""
+        (`partner_index`), whose patches and masks the batch's forward has already made.
+        `mask_grid`: the grid the masks are compared on (default: the config's)."""
+        mask_grid = mask_grid or self.cfg.mask_grid
+        if mask_grid not in MASK_GRIDS:
+            raise ValueError(f"unknown mask grid {mask_grid!r}; choose from {', '.join(MASK_GRIDS)}")
         has_partner = batch["has_partner"]
         if "partner_index" in batch:
             rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
@@ -185,7 +189,7 @@ class OVSegmentor(nn.Module):
                 partner_groups = F.normalize(self.image_projector(out.groups), dim=-1)
         else:
             raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
-        fine = self.cfg.mask_grid == "assignment"
+        fine = mask_grid == "assignment"
         if not fine:  # both masks on the token grid: the teacher's averaged down to it
             teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
         teacher = teacher.flatten(2)  # (B, K, N')
