@@ -16,16 +16,22 @@ from ovseg.evaluation.metrics import IGNORE_INDEX, group_label_counts
 from ovseg.evaluation.segmenter import PAPER_TEMPLATE, ZeroShotSegmenter
 
 
-def _encoded(model, dataset: SegmentationDataset, n: int, batch_size: int):
-    """(items, encoding) batch by batch: each image resized to the model's training size."""
+def model_images(model, images) -> torch.Tensor:
+    """RGB images (each H x W x 3, uint8: arrays or PIL images) as one batch resized to the
+    model's training size and normalised as in training."""
     size = int(model.image_size)
     mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(model.image_std).view(1, 3, 1, 1)
+    x = torch.stack([torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1) for im in images]).float() / 255
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - mean) / std
+
+
+def _encoded(model, dataset: SegmentationDataset, n: int, batch_size: int):
+    """(items, encoding) batch by batch: each image resized to the model's training size."""
     for start in range(0, n, batch_size):
         items = [dataset.load(i) for i in range(start, min(start + batch_size, n))]
-        images = torch.stack([torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1) for im, _ in items]).float() / 255
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        yield items, model.encode_image((images - mean) / std)
+        yield items, model.encode_image(model_images(model, [im for im, _ in items]))
 
 
 def _object_groups(assignment: torch.Tensor, label: np.ndarray, dataset: SegmentationDataset):

@@ -3,7 +3,7 @@ of images that share a labelled class, which of the image's groups the loss keep
 partner's masks it matches them to, and how much of each lies on the shared object.
 
 The pairs go through the model's own `mask_inputs` and the loss's own `pairs`, so the numbers
-are those of what training compares, for each way of matching (`MaskConsistencyLoss.matching`)."""
+are those of what training compares, under each setting of the loss (`Setting`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovseg.evaluation.diagnostics import model_images
 from ovseg.training.losses.mask_consistency import MaskConsistencyLoss
 
 
@@ -27,16 +28,6 @@ class LabelledPair:
     partner_label: np.ndarray
     shared_class: int
     shared_name: str
-
-
-def _images(model, arrays: list[np.ndarray]) -> torch.Tensor:
-    """Images resized to the model's training size and normalised as in training."""
-    size = int(model.image_size)
-    x = torch.stack([torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1) for a in arrays]).float() / 255
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.image_std).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def _object_share(labels: list[np.ndarray], classes: list[int], grid: tuple[int, int]) -> torch.Tensor:
@@ -84,7 +75,7 @@ def mask_target_quality(model, pairs: Iterable[LabelledPair], settings: list[Set
 
     def measure(chunk: list[LabelledPair]) -> None:
         p = len(chunk)
-        images = _images(model, [c.image for c in chunk] + [c.partner_image for c in chunk])
+        images = model_images(model, [c.image for c in chunk] + [c.partner_image for c in chunk])
         prompts = model.tokenizer([template.format(c.shared_name) for c in chunk] * 2, padding=True,
                                   truncation=True, max_length=base.max_text_length, return_tensors="pt")
         rows = torch.cat([torch.arange(p, 2 * p), torch.arange(p)])

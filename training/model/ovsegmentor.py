@@ -161,9 +161,7 @@ class OVSegmentor(nn.Module):
         partner is an extra image (`partner_image`) or another row of the batch
         (`partner_index`), whose patches and masks the batch's forward has already made.
         `mask_grid`: the grid the masks are compared on (default: the config's)."""
-        mask_grid = mask_grid or self.cfg.mask_grid
-        if mask_grid not in MASK_GRIDS:
-            raise ValueError(f"unknown mask grid {mask_grid!r}; choose from {', '.join(MASK_GRIDS)}")
+        mask_grid = _checked_mask_grid(mask_grid or self.cfg.mask_grid)
         has_partner = batch["has_partner"]
         if "partner_index" in batch:
             rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
@@ -204,6 +202,12 @@ class OVSegmentor(nn.Module):
 MASK_GRIDS = ("assignment", "tokens")
 
 
+def _checked_mask_grid(name: str) -> str:
+    if name not in MASK_GRIDS:
+        raise ValueError(f"unknown mask grid {name!r}; choose from {', '.join(MASK_GRIDS)}")
+    return name
+
+
 def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct values of a 1-d tensor (sorted) and the index of each one's first occurrence."""
     unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
@@ -230,8 +234,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         entity = EntityDecoder(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
                                       cfg.proj_hidden, cfg.embed_dim)
     if "mask" in cfg.losses:
-        if cfg.mask_grid not in MASK_GRIDS:
-            raise ValueError(f"unknown mask grid {cfg.mask_grid!r}; choose from {', '.join(MASK_GRIDS)}")
+        _checked_mask_grid(cfg.mask_grid)
         mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold, cfg.mask_matching)
     return OVSegmentor(
         cfg, image_encoder, text_encoder,
