@@ -51,21 +51,68 @@ def model_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state.get("ema") or state["model"]
 
 
-def model_from_state(state: dict[str, Any], map_location: str | torch.device = "cpu"):
-    """Build the model the checkpoint describes and load its weights (strict; the moving
-    average when the run kept one, see `model_weights`)."""
-    from ovseg.training.config import RunConfig, _from_dict
-    from ovseg.training.model import build_model
+def tokenizer_state(tokenizer) -> dict[str, Any]:
+    """What a checkpoint keeps of a (fast) tokenizer: its JSON and its special tokens, so that
+    `tokenizer_from_state` rebuilds it with no file or network (None entries without one)."""
+    if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
+        return {"tokenizer": None, "tokenizer_special_tokens": None}
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    return {"tokenizer": tokenizer.backend_tokenizer.to_str(), "tokenizer_special_tokens": special}
+
+
+def tokenizer_from_state(state: dict[str, Any]):
+    """The tokenizer a checkpoint carries, or None. Training checkpoints of a tokenizer learnt on
+    the captions carry its JSON alone (BERT-style special tokens); others also name theirs."""
     from ovseg.training.tokenizer import tokenizer_from_json
 
+    text = state.get("tokenizer")
+    if not text:
+        return None
+    special = state.get("tokenizer_special_tokens")
+    if not special:
+        return tokenizer_from_json(text)
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), **special)
+
+
+def offline_model_config(model_cfg, weights: dict[str, torch.Tensor]):
+    """The model config to rebuild a checkpoint's model with: the architecture without its
+    initialisations (`vision_init`, `text_pretrained`), since the weights come from the
+    checkpoint. The text encoder is built from the recorded `text_config`, or for checkpoints
+    written before it was recorded, from the shapes of its weights."""
+    from dataclasses import replace
+
+    from ovseg.training.model.text_encoder import text_config_from_weights
+
+    text_config = model_cfg.text_config
+    if text_config is None and model_cfg.text_pretrained:
+        prefix = "text_encoder.bert." if model_cfg.text_arch == "bert" else "text_encoder.clip."
+        text_config = text_config_from_weights(weights, prefix, model_cfg.text_arch)
+    return replace(model_cfg, vision_init=None, text_pretrained=None, text_config=text_config)
+
+
+def model_from_state(state: dict[str, Any], map_location: str | torch.device = "cpu"):
+    """Build the model the checkpoint describes and load its weights (strict; the moving
+    average when the run kept one, see `model_weights`). Nothing is downloaded or read but the
+    checkpoint, except the tokenizer of an old checkpoint that did not keep its own."""
+    from ovseg.training.config import RunConfig, _from_dict
+    from ovseg.training.model import build_model
+    from ovseg.training.model.text_encoder import load_text_tokenizer
+
     config = _from_dict(RunConfig, {k: v for k, v in state["config"].items() if k != "git_sha"})
-    tokenizer = tokenizer_from_json(state["tokenizer"]) if state.get("tokenizer") else None
-    model = build_model(config.model, tokenizer=tokenizer)
-    model.load_state_dict(model_weights(state))
+    weights = model_weights(state)
+    tokenizer = tokenizer_from_state(state)
+    if tokenizer is None and config.model.text_pretrained:
+        tokenizer = load_text_tokenizer(config.model)
+    model = build_model(offline_model_config(config.model, weights), tokenizer=tokenizer)
+    model.load_state_dict(weights)
     return model.to(map_location)
 
 
 def load_model(path: Path, map_location: str | torch.device = "cpu"):
-    """An OVSegmentor in eval mode from a training checkpoint (for evaluation and `segment`)."""
+    """An OVSegmentor in eval mode from a training checkpoint or a converted one (`ovseg
+    convert`), for evaluation and `segment`."""
     state = load(path, map_location="cpu")
     return model_from_state(state, map_location).eval()

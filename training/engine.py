@@ -42,7 +42,7 @@ def _tokenizer(cfg: RunConfig, run_dir: Path, info, state: dict | None):
     from ovseg.training.tokenizer import load_tokenizer, tokenizer_from_json, train_wordpiece
 
     if state is not None and state.get("tokenizer"):
-        return tokenizer_from_json(state["tokenizer"])
+        return ckpt.tokenizer_from_state(state)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     if getattr(cfg.model, "text_pretrained", None):
@@ -179,7 +179,11 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         if info.is_main:
             write_config(cfg, run_dir / "config.yaml")
 
-        model = build_model(cfg.model, tokenizer=tokenizer)
+        weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
+        model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model
+        model = build_model(model_cfg, tokenizer=tokenizer)
+        if cfg.model.text_pretrained and not cfg.model.text_config:  # checkpoints rebuild the text encoder offline
+            cfg = replace(cfg, model=replace(cfg.model, text_config=model.text_encoder.config_dict()))
         if init_state is not None:  # the weights stage 1 is evaluated with: its moving average if it kept one
             missing, unexpected = model.load_state_dict(ckpt.model_weights(init_state), strict=False)
             if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
@@ -244,7 +248,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                 "sampler": {"batch_in_epoch": batch_in_epoch, "seed": t.seed},
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "rng": _rng_state(), "config": to_dict(cfg),
-                "tokenizer": model.tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None,
+                **ckpt.tokenizer_state(model.tokenizer),
                 "stage": stage,
             }
 

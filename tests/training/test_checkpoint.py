@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, last.pt follows the newest, only the last N kept, weights-only load."""
 
+import pytest
 import torch
 
 from ovseg.training import checkpoint as ckpt
@@ -28,3 +29,81 @@ def test_a_partial_write_is_never_taken_for_a_checkpoint(tmp_path):
 
 def test_latest_of_an_empty_run_is_none(tmp_path):
     assert ckpt.latest(tmp_path) is None
+
+
+# -- loading a model never re-runs its initialisations ----------------------------------------
+
+def _tiny_bert_dir(path):
+    """A local transformers BERT folder (model + fast tokenizer), as `text_pretrained` names one."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "photo", "of", "cat"]
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    # heads show in no weight shape: an older checkpoint's are taken as hidden size / 64, as in BERT-base
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=64)).save_pretrained(path)
+    return path
+
+
+def _pretrained_run_state(tmp_path, record: bool):
+    """A checkpoint as `ovseg train` writes it for a run that started from a local BERT folder
+    and a DINO file (`record`: with the text encoder's config, as runs now keep it)."""
+    import dataclasses
+
+    from ovseg.training.config import RunConfig, to_dict
+    from ovseg.training.model import ModelConfig, build_model
+    from ovseg.training.presets import get_preset
+    from tests.training.test_model import write_dino_checkpoint
+
+    bert = _tiny_bert_dir(tmp_path / "tiny-bert")
+    dino = tmp_path / "dino.pth"
+    write_dino_checkpoint(dino)
+    cfg = dataclasses.replace(ModelConfig(**get_preset("test")["model"]), text_pretrained=str(bert),
+                              vision_init=str(dino))
+    model = build_model(cfg).eval()
+    if record:
+        cfg = dataclasses.replace(cfg, text_config=model.text_encoder.config_dict())
+    state = {"model": model.state_dict(), "config": to_dict(RunConfig(model=cfg)),
+             **ckpt.tokenizer_state(model.tokenizer)}
+    return model, state, bert, dino
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["text-config-recorded", "older-checkpoint"])
+def test_a_checkpoint_loads_without_its_text_pretrained_and_vision_init(tmp_path, monkeypatch, record):
+    """The weights come from the checkpoint: loading it on another machine (no BERT folder, no
+    DINO file, no hub) builds the text encoder from the recorded config (or, for checkpoints
+    written before it was recorded, from the weights' shapes) and gives the same outputs."""
+    import shutil
+
+    import ovseg.training.model.image_encoder as image_encoder
+    import ovseg.training.model.text_encoder as text_encoder
+
+    model, state, bert, dino = _pretrained_run_state(tmp_path, record)
+    torch.save(state, tmp_path / "last.pt")
+    shutil.rmtree(bert)
+    dino.unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a checkpoint re-ran an initialisation")
+
+    monkeypatch.setattr(text_encoder, "_from_pretrained", refuse)
+    monkeypatch.setattr(image_encoder, "load_dino", refuse)
+    loaded = ckpt.load_model(tmp_path / "last.pt")
+    assert loaded.tokenizer.cls_token == "[CLS]"
+    texts = ["a photo of a dog", "a cat"]
+    torch.testing.assert_close(loaded.encode_text(texts), model.encode_text(texts))
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.encode_image(image).embedding, model.encode_image(image).embedding)
+
+
+def test_the_training_loop_records_the_text_config_and_tokenizer_in_its_checkpoints():
+    """engine.py's checkpoints carry what `model_from_state` rebuilds offline from."""
+    import inspect
+
+    from ovseg.training import engine
+
+    source = inspect.getsource(engine.train)
+    assert "text_config=model.text_encoder.config_dict()" in source
+    assert "ckpt.tokenizer_state(model.tokenizer)" in source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -45,8 +46,14 @@ class ModelConfig:
     vision_init: str | None = None  # DINO checkpoint file (or timm model name, needs the hub)
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # text encoder: BERT-style, from a hub name or directory, or a config with random init
+    # text encoder: "bert" (OVSegmentor: BERT, the [CLS] token) or "clip" (GroupViT: a causal
+    # transformer, the end-of-text token); from a hub name or directory, or random init
+    text_arch: str = "bert"
     text_pretrained: str | None = None
+    # the text encoder's transformers config (its to_dict()); without text_pretrained the encoder
+    # is built from it (random init, the weights come from a checkpoint): what checkpoints record
+    # so that loading one never downloads `text_pretrained` again
+    text_config: dict[str, Any] | None = None
     text_width: int = 768
     text_depth: int = 12
     text_heads: int = 12

@@ -85,8 +85,8 @@ class OVSegmentor(nn.Module):
         return self.text_encoder(input_ids, attention_mask)  # (B, L, Ct)
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        cls = self.text_features(input_ids, attention_mask)[:, 0]
-        return F.normalize(self.text_projector(cls), dim=-1)  # (B, D)
+        sentence = self.text_encoder.pool(self.text_features(input_ids, attention_mask), input_ids)  # (B, Ct)
+        return F.normalize(self.text_projector(sentence), dim=-1)  # (B, D)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
