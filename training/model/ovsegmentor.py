@@ -227,7 +227,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         tokenizer = load_text_tokenizer(cfg)
     image_encoder = GroupingViT(cfg)
     if cfg.vision_init:
-        load_dino(image_encoder, cfg.vision_init, cfg.depth_before)
+        load_dino(image_encoder, cfg.vision_init)
     text_encoder = TextEncoder(cfg, tokenizer)
     entity = mask = None
     if "entity" in cfg.losses:
