@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import typer
 
-from ovseg.cli import bench, curate, demo, evaluate, segment, sql, train
+from ovseg.cli import bench, convert, curate, demo, evaluate, segment, sql, train
 
 app = typer.Typer(
     name="ovseg",
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.add_typer(curate.app, name="curate")
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(bench.app, name="bench")
+app.add_typer(convert.app, name="convert")
 app.command("sql")(sql.sql)
 app.command("train")(train.train)
 app.command("segment")(segment.segment)

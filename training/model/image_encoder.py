@@ -126,7 +126,7 @@ class GroupingStage(nn.Module):
         self.group_token = nn.Parameter(torch.zeros(1, group_tokens, cfg.width))
         self.projector = GroupMixer(cfg.width, tokens_in, group_tokens)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=rate) for rate in drop_path)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=nn.LayerNorm) for rate in drop_path)
         self.grouping = GroupingBlock(cfg.width, cfg.heads, group_tokens, groups, cfg.mlp_ratio,
                                       cfg.gumbel_tau, cfg.hard_assignment)
 
@@ -192,8 +192,9 @@ class GroupingViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
         self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))
         rates = iter(_drop_path_rates(cfg))
+        # blocks normalise with nn.LayerNorm (eps 1e-5) as GroupViT's and OVSegmentor's do (timm's is 1e-6)
         self.blocks_before = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates))
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates), norm_layer=nn.LayerNorm)
             for _ in range(cfg.depth_before))
         self.grouping = GroupingBlock(cfg.width, cfg.heads, cfg.num_group_tokens, cfg.num_groups,
                                       cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment, cluster=cluster,
@@ -206,7 +207,7 @@ class GroupingViT(nn.Module):
                                              [next(rates) for _ in range(depth)]))
             tokens_in, groups_in = group_tokens, groups
         self.blocks_after = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates))
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates), norm_layer=nn.LayerNorm)
             for _ in range(cfg.depth_after))
         self.norm = nn.LayerNorm(cfg.width)
         trunc_normal_(self.pos_embed, std=0.02)

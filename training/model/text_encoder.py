@@ -31,8 +31,8 @@ class TextEncoder(nn.Module):
         # keep the attribute names: they are the checkpoints' key prefixes (text_encoder.bert.*, .clip.*)
         if self.arch == "bert":
             self.bert = model
-        else:
-            self.clip = model
+        else:  # the text transformer itself (transformers 4 wraps it in CLIPTextModel.text_model)
+            self.clip = getattr(model, "text_model", model)
         self.width = model.config.hidden_size
 
     @property
@@ -124,10 +124,10 @@ def text_config_from_weights(weights: dict[str, torch.Tensor], prefix: str, arch
                       type_vocab_size=shape("embeddings.token_type_embeddings.weight")[0],
                       intermediate_size=shape("encoder.layer.0.intermediate.dense.weight")[0])
     elif arch == "clip":
-        layer = "text_model.encoder.layers."
-        vocab, hidden = shape("text_model.embeddings.token_embedding.weight")
-        values = dict(max_position_embeddings=shape("text_model.embeddings.position_embedding.weight")[0],
-                      intermediate_size=shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
+        layer = "encoder.layers."
+        vocab, hidden = shape("embeddings.token_embedding.weight")
+        values = dict(max_position_embeddings=shape("embeddings.position_embedding.weight")[0],
+                      intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
                       hidden_act="quick_gelu")
     else:
         raise ValueError(f"unknown text arch {arch!r}")
