@@ -239,19 +239,55 @@ def _assert_same_outputs(model, hf, tokenizer):
     torch.testing.assert_close(seg, ref.segmentation_logits, **close)
 
 
-def test_a_converted_transformers_groupvit_gives_transformers_outputs(hf_groupvit, tmp_path):
+@pytest.fixture(scope="module")
+def converted_hf(hf_groupvit, tmp_path_factory):
+    """`ovseg convert hf-groupvit` of the random transformers GroupViT folder."""
     from typer.testing import CliRunner
 
     from ovseg.cli.main import app
+
+    out = tmp_path_factory.mktemp("converted") / "groupvit.pt"
+    result = CliRunner().invoke(app, ["convert", "hf-groupvit", str(hf_groupvit[1]), str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_converted_transformers_groupvit_gives_transformers_outputs(hf_groupvit, converted_hf):
     from ovseg.training.checkpoint import load_model
 
     hf, folder, tokenizer = hf_groupvit
-    out = tmp_path / "groupvit.pt"
-    result = CliRunner().invoke(app, ["convert", "hf-groupvit", str(folder), str(out)])
-    assert result.exit_code == 0, result.output
-    model = load_model(out)
+    model = load_model(converted_hf)
     assert model.tokenizer(["a cat"])["input_ids"] == tokenizer(["a cat"])["input_ids"]
     _assert_same_outputs(model, hf, tokenizer)
+
+
+def test_a_converted_checkpoint_segments_images_with_no_source_folder(hf_groupvit, converted_hf, tmp_path,
+                                                                      monkeypatch):
+    """OUT carries its tokenizer and text config: `ovseg segment` reads no transformers folder
+    (nor the network)."""
+    import shutil
+
+    import numpy as np
+    import transformers
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("segmenting a converted checkpoint read a pretrained folder or name")
+
+    for name in ("AutoTokenizer", "AutoModel", "CLIPTextModel", "BertModel"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copy(converted_hf, moved)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    result = CliRunner().invoke(app, ["segment", str(image), "--checkpoint", str(moved), "--vocab", "cat,dog,sky",
+                                      "-o", str(tmp_path / "seg"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "seg").iterdir())
 
 
 @pytest.mark.parametrize("with_config", [True, False], ids=["checkpoint", "state-dict-alone"])
