@@ -45,8 +45,10 @@ def _tokenizer(cfg: RunConfig, run_dir: Path, info, state: dict | None):
         return ckpt.tokenizer_from_state(state)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
-    if getattr(cfg.model, "text_pretrained", None):
-        return None  # the text encoder brings its own tokenizer
+    if getattr(cfg.model, "text_pretrained", None):  # the text encoder's own tokenizer
+        from ovseg.training.model.text_encoder import load_text_tokenizer
+
+        return load_text_tokenizer(cfg.model)
     saved = run_dir / "tokenizer.json"
     if info.is_main and not saved.exists():
         tokenizer = train_wordpiece(captions_for_tokenizer(cfg.data.data_dir), vocab_size=cfg.data.tokenizer_vocab_size)

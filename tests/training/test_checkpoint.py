@@ -98,12 +98,44 @@ def test_a_checkpoint_loads_without_its_text_pretrained_and_vision_init(tmp_path
     torch.testing.assert_close(loaded.encode_image(image).embedding, model.encode_image(image).embedding)
 
 
-def test_the_training_loop_records_the_text_config_and_tokenizer_in_its_checkpoints():
-    """engine.py's checkpoints carry what `model_from_state` rebuilds offline from."""
-    import inspect
+def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebuild_offline(tmp_path, monkeypatch):
+    """`ovseg train` from a local BERT folder and a DINO file records the text encoder's config
+    and tokenizer in its checkpoints; with both gone, stage 2 starts from stage 1's checkpoint
+    and its own checkpoint loads, neither re-running an initialisation."""
+    import shutil
 
-    from ovseg.training import engine
+    from typer.testing import CliRunner
 
-    source = inspect.getsource(engine.train)
-    assert "text_config=model.text_encoder.config_dict()" in source
-    assert "ckpt.tokenizer_state(model.tokenizer)" in source
+    import ovseg.training.model.image_encoder as image_encoder
+    import ovseg.training.model.text_encoder as text_encoder
+    from ovseg.cli.main import app
+    from tests.training.conftest import make_contract
+    from tests.training.test_model import write_dino_checkpoint
+
+    data = make_contract(tmp_path / "D", n=8)
+    bert = _tiny_bert_dir(tmp_path / "tiny-bert")
+    dino = tmp_path / "dino.pth"
+    write_dino_checkpoint(dino)
+    run = tmp_path / "run"
+    common = ["train", "--preset", "test", "--no-progress", "--data", str(data), "train.batch_size=4",
+              f"model.text_pretrained={bert}", f"model.vision_init={dino}"]
+    result = CliRunner().invoke(app, [*common, "--run", str(run / "stage1"), "--stage", "1", "train.steps=1"])
+    assert result.exit_code == 0, result.output
+    state = ckpt.load(run / "stage1" / "last.pt")
+    assert state["config"]["model"]["text_config"]["hidden_size"] == 64
+    assert state["tokenizer"] and state["tokenizer_special_tokens"]["mask_token"] == "[MASK]"
+
+    shutil.rmtree(bert)
+    dino.unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an initialisation was re-run")
+
+    monkeypatch.setattr(text_encoder, "_from_pretrained", refuse)
+    monkeypatch.setattr(text_encoder, "load_text_tokenizer", refuse)
+    monkeypatch.setattr(image_encoder, "load_dino", refuse)
+    result = CliRunner().invoke(app, [*common, "--run", str(run / "stage2"), "--stage", "2",
+                                      "--init", str(run / "stage1" / "last.pt"), "train.stage2_steps=1"])
+    assert result.exit_code == 0, result.output
+    model = ckpt.load_model(run / "stage2" / "last.pt")
+    assert model.encode_text(["a photo of a dog"]).shape[0] == 1
