@@ -31,17 +31,27 @@ class MultiHeadAttention(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention then MLP, with residuals."""
+    """Cross-attention then MLP, with residuals. Pre-norm (LayerNorm on the queries and the
+    context before attending) or, with `post_norm`, GroupViT's form: attend with the inputs as
+    they come, add the MLP of the normalised sum, and normalise the output."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, post_norm: bool = False):
         super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.post_norm = post_norm
+        if not post_norm:
+            self.norm_q = nn.LayerNorm(dim)
+            self.norm_kv = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), dim)
+        if post_norm:
+            self.norm_post = nn.LayerNorm(dim)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            query = query + self.attn(query, context, key_mask)
+            query = query + self.mlp(self.norm_mlp(query))
+            return self.norm_post(query)
         query = query + self.attn(self.norm_q(query), self.norm_kv(context), key_mask)
         return query + self.mlp(self.norm_mlp(query))
 
