@@ -141,7 +141,7 @@ def test_soft_assignment_sums_to_one_over_groups_in_eval(tokenizer):
     assert (out.assignment > 0).all() and (out.assignment < 1).all()  # soft, not one-hot
 
 
-def test_training_merges_patches_by_a_hard_assignment_and_eval_by_the_soft_one(tokenizer):
+def test_training_merges_patches_by_a_gumbel_hard_assignment_and_eval_by_the_best_group(tokenizer):
     torch.manual_seed(0)
     model = build_model(tiny_config(), tokenizer=tokenizer)
     assign = model.image_encoder.grouping.assign
@@ -160,7 +160,10 @@ def test_training_merges_patches_by_a_hard_assignment_and_eval_by_the_soft_one(t
     torch.testing.assert_close(out_train, merged(one_hot))
     assign.eval()
     out_eval, soft_eval = assign(queries, x)
-    torch.testing.assert_close(out_eval, merged(raw.softmax(dim=1)))
+    # GroupViT and OVSegmentor pool with the one-hot of the best group at eval too
+    best = torch.zeros_like(raw).scatter_(1, raw.argmax(dim=1, keepdim=True), 1.0)
+    torch.testing.assert_close(out_eval, merged(best))
+    assert not torch.allclose(out_eval, merged(raw.softmax(dim=1)), atol=1e-3)
     torch.testing.assert_close(soft, soft_eval)  # the returned assignment is always the soft one
 
 
@@ -292,7 +295,7 @@ def test_dino_checkpoint_loads_into_blocks_before_and_after_grouping_with_a_repo
     assert "cls_token" in state and "blocks.1.attn.qkv.weight" in state and "norm.weight" in state
     model = build_model(tiny_config(), tokenizer=tokenizer)
     with caplog.at_level("INFO"):
-        missing, unexpected = load_dino(model.image_encoder, str(path), depth_before=1)
+        missing, unexpected = load_dino(model.image_encoder, str(path))
     enc = model.image_encoder
     torch.testing.assert_close(enc.blocks_before[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     torch.testing.assert_close(enc.blocks_after[0].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
@@ -793,3 +796,70 @@ def test_official_mask_form_needs_the_learned_grouping(tokenizer):
         build_model(cluster_config(losses=["mask"], mask_form="official"), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="model.decoder"):
         build_model(tiny_config(losses=["entity"], decoder="paper"), tokenizer=tokenizer)
+
+
+# -- the grouping block as GroupViT and OVSegmentor have it ---------------------------------------
+
+def test_group_queries_cross_attend_to_the_image_tokens_not_to_the_group_tokens(tokenizer):
+    """The pre-assign cross-attention reads the normalised patch tokens: other patches with the
+    same group tokens give other queries (the block once attended to the group tokens)."""
+    torch.manual_seed(0)
+    grouping = build_model(tiny_config(), tokenizer=tokenizer).image_encoder.grouping.eval()
+    tokens = torch.randn(2, 8, 32)  # (B, G, C)
+    a = grouping.queries(tokens, grouping.norm_x(torch.randn(2, 16, 32)))
+    b = grouping.queries(tokens, grouping.norm_x(torch.randn(2, 16, 32)))
+    assert a.shape == (2, 4, 32)
+    assert not torch.allclose(a, b, atol=1e-4)
+    # post-norm: the queries leave the block normalised (the block's last LayerNorm)
+    torch.testing.assert_close(a.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+
+
+def two_stage_config(**changes) -> ModelConfig:
+    """GroupViT's shape at test size: 8 groups, then a stage of 2 blocks that groups them into 2."""
+    return tiny_config(**{"num_group_tokens": 8, "num_groups": 8, "extra_stage_depths": [2],
+                          "extra_stage_group_tokens": [4], "extra_stage_groups": [2], "patch_norm": True, **changes})
+
+
+def test_a_second_grouping_stage_composes_the_assignment_over_both_stages(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(two_stage_config(), tokenizer=tokenizer).eval()
+    enc = model.image_encoder
+    images = torch.randn(3, 3, 32, 32)
+    out = model.encode_image(images)
+    assert out.group_embeddings.shape == (3, 2, 32) and out.assignment.shape == (3, 2, 4, 4)
+    torch.testing.assert_close(out.assignment.sum(dim=1), torch.ones(3, 4, 4))
+    # the composition, by hand: the first stage's soft map, then the second's over its groups
+    x = enc.before_grouping(images)
+    groups, first, _, _ = enc.grouping(x.patches, x.group_tokens, x.grid)  # (B, 8, C), (B, 8, 16)
+    _, second, _ = enc.stages[0](groups, x.group_tokens)  # (B, 2, 8)
+    torch.testing.assert_close(out.assignment.flatten(2), second @ first)
+    # the later stage's own group tokens start at zero: only the mixed earlier tokens seed it
+    assert torch.count_nonzero(enc.stages[0].group_token) == 0
+
+
+def test_extra_stage_lists_must_agree_and_need_the_learned_grouping(tokenizer):
+    with pytest.raises(ValueError, match="one entry per extra grouping stage"):
+        build_model(two_stage_config(extra_stage_groups=[]), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="grouping=learned"):
+        build_model(two_stage_config(grouping="cluster", patch_norm=False, patch_embed="cnn", cnn_channels=[8, 16],
+                                     patch_size=4, depth_before=0), tokenizer=tokenizer)
+
+
+def test_drop_path_rises_linearly_over_every_block_of_every_stage(tokenizer):
+    enc = build_model(two_stage_config(drop_path=0.3), tokenizer=tokenizer).image_encoder
+    blocks = [*enc.blocks_before, *enc.stages[0].blocks, *enc.blocks_after]  # 1 + 2 + 1 blocks
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_dino_blocks_fill_every_stage_in_order(tokenizer, tmp_path):
+    enc = build_model(two_stage_config(), tokenizer=tokenizer).image_encoder
+    from ovseg.training.model.image_encoder import block_names
+
+    assert block_names(enc) == ["blocks_before.0", "stages.0.blocks.0", "stages.0.blocks.1", "blocks_after.0"]
+    state = {f"blocks.{i}.norm1.weight": torch.full((32,), float(i)) for i in range(5)}
+    path = tmp_path / "dino.pth"
+    torch.save(state, path)
+    missing, unexpected = load_dino(enc, str(path))
+    assert enc.stages[0].blocks[1].norm1.weight.detach()[0] == 2.0 and enc.blocks_after[0].norm1.weight.detach()[0] == 3.0
+    assert unexpected == ["blocks.4.norm1.weight"]  # more DINO blocks than the encoder has

@@ -89,6 +89,7 @@ def test_paper_preset_is_the_official_configuration():
     cfg = resolve("paper")
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     assert (m.heads, m.decoder, m.decoder_depth, m.decoder_heads, m.decoder_padding_mask) == (8, "official", 1, 8, False)
+    assert (m.drop_path, m.patch_norm, m.grouping, m.hard_assignment) == (0.1, False, "learned", True)
     assert (m.mask_form, m.mask_group_ratio, m.mask_relative_threshold, m.momentum) == ("official", 0.5, 0.6, 0.99)
     assert (m.loss_weights["contrastive"], m.loss_weights["entity"], m.loss_weights["mask"]) == (1.0, 1.0, 0.1)
     assert (t.stage1_losses, t.stage2_losses) == (["contrastive", "entity"], ["contrastive", "entity", "mask"])

@@ -24,6 +24,14 @@ class ModelConfig:
     depth_after: int = 6   # blocks over the output groups
     num_group_tokens: int = 64
     num_groups: int = 8
+    # further grouping stages (GroupViT has one: 3 blocks over the 64 groups and 8 new group
+    # tokens, grouped into 8): per stage its blocks, group tokens and output groups; the
+    # depth_after blocks then run over the last stage's groups
+    extra_stage_depths: list[int] = field(default_factory=list)
+    extra_stage_group_tokens: list[int] = field(default_factory=list)
+    extra_stage_groups: list[int] = field(default_factory=list)
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this rate over all blocks
+    patch_norm: bool = False  # LayerNorm after the patch embedding (GroupViT: yes; OVSegmentor: no)
     gumbel_tau: float = 1.0
     hard_assignment: bool = True  # Gumbel straight-through hard assignment in training
     # "learned": GroupViT's assignment (learned query-key softmax over groups, trained through

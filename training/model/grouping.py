@@ -27,8 +27,19 @@ def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool) -> 
     return (one_hot - soft.detach() + soft).to(logits.dtype)  # forward: one-hot; backward: the soft gradient
 
 
+def hard_one_hot_over_groups(soft: torch.Tensor) -> torch.Tensor:
+    """Straight-through one-hot of the best group of each patch (dim 1), without noise."""
+    index = soft.argmax(dim=1, keepdim=True)
+    one_hot = torch.zeros_like(soft).scatter_(1, index, 1.0)
+    return one_hot - soft.detach() + soft
+
+
 class AssignAttention(nn.Module):
-    """Patches (keys/values) to group queries: attention normalised over the queries."""
+    """Patches (keys/values) to group queries: attention normalised over the queries (one head).
+
+    With `hard` (GroupViT's and OVSegmentor's setting) a patch goes to one group: a Gumbel
+    straight-through sample in training, the best group at eval; otherwise the softmax over
+    the groups, in training and at eval. Each group then takes the mean of its patches."""
 
     def __init__(self, dim: int, tau: float = 1.0, hard: bool = True):
         super().__init__()
@@ -40,16 +51,25 @@ class AssignAttention(nn.Module):
         self.tau = tau
         self.hard = hard
 
+    def project_q(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(queries)  # (B, K, C)
+
+    def project_k(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k_proj(x)  # (B, N, C)
+
     def logits(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.q_proj(queries) @ self.k_proj(x).transpose(1, 2) * self.scale  # (B, K, N)
+        """Group queries (B, K, C) against normalised patch tokens (B, N, C) -> (B, K, N)."""
+        return self.project_q(queries) @ self.project_k(x).transpose(1, 2) * self.scale
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.logits(queries, x)  # (B, K, N)
         soft = raw.softmax(dim=1)  # each patch's distribution over the groups
-        if self.training:
-            attn = gumbel_softmax_over_groups(raw, self.tau, self.hard)
-        else:
+        if not self.hard:
             attn = soft
+        elif self.training:
+            attn = gumbel_softmax_over_groups(raw, self.tau, hard=True)
+        else:
+            attn = hard_one_hot_over_groups(soft)
         # each group takes the mean of the patches assigned to it
         attn_norm = attn / (attn.sum(dim=-1, keepdim=True) + 1.0)
         out = self.proj(attn_norm @ self.v_proj(x))  # (B, K, C)
@@ -242,7 +262,13 @@ def _pooled(pixels: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
 
 
 class GroupingBlock(nn.Module):
-    """G group tokens -> K output groups; patches are merged into the groups they belong to."""
+    """G group tokens -> K output groups; patches are merged into the groups they belong to.
+
+    GroupViT's block, as OVSegmentor uses it: the normalised group tokens are mixed along the
+    token axis into K queries, which cross-attend to the normalised patch tokens (a post-norm
+    block) and then assign every patch to one of them. With `cluster` the queries only seed a
+    soft k-means (ovseg's CPU recipe); its seeds attend to the group tokens, in a pre-norm
+    block, as that recipe was measured (docs/model.md, deviations)."""
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_groups: int,
                  mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True,
@@ -253,18 +279,20 @@ class GroupingBlock(nn.Module):
         self.mlp_inter = Mlp(num_group_tokens, int(0.5 * dim), num_groups)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
-        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio)
+        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=cluster is None)
         # GroupViT's learned assignment, or soft k-means over gradient-free keys
         self.assign = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 
-    def queries(self, group_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, G, C) group tokens -> (B, K, C) group queries."""
+    def queries(self, group_tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, G, C) group tokens and (B, N, C) normalised patch tokens -> (B, K, C) group
+        queries: the mixed group tokens after cross-attending to the patches (to the group
+        tokens themselves when clustered)."""
         tokens = self.norm_tokens(group_tokens)
         queries = self.mlp_inter(tokens.transpose(1, 2)).transpose(1, 2)  # (B, K, C)
         queries = self.norm_post_tokens(queries)
-        return self.pre_assign(queries, tokens)
+        return self.pre_assign(queries, tokens if self.clustered else x)
 
     @property
     def clustered(self) -> bool:
@@ -284,12 +312,13 @@ class GroupingBlock(nn.Module):
         """x (B, N, C) patches on `grid`, group_tokens (B, G, C) -> groups (B, K, C), soft
         assignment (B, K, N'), the group queries (B, K, C; the key-space centres when
         clustered) and the assignment's grid (the low-level map's when clustered over one)."""
-        queries = self.queries(group_tokens)
+        x = self.norm_x(x)
+        queries = self.queries(group_tokens, x)
         if self.clustered:
             # the queries only seed the clustering: a group is what it pools
-            merged, soft, centres, grid = self.assign(queries, self.norm_x(x), grid, low, pixels)
+            merged, soft, centres, grid = self.assign(queries, x, grid, low, pixels)
             return merged + self.mlp_channels(self.norm_new_x(merged)), soft, centres, grid
-        merged, soft = self.assign(queries, self.norm_x(x))
+        merged, soft = self.assign(queries, x)
         groups = queries + merged
         groups = groups + self.mlp_channels(self.norm_new_x(groups))
         return groups, soft, queries, grid

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer_hybrid import ConvStem
 
@@ -34,8 +34,8 @@ class GroupingInput(NamedTuple):
 @dataclass
 class EncoderOutput:
     groups: torch.Tensor      # (B, K, C) output group tokens, normalised
-    assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment, sums to 1 over K
-    queries: torch.Tensor     # (B, K, C) the grouping block's group queries ((B, K, Dk) centres when clustered)
+    assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment (through every stage), sums to 1 over K
+    queries: torch.Tensor     # (B, K1, C) the first grouping block's group queries ((B, K, Dk) centres when clustered)
     inputs: GroupingInput     # what entered the grouping block (patch tokens, grid, low-level map, pixels)
 
 
@@ -103,15 +103,72 @@ def assignment_grid(cfg: ModelConfig) -> int:
     return cfg.image_size // assignment_stride(cfg)
 
 
+class GroupMixer(nn.Module):
+    """The previous stage's group tokens (B, G, C) -> (B, G', C), mixed along the token axis
+    (GroupViT's group projector: a LayerNorm, then an MLP over the tokens)."""
+
+    def __init__(self, dim: int, tokens_in: int, tokens_out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = Mlp(tokens_in, dim // 2, tokens_out)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(tokens).transpose(1, 2)).transpose(1, 2)
+
+
+class GroupingStage(nn.Module):
+    """A later grouping stage: blocks over the previous groups and this stage's group tokens
+    (zero-initialised, plus the mixed group tokens of the stage before), then a grouping block."""
+
+    def __init__(self, cfg: ModelConfig, depth: int, tokens_in: int, group_tokens: int, groups: int,
+                 drop_path: list[float]):
+        super().__init__()
+        self.group_token = nn.Parameter(torch.zeros(1, group_tokens, cfg.width))
+        self.projector = GroupMixer(cfg.width, tokens_in, group_tokens)
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=rate) for rate in drop_path)
+        self.grouping = GroupingBlock(cfg.width, cfg.heads, group_tokens, groups, cfg.mlp_ratio,
+                                      cfg.gumbel_tau, cfg.hard_assignment)
+
+    def forward(self, groups: torch.Tensor, previous_tokens: torch.Tensor):
+        """groups (B, K, C) and the previous stage's group tokens (B, G, C) -> new groups
+        (B, K', C), the soft assignment of the old groups to the new (B, K', K) and this
+        stage's group tokens after its blocks (B, G', C)."""
+        k = groups.shape[1]
+        tokens = self.group_token + self.projector(previous_tokens)  # (B, G', C)
+        x = torch.cat([groups, tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        groups, tokens = x[:, :k], x[:, k:]
+        new_groups, soft, _, _ = self.grouping(groups, tokens, (1, k))
+        return new_groups, soft, tokens
+
+
+def _drop_path_rates(cfg: ModelConfig) -> list[float]:
+    """Stochastic depth per block, rising linearly from 0 to `drop_path` over all blocks."""
+    depths = [cfg.depth_before, *cfg.extra_stage_depths, cfg.depth_after]
+    n = sum(depths)
+    return [cfg.drop_path * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 class GroupingViT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+        stages = (len(cfg.extra_stage_depths), len(cfg.extra_stage_group_tokens), len(cfg.extra_stage_groups))
+        if len(set(stages)) != 1:
+            raise ValueError("model.extra_stage_depths, extra_stage_group_tokens and extra_stage_groups "
+                             f"must have one entry per extra grouping stage, not {stages[0]}, {stages[1]}, {stages[2]}")
+        if stages[0] and cfg.grouping != "learned":
+            raise ValueError("extra grouping stages need model.grouping=learned")
         self.patch_size = cfg.patch_size
         if cfg.patch_embed == "linear":
             self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, cfg.width,
+                                          norm_layer=nn.LayerNorm if cfg.patch_norm else None,
                                           strict_img_size=False, output_fmt="NHWC")
+        elif cfg.patch_norm:
+            raise ValueError("model.patch_norm needs model.patch_embed=linear")
         elif cfg.patch_embed == "conv":
             self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.width)
         elif cfg.patch_embed == "cnn":
@@ -134,13 +191,23 @@ class GroupingViT(nn.Module):
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], cfg.width))
         self.group_token = nn.Parameter(torch.zeros(1, cfg.num_group_tokens, cfg.width))
+        rates = iter(_drop_path_rates(cfg))
         self.blocks_before = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_before))
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates))
+            for _ in range(cfg.depth_before))
         self.grouping = GroupingBlock(cfg.width, cfg.heads, cfg.num_group_tokens, cfg.num_groups,
                                       cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment, cluster=cluster,
                                       low_dim=getattr(self.patch_embed, "low_dim", 0))
+        self.stages = nn.ModuleList()
+        tokens_in, groups_in = cfg.num_group_tokens, cfg.num_groups
+        for depth, group_tokens, groups in zip(cfg.extra_stage_depths, cfg.extra_stage_group_tokens,
+                                               cfg.extra_stage_groups):
+            self.stages.append(GroupingStage(cfg, depth, tokens_in, group_tokens, groups,
+                                             [next(rates) for _ in range(depth)]))
+            tokens_in, groups_in = group_tokens, groups
         self.blocks_after = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth_after))
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=next(rates))
+            for _ in range(cfg.depth_after))
         self.norm = nn.LayerNorm(cfg.width)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.group_token, std=0.02)
@@ -148,7 +215,9 @@ class GroupingViT(nn.Module):
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
         if (h, w) == self.grid:
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, [h, w], old_size=list(self.grid), num_prefix_tokens=0)
+        # bicubic without antialiasing, as GroupViT's and OVSegmentor's inference resamples it
+        return resample_abs_pos_embed(self.pos_embed, [h, w], old_size=list(self.grid), num_prefix_tokens=0,
+                                      antialias=False)
 
     def before_grouping(self, images: torch.Tensor) -> GroupingInput:
         """Patch tokens (B, N, C) and group tokens (B, G, C) after the first blocks, the token
@@ -172,6 +241,10 @@ class GroupingViT(nn.Module):
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.before_grouping(images)
         groups, soft, queries, (h, w) = self.grouping(x.patches, x.group_tokens, x.grid, x.low, x.pixels)  # (B, K, C), (B, K, N')
+        tokens = x.group_tokens
+        for stage in self.stages:
+            groups, stage_soft, tokens = stage(groups, tokens)  # (B, K', C), (B, K', K)
+            soft = stage_soft @ soft  # (B, K', N'): a patch's share of each new group, through the old ones
         for block in self.blocks_after:
             groups = block(groups)
         groups = self.norm(groups)
@@ -179,10 +252,19 @@ class GroupingViT(nn.Module):
         return EncoderOutput(groups, soft.view(b, k, h, w), queries, x)
 
 
-def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[list[str], list[str]]:
+def block_names(encoder: GroupingViT) -> list[str]:
+    """The encoder's transformer blocks in the order the input passes them (state-dict prefixes)."""
+    names = [f"blocks_before.{i}" for i in range(len(encoder.blocks_before))]
+    for s, stage in enumerate(encoder.stages):
+        names += [f"stages.{s}.blocks.{i}" for i in range(len(stage.blocks))]
+    return names + [f"blocks_after.{i}" for i in range(len(encoder.blocks_after))]
+
+
+def load_dino(encoder: GroupingViT, source: str) -> tuple[list[str], list[str]]:
     """Load a DINO ViT (a local checkpoint file, or a timm model name when the hub is reachable)
-    into the blocks before and after grouping: DINO block i goes to blocks_before[i] for
-    i < depth_before and to blocks_after[i - depth_before] after. Returns (missing, unexpected)."""
+    into the encoder's blocks in order: DINO block i goes to the i-th block the input passes
+    (`block_names`: the blocks before grouping, those of later stages, those after). Returns
+    (missing, unexpected)."""
     if Path(source).exists():
         if source.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -207,12 +289,15 @@ def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[lis
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    targets = block_names(encoder)
     for key, value in state.items():
         if key.startswith("blocks."):
             _, index, rest = key.split(".", 2)
             i = int(index)
-            target = f"blocks_before.{i}.{rest}" if i < depth_before else f"blocks_after.{i - depth_before}.{rest}"
-            mapped[target] = value
+            if i >= len(targets):
+                unexpected.append(key)
+                continue
+            mapped[f"{targets[i]}.{rest}"] = value
         elif key == "pos_embed":
             n = value.shape[1]
             side = int(round((n - 1) ** 0.5))
@@ -220,7 +305,8 @@ def load_dino(encoder: GroupingViT, source: str, depth_before: int) -> tuple[lis
                 value, n = value[:, 1:], n - 1
             side = int(round(n ** 0.5))
             if (side, side) != encoder.grid:
-                value = resample_abs_pos_embed(value, list(encoder.grid), old_size=[side, side], num_prefix_tokens=0)
+                value = resample_abs_pos_embed(value, list(encoder.grid), old_size=[side, side], num_prefix_tokens=0,
+                                               antialias=False)
             mapped["pos_embed"] = value
         elif key.startswith(("patch_embed.", "norm.")):
             mapped[key] = value

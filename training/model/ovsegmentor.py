@@ -188,12 +188,12 @@ class OVSegmentor(nn.Module):
                 raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
             h, w = out.inputs.grid
             teacher_assign = teacher_encoder.grouping.assign
-            keys = _project_k(teacher_assign, teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
+            keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
             scale = self.cfg.width ** -0.5
-            teacher = _project_q(teacher_assign, partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+            teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
             shared = self.project_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_projected, shared)
-        student = _project_q(self.image_encoder.grouping.assign, image.queries) @ keys.transpose(1, 2) * scale
+        student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
         b, k = student.shape[:2]
         return (student.view(b, k, h, w), teacher.view(b, k, h, w), relevance, batch["has_partner"], size)
 
@@ -246,14 +246,6 @@ class OVSegmentor(nn.Module):
 MASK_GRIDS = ("assignment", "tokens")
 
 
-def _project_q(assign: nn.Module, queries: torch.Tensor) -> torch.Tensor:
-    return assign.project_q(queries) if hasattr(assign, "project_q") else assign.q_proj(queries)
-
-
-def _project_k(assign: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return assign.project_k(x) if hasattr(assign, "project_k") else assign.k_proj(x)
-
-
 MASK_FORMS = ("official", "ovseg")
 
 
@@ -282,7 +274,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         tokenizer = load_text_tokenizer(cfg)
     image_encoder = GroupingViT(cfg)
     if cfg.vision_init:
-        load_dino(image_encoder, cfg.vision_init, cfg.depth_before)
+        load_dino(image_encoder, cfg.vision_init)
     text_encoder = TextEncoder(cfg, tokenizer)
     entity = mask = None
     if "entity" in cfg.losses:
@@ -293,6 +285,8 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         if cfg.mask_form == "official":
             if cfg.grouping != "learned":
                 raise ValueError("model.mask_form=official needs the learned grouping (model.grouping=learned)")
+            if cfg.extra_stage_depths:
+                raise ValueError("model.mask_form=official needs one grouping stage (its masks and the ranked groups are the same K)")
             mask = OfficialMaskConsistencyLoss(cfg.mask_group_ratio, cfg.mask_relative_threshold)
         else:
             _checked_mask_grid(cfg.mask_grid)
