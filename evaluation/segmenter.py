@@ -106,6 +106,17 @@ def synthetic_protocol(image_size: int) -> Protocol:
     return Protocol("synthetic", image_size, image_size, image_size // 2)
 
 
+def _argmax_groups(assignment: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) -> (N, h, w) index of the largest group, the first one on ties (as argmax);
+    a running maximum over the K groups, much faster than argmax over a strided dimension."""
+    best, owner = assignment[:, 0], torch.zeros(assignment[:, 0].shape, dtype=torch.long, device=assignment.device)
+    for k in range(1, assignment.shape[1]):
+        better = assignment[:, k] > best
+        owner = torch.where(better, k, owner)
+        best = torch.where(better, assignment[:, k], best)
+    return owner
+
+
 class ZeroShotSegmenter:
     """Segments images into `class_names` (foreground classes) plus an optional background."""
 
@@ -219,12 +230,12 @@ class ZeroShotSegmenter:
         in_top = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)  # (N, K, C)
         probs = in_top * logits.softmax(dim=-1)  # (N, K, C)
         n, _, h, w = assignment.shape
-        owner = assignment.argmax(dim=1)  # (N, h, w): one group per pixel
-        scores = probs.gather(1, owner.view(n, h * w, 1).expand(-1, -1, n_classes))  # (N, h*w, C)
-        scores = scores.transpose(1, 2).reshape(n, n_classes, h, w)
+        owner = _argmax_groups(assignment).view(n, 1, h * w)  # (N, 1, h*w): one group per pixel
+        by_class = probs.transpose(1, 2)  # (N, C, K)
+        scores = by_class.gather(2, owner.expand(-1, n_classes, -1)).view(n, n_classes, h, w)
         if not self.with_background:
             return scores, None
-        best = scores.amax(dim=1)  # (N, h, w)
+        best = probs.amax(dim=-1).gather(1, owner[:, 0]).view(n, h, w)  # (N, h, w): each pixel's best score
         window_best = probs.flatten(1).amax(dim=1)  # (N,): the best group-class score of each window
         votes = [(best < window_best.clamp(max=t)[:, None, None]).float() for t in thresholds]
         return scores, torch.stack(votes, dim=1)  # (N, T, h, w)
@@ -321,10 +332,10 @@ class ZeroShotSegmenter:
                 crops = torch.cat([prepared[i][..., y0:y1, x0:x1] for i, (y0, x0, y1, x1) in chunk])
                 padded, ch, cw = self._pad_to_patch(crops)
                 s, v, g = self._window_outputs(padded, classes, thresholds, with_groups)
-                if v is not None:
-                    s = torch.cat([v, s], dim=1)  # (N, T + C, h, w)
                 for j, (i, (y0, x0, y1, x1)) in enumerate(chunk):
-                    totals[i][:, y0:y1, x0:x1] += s[j, :, :ch, :cw]
+                    totals[i][n_votes:, y0:y1, x0:x1] += s[j, :, :ch, :cw]
+                    if v is not None:
+                        totals[i][:n_votes, y0:y1, x0:x1] += v[j, :, :ch, :cw]
                     counts[i][:, y0:y1, x0:x1] += 1
                     if with_groups and n_windows[i] == 1:
                         groups[i] = g[j, :, :ch, :cw]

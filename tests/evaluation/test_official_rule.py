@@ -245,3 +245,10 @@ def test_the_official_rule_scores_by_softmax_and_refuses_grounding():
     assert ZeroShotSegmenter(model, list("abc"), protocol=Protocol("s", 16, 16, 8)).scoring == "grounding"
     with pytest.raises(ValueError, match="--protocol soft"):
         ZeroShotSegmenter(model, list("abc"), protocol=one_window(), scoring="grounding")
+
+
+def test_the_group_argmax_is_torchs_argmax_ties_included():
+    from ovseg.evaluation.segmenter import _argmax_groups
+
+    assignment = torch.randint(0, 3, (2, 5, 7, 9)).float()  # many ties
+    torch.testing.assert_close(_argmax_groups(assignment), assignment.argmax(dim=1))
