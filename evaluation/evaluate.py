@@ -17,7 +17,8 @@ from ovseg.evaluation import datasets as ds
 from ovseg.evaluation.metrics import ConfusionMatrix, SegmentationMetrics, group_majority_labels
 from ovseg.evaluation.pictures import colourise, group_picture, palette_png, side_by_side
 from ovseg.evaluation.segmenter import (
-    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, SCORINGS, Protocol, ZeroShotSegmenter, resolve_scoring, synthetic_protocol,
+    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, SCORINGS, Protocol, ZeroShotSegmenter, resolve_scoring,
+    synthetic_protocol,
 )
 
 log = logging.getLogger(__name__)

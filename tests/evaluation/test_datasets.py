@@ -190,7 +190,8 @@ def test_stuffthingmaps_conversion_is_groupvits_table(tmp_path):
     maps, images = tmp_path / "maps", tmp_path / "val2017"
     maps.mkdir()
     images.mkdir()
-    stored = np.array([[0, 17, 14, 89], [91, 181, 255, 0]], dtype=np.uint8)  # person, dog, bench (id 15), toothbrush; stuff; unlabeled
+    # person, dog, bench (category 15), toothbrush; stuff (92, 182), unlabeled, person
+    stored = np.array([[0, 17, 14, 89], [91, 181, 255, 0]], dtype=np.uint8)
     Image.fromarray(stored).save(maps / "000000000001.png")
     Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(images / "000000000001.jpg")
     assert convert_stuffthingmaps(maps, images, tmp_path / "out") == 1

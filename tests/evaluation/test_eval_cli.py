@@ -56,7 +56,7 @@ def test_threshold_cannot_be_tuned_on_the_measured_split(checkpoint, world, tmp_
     assert result.exit_code == 2 and "another split" in result.output
 
 
-def test_the_library_refuses_to_tune_on_the_default_split_it_measures(checkpoint, world, tmp_path):
+def test_the_library_refuses_to_tune_on_the_default_split_it_measures(checkpoint, world):
     """split=None measures the loader's default split (test for the synthetic world); tuning on
     "test" then would choose the threshold on the measured images."""
     from ovseg.evaluation.evaluate import run_evaluation
@@ -65,7 +65,7 @@ def test_the_library_refuses_to_tune_on_the_default_split_it_measures(checkpoint
         run_evaluation("synthetic", world, checkpoint, split=None, tune_threshold_on="test", device="cpu")
 
 
-def test_the_library_refuses_a_tuning_split_that_shares_images_with_the_measured_one(checkpoint, world, tmp_path):
+def test_the_library_refuses_a_tuning_split_that_shares_images_with_the_measured_one(checkpoint, world):
     from ovseg.evaluation.evaluate import run_evaluation
 
     splits = world / "voc" / "ImageSets" / "Segmentation"
