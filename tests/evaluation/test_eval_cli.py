@@ -207,3 +207,24 @@ def test_an_unknown_scoring_is_a_one_line_error_before_any_work(checkpoint, worl
     result = CliRunner().invoke(app, ["segment", str(checkpoint), "--checkpoint", str(checkpoint), "--vocab", "circle",
                                       "--scoring", "argmax"])
     assert result.exit_code == 2 and "--scoring" in result.output
+
+
+
+def test_batched_official_rule_equals_one_window_at_a_time_with_the_real_model(checkpoint):
+    """The real model through the batched window loop, against GroupViT's slide inference read
+    literally (tests/evaluation/test_official_rule.py) for the official rule."""
+    from ovseg.evaluation.segmenter import Protocol, ZeroShotSegmenter
+    from ovseg.training.checkpoint import load_model
+
+    from .test_official_rule import official_labels_one_window_at_a_time
+
+    torch.set_num_threads(1)
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(64, 100, 3), (90, 64, 3), (64, 64, 3)]]
+    names = ["circle", "star", "square", "ring", "heart", "diamond", "hexagon"]  # 7 classes: top 5 matters
+    seg = ZeroShotSegmenter(model, names, protocol=Protocol("t", 64, 64, 32, rule="official"), bg_threshold=0.95,
+                            batch_size=3)
+    for image, (scores, _) in zip(images, seg.scores_batch(images)):
+        expected = official_labels_one_window_at_a_time(model, seg, image)
+        assert (seg.predict_from_scores(scores) == expected).mean() > 0.999
