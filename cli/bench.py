@@ -217,6 +217,37 @@ def bench_synthetic(
     typer.echo(md)
 
 
+@app.command("grouping-probe")
+def bench_grouping_probe(
+    steps: int = typer.Option(1000, "--steps", min=1, help="Training steps of each probe (batch 64)."),
+    depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
+    grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+):
+    """Does the grouping keep several groups per image when trained on the true labels? A
+    supervised probe on the synthetic world (no text): groups per val image and group-majority
+    mIoU, before and after training."""
+    import torch
+
+    from ovseg.benchmarks.grouping_probe import ProbeConfig, probe_table, run_probe
+
+    torch.set_num_threads(threads)
+    rows = []
+    for depth in depths.split(","):
+        before, after = (int(v) for v in depth.split("+"))
+        for seed in (int(v) for v in seeds.split(",")):
+            cfg = ProbeConfig(grouping=grouping, depth_before=before, depth_after=after, steps=steps, seed=seed)
+            result = run_probe(cfg)
+            typer.echo(f"{grouping} {depth} seed {seed}: {result}")
+            rows.append((grouping, cfg, result))
+    md = (f"## Supervised grouping probe (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
+          + probe_table(rows) + "\n")
+    write_section(f"grouping-probe-{grouping}", md, doc)
+    typer.echo(md)
+
+
 @app.command("mask-targets")
 def bench_mask_targets(
     checkpoints: List[str] = typer.Argument(..., help="Checkpoints to measure, each NAME=PATH or PATH (named by its file)."),

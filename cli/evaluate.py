@@ -19,15 +19,22 @@ DATA_HELP = {
     "ade20k": "Folder holding ADEChallengeData2016 (or that folder itself).",
     "synthetic": "The OUT/voc folder written by `ovseg curate synthetic OUT` (or OUT).",
 }
-PROTOCOL_HELP = ("paper: short side 448, window 448 stride 224. training-free: short side 336, window 224 "
-                 "stride 112, VOC and Context without background.")
+PROTOCOL_HELP = ("paper: the official OVSegmentor/GroupViT evaluation: short side 448 (long side at most 2048), "
+                 "window 448 stride 224, the official class words, and GroupViT's labelling rule (one group per "
+                 "pixel by argmax, classes outside the image's top 5 score 0, a pixel is background when its score "
+                 "is below min(threshold, the window's best group score), background votes averaged over windows). "
+                 "soft: the same windows with ovseg's earlier rule (pixels sum their groups' best-class scores "
+                 "through the soft assignment, threshold once after averaging windows, ovseg's prompt words). "
+                 "training-free: short side 336, window 224 stride 112, VOC and Context without background, soft rule. "
+                 "See docs/evaluation.md.")
 THRESHOLD_DEFAULT = {"voc": "the paper's 0.95", "context": "the paper's 0.35", "coco-object": "the paper's 0.9",
                      "ade20k": "none, ADE20K has no background class",
                      "synthetic": "0.5; better: --tune-threshold-on val"}
 SCORING_HELP = ("How a group scores a class. softmax: the paper's softmax over the classes at the contrastive "
                 "temperature. grounding: the grounding head's presence probability per class (models trained with "
-                "the grounding loss; without --bg-threshold the threshold is then 0.5, the paper's belong to softmax). "
-                "auto: grounding when the model trained with it, else softmax.")
+                "the grounding loss; without --bg-threshold the threshold is then 0.5, the paper's belong to softmax; "
+                "not with --protocol paper, whose official rule is softmax). "
+                "auto: softmax under --protocol paper; otherwise grounding when the model trained with it, else softmax.")
 DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade20k": "validation",
                  "synthetic": "test"}
 
@@ -76,7 +83,7 @@ def _make_command(name: str):
         scoring: str = typer.Option("auto", help=SCORING_HELP),
         tune_threshold_on: Optional[str] = typer.Option(None, help="Choose the background threshold on this split (e.g. val) before measuring; never the measured split."),
         ensemble: bool = typer.Option(False, help="Average several prompt templates instead of the paper's single one."),
-        top_k: Optional[int] = typer.Option(None, help="Keep only the k classes most similar to the whole image (the paper's filter)."),
+        top_k: Optional[int] = typer.Option(None, help="Keep only the k classes most similar to the whole image (--protocol paper: 5 unless set here; other protocols: off unless set)."),
         save_pictures: int = typer.Option(0, help="Save colour predictions and image/truth/prediction/groups panels for the first N images."),
         limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images (smoke tests)."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),

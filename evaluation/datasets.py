@@ -67,7 +67,8 @@ ADE20K_CLASSES = [
     "clock", "flag",
 ]
 
-# The names benchmarks store are not always the words a caption would use.
+# The names benchmarks store are not always the words a caption would use. ovseg's renames
+# (the soft and training-free protocols):
 PROMPT_RENAMES = {
     "diningtable": "dining table",
     "pottedplant": "potted plant",
@@ -75,6 +76,20 @@ PROMPT_RENAMES = {
     "windowpane": "window",
     "ashcan": "trash can",
 }
+
+
+# The words the official code (GroupViT's segmentation/datasets/*.py, kept by OVSegmentor, and
+# OVSegmentor's ade20k.py) puts into prompts, as renames of the stored class names; the paper
+# protocol uses these. COCO-Object's stored names are already the official words, and ADE20K's
+# official list is mmsegmentation's own (its "bed " with a trailing space tokenizes as "bed").
+OFFICIAL_RENAMES = {
+    "voc": {"diningtable": "table", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "context": {"aeroplane": "airplane", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "coco-object": {},
+    "ade20k": {},
+}
+OFFICIAL_RENAMES["voc20"] = OFFICIAL_RENAMES["voc"]
+OFFICIAL_RENAMES["context59"] = OFFICIAL_RENAMES["context"]
 
 
 def voc_palette(n: int = 256) -> list[list[int]]:
@@ -115,6 +130,14 @@ class SegmentationDataset:
         """The foreground class names as written into prompts."""
         names = self.classes[1:] if self.has_background else self.classes
         return [PROMPT_RENAMES.get(n, n) for n in names]
+
+    @property
+    def official_prompt_classes(self) -> list[str]:
+        """The foreground class names as the official code writes them into prompts (the
+        stored names for a data set it does not know, e.g. the synthetic world)."""
+        names = self.classes[1:] if self.has_background else self.classes
+        renames = OFFICIAL_RENAMES.get(self.name, {})
+        return [renames.get(n, n) for n in names]
 
     def __len__(self) -> int:
         return len(self.items)

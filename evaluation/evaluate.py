@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ from ovseg.evaluation import datasets as ds
 from ovseg.evaluation.metrics import ConfusionMatrix, SegmentationMetrics, group_majority_labels
 from ovseg.evaluation.pictures import colourise, group_picture, palette_png, side_by_side
 from ovseg.evaluation.segmenter import (
-    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, SCORINGS, ZeroShotSegmenter, resolve_scoring, synthetic_protocol,
+    ENSEMBLE_TEMPLATES, PAPER_TEMPLATE, PROTOCOLS, SCORINGS, Protocol, ZeroShotSegmenter, resolve_scoring,
+    synthetic_protocol,
 )
 
 log = logging.getLogger(__name__)
@@ -43,23 +45,39 @@ def load_dataset(name: str, data: Path, split: str | None = None, protocol: str 
     return ds.LOADERS[name](Path(data), **kwargs)
 
 
+def default_split(name: str) -> str:
+    """The split a data set's loader measures when none is named."""
+    if name not in ds.LOADERS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(ds.LOADERS)}")
+    return inspect.signature(ds.LOADERS[name]).parameters["split"].default
+
+
+def resolve_protocol(name: str, dataset: ds.SegmentationDataset, model=None) -> Protocol:
+    """The protocol by name; the synthetic world always uses its own (one window at the model's
+    training size, the soft rule)."""
+    if dataset.name == "synthetic":
+        return synthetic_protocol(int(getattr(model, "image_size", 64)))
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
 def make_segmenter(model, dataset: ds.SegmentationDataset, *, protocol: str = "paper",
                    bg_threshold: float | None = None, ensemble: bool = False,
                    top_k: int | None = None, device: str = "cpu", batch_size: int = 16,
                    scoring: str = "auto") -> ZeroShotSegmenter:
-    """The data set's segmenter. Without a threshold: the paper's for its softmax scoring, and
-    0.5 (the presence head's own decision boundary) for grounding scoring."""
+    """The data set's segmenter. The protocol fixes the labelling rule and the class words
+    (the official ones under `paper`). Without a threshold: the paper's for softmax scoring,
+    and 0.5 (the presence head's own decision boundary) for grounding scoring."""
+    chosen = resolve_protocol(protocol, dataset, model)
+    if chosen.rule == "official" and scoring == "auto":
+        scoring = "softmax"  # the official rule is defined on softmax scores
     scoring = resolve_scoring(model, scoring)
-    if dataset.name == "synthetic":
-        chosen = synthetic_protocol(int(getattr(model, "image_size", 64)))
-    elif protocol in PROTOCOLS:
-        chosen = PROTOCOLS[protocol]
-    else:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     paper = dataset.bg_threshold if scoring == "softmax" else None
     threshold = bg_threshold if bg_threshold is not None else (paper or 0.5)
+    names = dataset.official_prompt_classes if chosen.prompts == "official" else dataset.prompt_classes
     return ZeroShotSegmenter(
-        model, dataset.prompt_classes,
+        model, names,
         templates=ENSEMBLE_TEMPLATES if ensemble else (PAPER_TEMPLATE,),
         with_background=dataset.has_background, bg_threshold=threshold,
         protocol=chosen, top_k=top_k, device=device, batch_size=batch_size, scoring=scoring,
@@ -84,14 +102,15 @@ def _batches(dataset: ds.SegmentationDataset, n: int, size: int):
 
 def tune_threshold(segmenter: ZeroShotSegmenter, dataset: ds.SegmentationDataset,
                    grid=THRESHOLD_GRID, limit: int | None = None) -> float:
-    """The background threshold that maximises mIoU on `dataset` (a validation split)."""
+    """The background threshold that maximises mIoU on `dataset`, which must be another split
+    than the one the segmenter will be measured on (`run_evaluation` checks that)."""
     matrices = {t: ConfusionMatrix(len(dataset.classes)) for t in grid}
     n = len(dataset) if limit is None else min(limit, len(dataset))
     with tqdm(total=n, desc=f"tune threshold on {dataset.name}", unit="img") as bar:
         for _, images, labels in _batches(dataset, n, segmenter.batch_size):
-            for (scores, _), label in zip(segmenter.scores_batch(images), labels):
+            for by_threshold, label in zip(segmenter.labels_for_thresholds(images, grid), labels):
                 for t, matrix in matrices.items():
-                    matrix.update(label, segmenter.predict_from_scores(scores, t))
+                    matrix.update(label, by_threshold[float(t)])
             bar.update(len(images))
     best = max(grid, key=lambda t: np.nan_to_num(matrices[t].compute().miou, nan=-1.0))
     log.info("background threshold %.2f chosen on %s", best, dataset.name)
@@ -158,24 +177,32 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+    split = split or default_split(name)
     dataset = load_dataset(name, data, split, protocol)  # a missing data set fails before the model loads
+    resolve_protocol(protocol, dataset)  # an unknown protocol fails before the model loads
     if tune_threshold_on is not None and tune_threshold_on == split:
         raise ValueError(f"the threshold must be chosen on another split than the one measured ({split})")
+    tuning = None
+    if tune_threshold_on is not None and dataset.has_background:
+        tuning = load_dataset(name, data, tune_threshold_on, protocol)
+        shared = {image for image, _ in tuning.items} & {image for image, _ in dataset.items}
+        if shared:
+            raise ValueError(f"the threshold must be chosen on another split than the one measured: "
+                             f"{tune_threshold_on} shares {len(shared)} images with {split}")
     from ovseg.training.checkpoint import load_model
 
     model = load_model(checkpoint, map_location=device)
     segmenter = make_segmenter(model, dataset, protocol=protocol, bg_threshold=bg_threshold,
                                ensemble=ensemble, top_k=top_k, device=device, batch_size=batch_size,
                                scoring=scoring)
-    if tune_threshold_on is not None and dataset.has_background:
-        tuning = load_dataset(name, data, tune_threshold_on, protocol)
+    if tuning is not None:
         segmenter.bg_threshold = tune_threshold(segmenter, tuning, limit=limit)
     result = evaluate_dataset(segmenter, dataset, output_dir=output_dir, save_pictures=save_pictures,
                               limit=limit, diagnostics=diagnostics)
     if output_dir is not None:
         (Path(output_dir) / "eval_config.json").write_text(json.dumps({
             "dataset": name, "data": str(data), "checkpoint": str(checkpoint), "split": split,
-            "protocol": protocol, "bg_threshold": segmenter.bg_threshold,
+            "protocol": segmenter.protocol.name, "bg_threshold": segmenter.bg_threshold,
             "threshold_tuned_on": tune_threshold_on, "scoring": segmenter.scoring, "ensemble": ensemble, "top_k": top_k,
         }, indent=2))
     return result

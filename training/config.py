@@ -43,14 +43,32 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1.6e-3  # at a global batch of 4096; scaled linearly by global batch / 4096
+    """AdamW and its learning-rate schedule. `lr`, `warmup_lr` and `min_lr` are given at a
+    global batch of 4096 and, with `scale_lr`, each scaled by global batch / 4096."""
+
+    lr: float = 1.6e-3  # stage 1's peak learning rate
     scale_lr: bool = True
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
+    min_lr: float = 1e-6  # the cosine's end
+    warmup_lr: float = 0.0  # where the warm-up starts ("official" schedule; "ovseg" starts at lr / warmup)
     warmup_steps: int = 100
+    warmup_epochs: float | None = None  # when set, the warm-up in epochs of the run's data
+    # "official": timm's CosineLRScheduler as the public code runs it (cosine over every step,
+    # warm-up included); "ovseg": warm-up, then cosine over the remaining steps
+    schedule: str = "ovseg"
+    weight_decay: float = 0.05
+    # parameters without weight decay: "official" (1-d parameters and biases) or "ovseg" (also
+    # 0-d parameters such as the logit scale, tokens and position embeddings)
+    no_decay: str = "ovseg"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
     clip_grad: float = 5.0
     accum_steps: int = 1
+    # stage 2's own learning rates and warm-up (None: stage 1's; its peak then lr x train.stage2_lr_factor)
+    stage2_lr: float | None = None
+    stage2_warmup_lr: float | None = None
+    stage2_min_lr: float | None = None
+    stage2_warmup_steps: int | None = None
+    stage2_warmup_epochs: float | None = None
 
 
 @dataclass
@@ -59,9 +77,13 @@ class TrainConfig:
     stage1_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding"])
     stage2_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding", "mask"])
     batch_size: int = 32  # per process
+    stage2_batch_size: int | None = None  # per process in stage 2 (None: batch_size)
     steps: int = 1000
     stage2_steps: int = 500
-    stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's
+    # when set, a stage's length in epochs of the run's data (replaces steps / stage2_steps)
+    epochs: float | None = None
+    stage2_epochs: float | None = None
+    stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's (unless optim.stage2_lr)
     # stage 2 with the partners in the batch: batch_size / 2 images and their partners, every
     # one trained on by every loss, so a stage-2 step costs about what a stage-1 step does.
     # False: batch_size images, each with an extra partner that only the mask loss sees
@@ -217,6 +239,12 @@ def resolve(preset: str | None = None, config_file: Path | None = None,
         values = deep_merge(values, parse_override(text))
     values.pop("git_sha", None)
     config = _from_dict(RunConfig, values)
+    for key, value, choices in (("optim.schedule", config.optim.schedule, ("official", "ovseg")),
+                                ("optim.no_decay", config.optim.no_decay, ("official", "ovseg")),
+                                ("model.decoder", config.model.decoder, ("official", "ovseg")),
+                                ("model.mask_form", config.model.mask_form, ("official", "ovseg"))):
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' wants one of {', '.join(choices)}, got {value!r}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' wants a decay in [0, 1), got {config.train.ema_decay}")
     config.git_sha = git_sha()

@@ -59,27 +59,93 @@ def _tokenizer(cfg: RunConfig, run_dir: Path, info, state: dict | None):
     return tokenizer_from_json(saved.read_text())
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, tokens and position embeddings."""
+DECAY_RULES = ("official", "ovseg")
+SCHEDULES = ("official", "ovseg")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float, rule: str = "ovseg") -> list[dict[str, Any]]:
+    """Two groups, with and without weight decay, of the trainable parameters. "official" (the
+    public code's `set_weight_decay`): no decay for 1-d parameters and biases; 0-d parameters
+    such as the logit scale, tokens and position embeddings are decayed. "ovseg": no decay for
+    biases, norms and any parameter of at most one dimension, tokens, position embeddings and
+    the logit scale."""
+    if rule not in DECAY_RULES:
+        raise ValueError(f"unknown optim.no_decay {rule!r}; choose from {', '.join(DECAY_RULES)}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or "token" in name or "pos_embed" in name or "logit_scale" in name:
-            no_decay.append(p)
+        if rule == "official":
+            skip = p.ndim == 1 or name.endswith(".bias")
         else:
-            decay.append(p)
+            skip = p.ndim <= 1 or "token" in name or "pos_embed" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _schedule(optimizer, total_steps: int, warmup: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to `min_ratio` of the peak learning rate."""
-    def factor(step: int) -> float:
+def official_lr(t: int, total: int, warmup: int, base: float, warmup_lr: float, min_lr: float) -> float:
+    """The learning rate of timm's CosineLRScheduler as the public code builds it (cosine over
+    all `total` steps, the warm-up included, one cycle; a linear warm-up from `warmup_lr` over the
+    first `warmup` steps) at update count t."""
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    if t >= total:
+        return min_lr
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / total))
+
+
+def _schedule(optimizer, total_steps: int, warmup: int, base: float, min_lr: float, warmup_lr: float = 0.0,
+              form: str = "ovseg"):
+    """A LambdaLR over the optimiser's `base` learning rate. "ovseg": linear warm-up to `base`
+    (step s at (s + 1) / warmup of it), then cosine decay to `min_lr` over the remaining steps.
+    "official": `official_lr`, stepped as the public loop steps it (the scheduler is updated
+    with the index of the step just taken, so the first two steps both run at the first value)."""
+    if form not in SCHEDULES:
+        raise ValueError(f"unknown optim.schedule {form!r}; choose from {', '.join(SCHEDULES)}")
+    min_ratio = min_lr / base if base else 0.0
+
+    def ovseg(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def official(step: int) -> float:
+        lr = official_lr(max(step - 1, 0), total_steps, warmup, base, warmup_lr, min_lr)
+        return lr / base if base else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, official if form == "official" else ovseg)
+
+
+def stage_rates(cfg: RunConfig, stage: int, global_batch: int) -> dict[str, float]:
+    """Stage `stage`'s peak, warm-up start and final learning rates. Stage 2 takes its own
+    (`optim.stage2_*`) where set, else stage 1's peak times `train.stage2_lr_factor` and stage
+    1's warm-up and final rates. With `optim.scale_lr` each is scaled by global batch / 4096."""
+    o = cfg.optim
+    base, warmup_lr, min_lr = o.lr, o.warmup_lr, o.min_lr
+    if stage == 2:
+        base = o.stage2_lr if o.stage2_lr is not None else o.lr * cfg.train.stage2_lr_factor
+        warmup_lr = o.stage2_warmup_lr if o.stage2_warmup_lr is not None else warmup_lr
+        min_lr = o.stage2_min_lr if o.stage2_min_lr is not None else min_lr
+    scale = global_batch / 4096 if o.scale_lr else 1.0
+    return {"lr": base * scale, "warmup_lr": warmup_lr * scale, "min_lr": min_lr * scale}
+
+
+def stage_lengths(cfg: RunConfig, stage: int, steps_per_epoch: int) -> tuple[int, int]:
+    """Stage `stage`'s optimiser steps and warm-up steps: from epochs of the run's data where
+    the config gives them (`train.epochs`, `optim.warmup_epochs`, and their `stage2_` forms),
+    else from the step counts."""
+    t, o = cfg.train, cfg.optim
+    if stage == 1:
+        epochs, steps, warm_epochs, warm_steps = t.epochs, t.steps, o.warmup_epochs, o.warmup_steps
+    else:
+        epochs, steps = t.stage2_epochs, t.stage2_steps
+        warm_epochs = o.stage2_warmup_epochs if o.stage2_warmup_epochs is not None else (
+            o.warmup_epochs if o.stage2_warmup_steps is None else None)
+        warm_steps = o.stage2_warmup_steps if o.stage2_warmup_steps is not None else o.warmup_steps
+    total = int(epochs * steps_per_epoch) if epochs is not None else steps
+    warmup = int(warm_epochs * steps_per_epoch) if warm_epochs is not None else warm_steps
+    return total, warmup
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -202,7 +268,8 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
                                       mean=model.image_mean, std=model.image_std, pairs_in_batch=in_batch)
         sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
-        drawn = t.batch_size // 2 if in_batch else t.batch_size  # samples drawn per batch
+        batch_size = t.stage2_batch_size if (stage == 2 and t.stage2_batch_size) else t.batch_size  # per process
+        drawn = batch_size // 2 if in_batch else batch_size  # samples drawn per batch
         if drawn == 0:
             raise TrainingError("train.stage2_pairs_in_batch needs train.batch_size of at least 2")
         loader = make_loader(dataset, sampler, drawn, cfg.data.num_workers, pin_memory=info.device.type == "cuda")
@@ -211,13 +278,13 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
             raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {drawn}")
 
         # ---- optimiser and schedule ----
-        global_batch = t.batch_size * info.world_size * cfg.optim.accum_steps
-        lr = cfg.optim.lr * (global_batch / 4096 if cfg.optim.scale_lr else 1.0)
-        total_steps = t.steps if stage == 1 else t.stage2_steps
-        if stage == 2:
-            lr *= t.stage2_lr_factor
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=lr, betas=tuple(cfg.optim.betas))
-        scheduler = _schedule(optimizer, total_steps, cfg.optim.warmup_steps, cfg.optim.min_lr / lr if lr else 0.0)
+        global_batch = batch_size * info.world_size * cfg.optim.accum_steps
+        rates = stage_rates(cfg, stage, global_batch)
+        total_steps, warmup = stage_lengths(cfg, stage, max(1, batches_per_epoch // cfg.optim.accum_steps))
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=rates["lr"],
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = _schedule(optimizer, total_steps, warmup, rates["lr"], rates["min_lr"], rates["warmup_lr"],
+                              cfg.optim.schedule)
 
         ema = _moving_average(model, t.ema_decay)
         step, epoch, batch_in_epoch = 0, 0, 0

@@ -56,6 +56,43 @@ def test_threshold_cannot_be_tuned_on_the_measured_split(checkpoint, world, tmp_
     assert result.exit_code == 2 and "another split" in result.output
 
 
+def test_the_library_refuses_to_tune_on_the_default_split_it_measures(checkpoint, world):
+    """split=None measures the loader's default split (test for the synthetic world); tuning on
+    "test" then would choose the threshold on the measured images."""
+    from ovseg.evaluation.evaluate import run_evaluation
+
+    with pytest.raises(ValueError, match="another split"):
+        run_evaluation("synthetic", world, checkpoint, split=None, tune_threshold_on="test", device="cpu")
+
+
+def test_the_library_refuses_a_tuning_split_that_shares_images_with_the_measured_one(checkpoint, world):
+    from ovseg.evaluation.evaluate import run_evaluation
+
+    splits = world / "voc" / "ImageSets" / "Segmentation"
+    shared = splits / "valtest.txt"
+    shared.write_text((splits / "val.txt").read_text() + (splits / "test.txt").read_text())
+    try:
+        with pytest.raises(ValueError, match="shares 6 images with test"):
+            run_evaluation("synthetic", world, checkpoint, tune_threshold_on="valtest", device="cpu")
+    finally:
+        shared.unlink()
+
+
+def test_eval_help_explains_each_protocol():
+    result = CliRunner().invoke(app, ["eval", "voc", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for words in ("paper: the official", "soft: the same windows", "training-free: short side 336", "top 5"):
+        assert words in text, words
+
+
+def test_an_unknown_protocol_is_a_one_line_error(checkpoint, tmp_path):
+    data = _voc_with_two_wide_images(tmp_path / "data")
+    result = CliRunner().invoke(app, ["eval", "voc", "--checkpoint", str(checkpoint), "--data", str(data),
+                                      "--protocol", "official", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "unknown protocol 'official'" in result.output
+
+
 def test_segment_writes_overlay_labels_and_groups(checkpoint, tmp_path):
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(image)
@@ -112,7 +149,7 @@ def _voc_with_two_wide_images(root):
 
 
 @pytest.mark.parametrize("protocol, name, n_classes, threshold", [
-    ("paper", "voc", 21, 0.95), ("training-free", "voc20", 20, None)])
+    ("paper", "voc", 21, 0.95), ("soft", "voc", 21, 0.95), ("training-free", "voc20", 20, None)])
 def test_eval_voc_end_to_end_at_each_protocol(checkpoint, tmp_path, protocol, name, n_classes, threshold):
     data = _voc_with_two_wide_images(tmp_path / "data")
     out = tmp_path / "eval"
@@ -170,3 +207,24 @@ def test_an_unknown_scoring_is_a_one_line_error_before_any_work(checkpoint, worl
     result = CliRunner().invoke(app, ["segment", str(checkpoint), "--checkpoint", str(checkpoint), "--vocab", "circle",
                                       "--scoring", "argmax"])
     assert result.exit_code == 2 and "--scoring" in result.output
+
+
+
+def test_batched_official_rule_equals_one_window_at_a_time_with_the_real_model(checkpoint):
+    """The real model through the batched window loop, against GroupViT's slide inference read
+    literally (tests/evaluation/test_official_rule.py) for the official rule."""
+    from ovseg.evaluation.segmenter import Protocol, ZeroShotSegmenter
+    from ovseg.training.checkpoint import load_model
+
+    from .test_official_rule import official_labels_one_window_at_a_time
+
+    torch.set_num_threads(1)
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(64, 100, 3), (90, 64, 3), (64, 64, 3)]]
+    names = ["circle", "star", "square", "ring", "heart", "diamond", "hexagon"]  # 7 classes: top 5 matters
+    seg = ZeroShotSegmenter(model, names, protocol=Protocol("t", 64, 64, 32, rule="official"), bg_threshold=0.95,
+                            batch_size=3)
+    for image, (scores, _) in zip(images, seg.scores_batch(images)):
+        expected = official_labels_one_window_at_a_time(model, seg, image)
+        assert (seg.predict_from_scores(scores) == expected).mean() > 0.999

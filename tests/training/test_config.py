@@ -59,3 +59,9 @@ def test_resolved_config_round_trips_through_yaml_with_the_git_sha(tmp_path):
     assert "git_sha" in saved
     again = resolve(base=saved)  # what a resume does
     assert to_dict(again) == {**saved, "git_sha": again.git_sha}
+
+
+@pytest.mark.parametrize("key", ["optim.schedule", "optim.no_decay", "model.decoder", "model.mask_form"])
+def test_a_form_that_does_not_exist_is_refused_with_its_key_and_the_choices(key):
+    with pytest.raises(ConfigError, match=rf"{key}.*official, ovseg"):
+        resolve("test", overrides=[f"{key}=paper"])

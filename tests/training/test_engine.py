@@ -2,6 +2,7 @@
 a fresh process, overrides, unreadable images, torchrun with two gloo processes."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -272,3 +273,87 @@ def test_periodic_validation_logs_val_miou(tmp_path):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val/miou" in r]
     assert [r["step"] for r in val] == [1, 2] and all(0 <= r["val/miou"] <= 1 for r in val)
+
+
+# -- optimiser and schedule -------------------------------------------------------------------------
+
+def test_the_official_schedule_is_timms_cosine_scheduler_stepped_as_the_official_loop_steps_it():
+    """The public loop builds timm's CosineLRScheduler (warm-up from warmup_lr, cosine over all
+    steps) and calls step_update(index of the step just taken) after each optimiser step."""
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from ovseg.training.engine import _schedule
+
+    total, warmup, base, warmup_lr, min_lr = 40, 6, 3.2e-4, 8e-6, 8e-5
+    ours = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedule = _schedule(ours, total, warmup, base, min_lr, warmup_lr, form="official")
+    timm_schedule = CosineLRScheduler(theirs, t_initial=total, lr_min=min_lr, warmup_lr_init=warmup_lr,
+                                      warmup_t=warmup, cycle_limit=1, t_in_epochs=False)
+    for idx in range(total + 3):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9, abs=1e-15), idx
+        ours.step(), theirs.step()
+        schedule.step()
+        timm_schedule.step_update(idx)
+    assert ours.param_groups[0]["lr"] == pytest.approx(min_lr)
+
+
+def test_the_ovseg_schedule_warms_up_from_a_fraction_of_the_peak_then_decays_over_the_remaining_steps():
+    from ovseg.training.engine import _schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = _schedule(opt, 12, 4, 1.0, 0.1, form="ovseg")
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_weight_decay_groups_official_decays_all_but_1d_and_biases_ovseg_also_spares_tokens_and_scales():
+    from ovseg.training.engine import _param_groups
+
+    model = torch.nn.Module()
+    model.fc = torch.nn.Linear(3, 2)
+    model.norm = torch.nn.LayerNorm(2)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    model.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 2))
+    model.group_token = torch.nn.Parameter(torch.zeros(1, 3, 2))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def grouped(rule):
+        decay, no_decay = _param_groups(model, 0.05, rule)
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+        return sorted(names[id(p)] for p in decay["params"]), sorted(names[id(p)] for p in no_decay["params"])
+
+    assert grouped("official") == (["fc.weight", "group_token", "logit_scale", "pos_embed"],
+                                   ["fc.bias", "norm.bias", "norm.weight"])
+    assert grouped("ovseg") == (["fc.weight"], ["fc.bias", "group_token", "logit_scale", "norm.bias",
+                                                "norm.weight", "pos_embed"])
+    with pytest.raises(ValueError, match="optim.no_decay"):
+        _param_groups(model, 0.05, "none")
+
+
+def test_the_paper_rates_are_the_official_ones_scaled_by_global_batch_over_4096_stage_2_its_own():
+    from ovseg.training.config import resolve
+    from ovseg.training.engine import stage_lengths, stage_rates
+
+    cfg = resolve("paper")
+    one = stage_rates(cfg, 1, 8 * 256)  # run.sh: 8 GPUs x 256
+    assert one == pytest.approx({"lr": 3.2e-4, "warmup_lr": 8e-6, "min_lr": 8e-5})
+    two = stage_rates(cfg, 2, 8 * 128)  # run_stage2.sh: 8 GPUs x 128
+    assert two == pytest.approx({"lr": 2.5e-6, "warmup_lr": 1e-6, "min_lr": 2.5e-7})
+    # the stage-2 rate does not move with stage 1's
+    moved = resolve("paper", overrides=["optim.lr=1e-3"])
+    assert stage_rates(moved, 2, 1024) == two
+    # lengths in epochs: 30 with 2 of warm-up, then 10 without
+    assert stage_lengths(cfg, 1, 100) == (3000, 200)
+    assert stage_lengths(cfg, 2, 100) == (1000, 0)
+    steps = resolve("paper", overrides=["train.epochs=null", "train.steps=77"])
+    assert stage_lengths(steps, 1, 100) == (77, 200)
+    # presets without stage-2 rates keep stage 1's times the factor, and its warm-up
+    test = resolve("test")
+    assert stage_rates(test, 2, 4)["lr"] == pytest.approx(test.optim.lr * test.train.stage2_lr_factor)
+    assert stage_lengths(test, 2, 10) == (test.train.stage2_steps, test.optim.warmup_steps)

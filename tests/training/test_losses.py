@@ -224,3 +224,100 @@ def test_grounding_loss_equals_binary_cross_entropy_by_hand_and_falls_as_the_rig
     by_hand = -(math.log(torch.sigmoid(z[0]).item()) + math.log(1 - torch.sigmoid(z[1]).item())) / 2
     assert grounding_loss(g, area, entities, targets, scale, bias, tau).item() == pytest.approx(by_hand, rel=1e-5)
     assert loss_at(0.1) < loss_at(0.8) < loss_at(1.5)
+
+
+# -- mask consistency, the official form ----------------------------------------------------------
+
+def test_official_targets_are_one_where_the_sigmoid_reaches_the_ratio_of_its_mask_maximum():
+    from ovseg.training.losses.mask_consistency import relative_targets
+
+    prob = torch.tensor([[0.9, 0.6, 0.5, 0.1]])  # 0.6 x 0.9 = 0.54: 0.9 and 0.6 reach it
+    logits = torch.log(prob / (1 - prob))
+    assert relative_targets(logits, 0.6).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # at ratio 1 only the maximum itself: equality gives 1
+    assert relative_targets(torch.tensor([[2.0, 2.0, 1.0]]), 1.0).tolist() == [[1.0, 1.0, 0.0]]
+    # the threshold is relative to each mask: a mask of low logits still has its own foreground
+    assert relative_targets(torch.tensor([[-6.0, -3.0, -9.0]]), 0.6).tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_official_student_masks_are_min_max_normalised_per_mask():
+    from ovseg.training.losses.mask_consistency import min_max_normalise
+
+    x = torch.tensor([[[2.0, 4.0, 6.0], [-1.0, -3.0, 1.0]]])
+    torch.testing.assert_close(min_max_normalise(x), torch.tensor([[[0.0, 0.5, 1.0], [0.5, 0.0, 1.0]]]))
+    assert torch.isfinite(min_max_normalise(torch.ones(1, 1, 3))).all()  # a flat mask stays finite
+
+
+def test_official_dice_is_one_per_sample_over_its_masks_summed_and_divided_by_k():
+    from ovseg.training.losses import sample_dice_loss
+
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]])  # (P=2, K=2, N=2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [1.0, 1.0]]])
+    # sample 0: a perfect match (0); sample 1: its 4 flattened values share nothing: 1 - 1 / (2 + 2 + 1) = 0.8;
+    # summed (0.8) and divided by K = 2. A per-mask mean would give (0 + 0 + 2/3 + 2/3) / 4 = 1/3
+    torch.testing.assert_close(sample_dice_loss(pred, target, 2), torch.tensor(0.4))
+
+
+def test_official_matching_pairs_masks_by_l2_distance_of_the_normalised_masks():
+    from ovseg.training.losses.mask_consistency import l2_matching
+
+    student = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    perm = torch.tensor([2, 0, 1])
+    # the teacher holds the student's masks in another order, one of them 100 times larger: an
+    # unnormalised distance would pair the large one with nothing like it
+    teacher = student[:, perm] * torch.tensor([1.0, 100.0, 1.0])[None, :, None]
+    match = l2_matching(student, teacher)  # student i -> teacher match[i]
+    assert match.tolist() == [torch.argsort(perm).tolist()]
+    assert torch.equal(teacher[0, match[0]] / teacher[0, match[0]].amax(-1, keepdim=True), student[0])
+
+
+def test_official_mask_loss_is_zero_only_under_the_right_matching_on_a_hand_built_pair():
+    from ovseg.training.losses import OfficialMaskConsistencyLoss
+
+    # student logits: mask 0 -> [0, 1] after min-max, mask 1 -> [1, 0]; teacher: sigmoid targets
+    # [1, 0] and [0, 1]. By L2 of the normalised logits, student 0 pairs with teacher 1 and
+    # student 1 with teacher 0: every matched target equals its student, so the dice is 0; the
+    # identity pairing would give 1 - 1 / 5 = 0.8 for the sample, / K = 0.4
+    student = torch.tensor([[[[0.0, 2.0]], [[3.0, 1.0]]]])  # (B=1, K=2, h=1, w=2)
+    teacher = torch.tensor([[[[5.0, -5.0]], [[-5.0, 5.0]]]])
+    loss = OfficialMaskConsistencyLoss(group_ratio=0.0, threshold=0.6)
+    value = loss(student, teacher, torch.zeros(1, 2), torch.tensor([True]))
+    torch.testing.assert_close(value, torch.tensor(0.0))
+    swapped = loss(student, teacher.flip(1), torch.zeros(1, 2), torch.tensor([True]))
+    torch.testing.assert_close(swapped, torch.tensor(0.0))  # the teacher's order does not matter
+
+
+def test_official_mask_loss_detaches_the_least_related_groups_which_still_take_part_in_matching():
+    from ovseg.training.losses import OfficialMaskConsistencyLoss
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 4, 3, 3, generator=g)
+    relevance = torch.tensor([[0.9, -1.0, 0.5, -2.0], [-0.3, 0.2, 0.1, 0.4]])
+    loss = OfficialMaskConsistencyLoss(group_ratio=0.5, threshold=0.6)
+    loss(student, teacher, relevance, torch.tensor([True, True])).backward()
+    moved = student.grad.flatten(2).abs().sum(-1) > 0  # (B, K)
+    # bottom int(4 x 0.5) = 2 by relevance: groups 1 and 3 of sample 0, 0 and 2 of sample 1
+    assert moved.tolist() == [[True, False, True, False], [False, True, False, True]]
+    # detached, not dropped: the pairs keep all K masks with their values
+    kept, targets = loss.pairs(student, teacher, relevance)
+    assert kept.shape == targets.shape == (2, 4, 9)
+    torch.testing.assert_close(kept, student.detach().flatten(2))
+
+
+def test_official_mask_loss_upsamples_with_aligned_corners_and_skips_rows_without_a_partner():
+    from ovseg.training.losses import OfficialMaskConsistencyLoss
+
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(3, 2, 2, 2, generator=g), torch.randn(3, 2, 2, 2, generator=g)
+    loss = OfficialMaskConsistencyLoss(group_ratio=0.5)
+    kept, _ = loss.pairs(student, teacher, torch.zeros(3, 2), size=(3, 3))
+    up = kept.view(3, 2, 3, 3)
+    torch.testing.assert_close(up[..., ::2, ::2], student)  # align_corners: the corners are the logits
+    torch.testing.assert_close(up[..., 1, 1], student.mean(dim=(-1, -2)))  # the centre: their mean
+    has = torch.tensor([True, False, True])
+    rows = torch.tensor([0, 2])
+    torch.testing.assert_close(loss(student, teacher, torch.zeros(3, 2), has),
+                               loss(student[rows], teacher[rows], torch.zeros(2, 2), has[rows]))
+    none = loss(student.requires_grad_(), teacher, torch.zeros(3, 2), torch.zeros(3, dtype=torch.bool))
+    assert float(none.detach()) == 0.0 and none.requires_grad

@@ -684,6 +684,120 @@ def test_under_the_cluster_grouping_every_parameter_but_the_seeding_path_gets_a_
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient under the {loss} loss"
 
 
+# -- the official entity decoder and mask loss ------------------------------------------------------
+
+def official_config(**changes) -> ModelConfig:
+    settings = dict(decoder="official", decoder_heads=2, decoder_padding_mask=False, mask_form="official", momentum=0.9)
+    return tiny_config(**{**settings, **changes})
+
+
+def test_the_official_decoder_is_one_post_norm_cross_block_then_self_attention_and_a_bridge_projector(tokenizer):
+    from ovseg.training.model.entity_decoder import OfficialEntityDecoder
+
+    model = build_model(official_config(losses=["entity"], decoder_depth=1), tokenizer=tokenizer)
+    dec = model.entity_decoder
+    assert isinstance(dec, OfficialEntityDecoder) and len(dec.layers) == 1
+    layer = dec.layers[0]
+    assert layer.cross.post_norm and layer.cross.attn.heads == 2 and layer.self_attn.attn.heads == 2
+    # equal widths: no alignment; the bridge projector has the projectors' shape
+    assert isinstance(dec.align_proj_img, torch.nn.Identity) and isinstance(dec.align_proj_text, torch.nn.Identity)
+    assert [tuple(p.shape) for p in dec.bridge_projector.parameters()] == \
+        [tuple(p.shape) for p in model.image_projector.parameters()]
+    # the wider side is brought down to the narrower one
+    wide_text = build_model(official_config(losses=["entity"], text_width=48, text_heads=2), tokenizer=tokenizer)
+    dec = wide_text.entity_decoder
+    assert isinstance(dec.align_proj_img, torch.nn.Identity)
+    assert (dec.align_proj_text.in_features, dec.align_proj_text.out_features) == (48, 32)
+
+
+def test_the_official_decoder_layer_adds_the_cross_attended_tokens_after_self_attention_and_normalises():
+    """With the self-attention block made the identity, a layer's output is the final norm of
+    twice the cross-attended question (the official residual); a later layer adds the previous
+    layer's output before its self-attention."""
+    from ovseg.training.model.entity_decoder import OfficialDecoderLayer
+
+    torch.manual_seed(0)
+    layer = OfficialDecoderLayer(16, 2).eval()
+    with torch.no_grad():
+        for p in list(layer.self_attn.attn.proj.parameters()) + list(layer.self_attn.mlp.fc2.parameters()):
+            p.zero_()
+    q, g = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    attended = layer.cross(layer.norm_tokens(q), layer.norm_x(g))
+    torch.testing.assert_close(layer(None, q, g, None), layer.norm_out(2 * attended))
+    torch.testing.assert_close(layer(q, q, g, None), layer.norm_out(2 * attended + q))
+
+
+@pytest.mark.parametrize("honour", [True, False])
+def test_the_question_padding_mask_is_its_own_setting(tokenizer, honour):
+    """The official attention ignores the padding mask (padding then changes the answer);
+    `decoder_padding_mask` honours it."""
+    torch.manual_seed(0)
+    model = build_model(official_config(losses=["entity"], decoder_padding_mask=honour), tokenizer=tokenizer).eval()
+    groups = torch.randn(2, 4, 32)
+    texts = ["a red [MASK]", "a [MASK] and a person"]
+    short = tokenizer(texts, padding=True, return_tensors="pt")
+    long = tokenizer(texts, padding="max_length", max_length=20, return_tensors="pt")
+    with torch.no_grad():
+        a = model.entity_decoder(model.text_features(short["input_ids"], short["attention_mask"]),
+                                 short["attention_mask"], groups)
+        b = model.entity_decoder(model.text_features(long["input_ids"], long["attention_mask"]),
+                                 long["attention_mask"], groups)
+    assert torch.allclose(a, b, atol=1e-5) == honour
+
+
+def test_official_student_masks_are_the_images_queries_on_the_partners_momentum_keys(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(official_config(losses=["mask"]), tokenizer=tokenizer).eval()  # eval: no dropout
+    batch = make_batch(tokenizer)
+    image = model.encode_image(batch["image"])
+    student, teacher, relevance, has, size = model.official_mask_inputs(image, batch)
+    assert student.shape == teacher.shape == (4, 4, 4, 4) and size == (32, 32)  # (B, K, h, w), the input size
+    assert student.requires_grad and not teacher.requires_grad and not relevance.requires_grad
+    with torch.no_grad():  # the keys are the momentum encoder's: moving the online keys changes nothing
+        model.image_encoder.grouping.assign.k_proj.weight.add_(1.0)
+    again = model.official_mask_inputs(image, batch)[0]
+    torch.testing.assert_close(again, student)
+    with torch.no_grad():
+        model.momentum_encoder.grouping.assign.k_proj.weight.add_(1.0)
+    assert not torch.allclose(model.official_mask_inputs(image, batch)[0], student)
+    # relevance: the image's projected (unnormalised) groups against the projected shared entity
+    with torch.no_grad():
+        shared = model.project_text(batch["shared_ids"], batch["shared_mask"])
+    torch.testing.assert_close(relevance, torch.einsum("bkd,bd->bk", image.group_projected, shared))
+
+
+def test_official_mask_loss_trains_the_images_query_path_and_not_the_keys(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(official_config(losses=["mask"]), tokenizer=tokenizer).train()
+    out = model(make_batch(tokenizer))
+    assert torch.isfinite(out["mask"])
+    out["loss"].backward()
+    assign = model.image_encoder.grouping.assign
+    assert assign.q_proj.weight.grad.abs().sum() > 0
+    assert model.image_encoder.group_token.grad.abs().sum() > 0
+    assert assign.k_proj.weight.grad is None  # the keys come from the momentum encoder
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_official_mask_loss_with_partners_in_the_batch_equals_partners_as_extra_images(tokenizer, momentum):
+    torch.manual_seed(0)
+    model = build_model(official_config(losses=["mask"], momentum=momentum), tokenizer=tokenizer).eval()
+    batch = make_batch(tokenizer)
+    index = torch.tensor([2, 3, 0, -1])
+    in_batch = {k: v for k, v in batch.items() if k != "partner_image"}
+    in_batch.update(partner_index=index, has_partner=index >= 0)
+    extra = {**batch, "partner_image": batch["image"][index.clamp(min=0)], "has_partner": index >= 0}
+    torch.testing.assert_close(model(in_batch)["mask"], model(extra)["mask"])
+
+
+def test_official_mask_form_needs_the_learned_grouping(tokenizer):
+    with pytest.raises(ValueError, match="learned grouping"):
+        build_model(cluster_config(losses=["mask"], mask_form="official"), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="model.decoder"):
+        build_model(tiny_config(losses=["entity"], decoder="paper"), tokenizer=tokenizer)
+
+
 # -- the grouping block as GroupViT and OVSegmentor have it ---------------------------------------
 
 def test_group_queries_cross_attend_to_the_image_tokens_not_to_the_group_tokens(tokenizer):

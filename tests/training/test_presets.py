@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -80,3 +81,38 @@ def test_paper_preset_has_vit_b16_blocks_and_bert_base():
     counts = parameter_counts(model)
     assert counts["text encoder"] == n(bert)
     assert counts["image projector"] == (768 * 4096 + 4096) + 2 * 4096 + (4096 * 256 + 256)  # fc1, batch norm, fc2
+
+
+def test_paper_preset_is_the_official_configuration():
+    from ovseg.training.config import resolve
+
+    cfg = resolve("paper")
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    assert (m.heads, m.decoder, m.decoder_depth, m.decoder_heads, m.decoder_padding_mask) == (8, "official", 1, 8, False)
+    assert (m.drop_path, m.patch_norm, m.grouping, m.hard_assignment) == (0.1, False, "learned", True)
+    assert (m.mask_form, m.mask_group_ratio, m.mask_relative_threshold, m.momentum) == ("official", 0.5, 0.6, 0.99)
+    assert (m.loss_weights["contrastive"], m.loss_weights["entity"], m.loss_weights["mask"]) == (1.0, 1.0, 0.1)
+    assert (t.stage1_losses, t.stage2_losses) == (["contrastive", "entity"], ["contrastive", "entity", "mask"])
+    assert (o.lr, o.warmup_lr, o.min_lr, o.warmup_epochs, o.schedule) == (6.4e-4, 1.6e-5, 1.6e-4, 2, "official")
+    assert (o.stage2_lr, o.stage2_min_lr, o.stage2_warmup_epochs) == (1e-5, 1e-6, 0)
+    assert (o.betas, o.eps, o.weight_decay, o.no_decay, o.clip_grad, o.scale_lr) == (
+        (0.9, 0.999), 1e-8, 0.05, "official", 5.0, True)
+    assert (t.batch_size, t.stage2_batch_size, t.epochs, t.stage2_epochs) == (256, 128, 30, 10)
+    assert (t.stage2_freeze_text, t.stage2_pairs_in_batch, t.ema_decay) == (True, False, 0.0)
+    assert (d.crop_scale_min, d.stage2_crop_scale_min, d.randaugment, d.color_jitter, d.random_erasing) == (
+        0.08, 0.4, "rand-m9-mstd0.5-inc1", 0.4, 0.25)
+
+
+def test_every_paper_preset_field_says_what_the_official_files_say():
+    text = (Path(__file__).resolve().parents[2] / "training" / "presets" / "paper.yaml").read_text()
+    fields = [line for line in text.splitlines() if line.startswith("  ") and not line.strip().startswith("#")]
+    assert fields and all("#" in line for line in fields), [line for line in fields if "#" not in line]
+
+
+@pytest.mark.parametrize("name", ["synthetic-small", "test"])
+def test_cpu_presets_keep_ovsegs_decoder_mask_loss_and_schedule(name):
+    from ovseg.training.config import resolve
+
+    cfg = resolve(name)
+    assert (cfg.model.decoder, cfg.model.mask_form, cfg.optim.schedule, cfg.optim.no_decay) == (
+        "ovseg", "ovseg", "ovseg", "ovseg")

@@ -74,10 +74,25 @@ class ModelConfig:
     proj_hidden: int = 4096
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
-    # masked entity completion: a small cross-modal decoder
+    # masked entity completion: a small cross-modal decoder (training/model/entity_decoder.py).
+    # "official": OVSegmentor's (post-norm cross-attention, then self-attention, at the narrower
+    # encoder's width, a bridge projector); "ovseg": pre-norm layers at the image width
+    decoder: str = "ovseg"
     decoder_depth: int = 2
-    # cross-image mask consistency
+    decoder_heads: int | None = None  # None: the image encoder's `heads`
+    # honour the question's padding in the decoder's self-attention (the official code accepts
+    # the mask and never applies it)
+    decoder_padding_mask: bool = True
+    # cross-image mask consistency (training/losses/mask_consistency.py). "official": the
+    # public code's loss (student: the image's assignment queries on the partner's momentum
+    # keys, raw logits upsampled to the input; teacher: the partner's own; the groups least
+    # related to the shared entity detached; L2 matching; sigmoid targets at a ratio of their
+    # maximum; per-sample dice). "ovseg": the softmax masks below, with their settings
+    mask_form: str = "ovseg"
+    mask_group_ratio: float = 0.5        # official: this share of the groups (least related) gets no gradient
+    mask_relative_threshold: float = 0.6  # official: target = sigmoid(logit) >= this x its mask's maximum
     momentum: float = 0.99
+    # ovseg form only:
     mask_keep_groups: int = 4  # groups most related to the shared entity that get the loss
     mask_target_threshold: float = 0.5
     # which of the partner's groups the kept groups are matched to: "dice" (all of them, by mask

@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ovseg.training.losses import MaskConsistencyLoss, contrastive_loss, entity_completion_loss, grounding_loss
+from ovseg.training.losses import (
+    MaskConsistencyLoss, OfficialMaskConsistencyLoss, contrastive_loss, entity_completion_loss, grounding_loss,
+)
 from ovseg.training.model.config import ModelConfig
-from ovseg.training.model.entity_decoder import EntityDecoder
+from ovseg.training.model.entity_decoder import build_entity_decoder
 from ovseg.training.model.image_encoder import GroupingInput, GroupingViT
 from ovseg.training.model.projector import Projector
 from ovseg.training.model.text_encoder import TextEncoder
@@ -36,12 +38,14 @@ class ImageEncoding:
     groups: torch.Tensor            # (B, K, C) group tokens before the projector
     queries: torch.Tensor           # (B, K, C) grouping queries
     inputs: GroupingInput           # what entered the grouping block
+    group_projected: torch.Tensor | None = None  # (B, K, D) group tokens through the projector, not normalised
 
 
 class OVSegmentor(nn.Module):
     def __init__(self, cfg: ModelConfig, image_encoder: GroupingViT, text_encoder: TextEncoder,
                  image_projector: nn.Module, text_projector: nn.Module, tokenizer,
-                 entity_decoder: EntityDecoder | None = None, mask_loss: MaskConsistencyLoss | None = None):
+                 entity_decoder: nn.Module | None = None,
+                 mask_loss: MaskConsistencyLoss | OfficialMaskConsistencyLoss | None = None):
         super().__init__()
         unknown = set(cfg.losses) - set(LOSS_NAMES)
         if unknown:
@@ -78,15 +82,21 @@ class OVSegmentor(nn.Module):
         # the image embedding is the mean of the groups through the projector (the paper); each
         # group through the same projector is what segmentation compares with class prompts
         embedding = F.normalize(self.image_projector(out.groups.mean(dim=1)), dim=-1)  # (B, D)
-        groups = F.normalize(self.image_projector(out.groups), dim=-1)  # (B, K, D)
-        return ImageEncoding(embedding, groups, out.assignment, out.groups, out.queries, out.inputs)
+        projected = self.image_projector(out.groups)  # (B, K, D)
+        return ImageEncoding(embedding, F.normalize(projected, dim=-1), out.assignment, out.groups, out.queries,
+                             out.inputs, projected)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, attention_mask)  # (B, L, Ct)
 
-    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def project_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence token (BERT's [CLS], CLIP's end-of-text) through the text projector, not
+        normalised (B, D)."""
         sentence = self.text_encoder.pool(self.text_features(input_ids, attention_mask), input_ids)  # (B, Ct)
-        return F.normalize(self.text_projector(sentence), dim=-1)  # (B, D)
+        return self.text_projector(sentence)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project_text(input_ids, attention_mask), dim=-1)  # (B, D)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
@@ -151,7 +161,43 @@ class OVSegmentor(nn.Module):
                               self.grounding_bias, self.cfg.grounding_tau)
 
     def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
+        if isinstance(self.mask_loss, OfficialMaskConsistencyLoss):
+            return self.mask_loss(*self.official_mask_inputs(image, batch))
         return self.mask_loss(*self.mask_inputs(image, batch))
+
+    def official_mask_inputs(self, image: ImageEncoding, batch: dict) -> tuple:
+        """What the official mask loss reads (the public code's `project_and_mask` and
+        `compute_cross_loss`): the image's assignment queries against the momentum encoder's
+        keys of the partner (student logits, gradient through the image's queries), the
+        partner's own momentum logits (teacher), both (B, K, h, w) on the token grid; each of the
+        image's groups through the projector against the shared entity's projected embedding
+        (neither normalised); which rows have a partner; and the input size to upsample to.
+        Without a momentum encoder (`momentum` 0) the image encoder itself, without gradient,
+        plays its part."""
+        teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+        with torch.no_grad():
+            if "partner_index" in batch:
+                rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
+                # the batch's own forward already holds the partners' queries and patches
+                out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
+                partner_queries, partner_patches = out.queries[rows], out.inputs.patches[rows]
+                size = tuple(batch["image"].shape[-2:])
+            elif "partner_image" in batch:
+                out = teacher_encoder(batch["partner_image"])
+                partner_queries, partner_patches = out.queries, out.inputs.patches
+                size = tuple(batch["partner_image"].shape[-2:])
+            else:
+                raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
+            h, w = out.inputs.grid
+            teacher_assign = teacher_encoder.grouping.assign
+            keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
+            scale = self.cfg.width ** -0.5
+            teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+            shared = self.project_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
+            relevance = torch.einsum("bkd,bd->bk", image.group_projected, shared)
+        student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
+        b, k = student.shape[:2]
+        return (student.view(b, k, h, w), teacher.view(b, k, h, w), relevance, batch["has_partner"], size)
 
     def mask_inputs(self, image: ImageEncoding, batch: dict, mask_grid: str | None = None) -> tuple[torch.Tensor, ...]:
         """What the mask-consistency loss reads: each image's group queries on its partner's
@@ -202,6 +248,9 @@ class OVSegmentor(nn.Module):
 MASK_GRIDS = ("assignment", "tokens")
 
 
+MASK_FORMS = ("official", "ovseg")
+
+
 def _checked_mask_grid(name: str) -> str:
     if name not in MASK_GRIDS:
         raise ValueError(f"unknown mask grid {name!r}; choose from {', '.join(MASK_GRIDS)}")
@@ -231,11 +280,19 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
     text_encoder = TextEncoder(cfg, tokenizer)
     entity = mask = None
     if "entity" in cfg.losses:
-        entity = EntityDecoder(text_encoder.width, cfg.width, cfg.heads, cfg.decoder_depth,
-                                      cfg.proj_hidden, cfg.embed_dim)
+        entity = build_entity_decoder(cfg, text_encoder.width)
     if "mask" in cfg.losses:
-        _checked_mask_grid(cfg.mask_grid)
-        mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold, cfg.mask_matching)
+        if cfg.mask_form not in MASK_FORMS:
+            raise ValueError(f"unknown model.mask_form {cfg.mask_form!r}; choose from {', '.join(MASK_FORMS)}")
+        if cfg.mask_form == "official":
+            if cfg.grouping != "learned":
+                raise ValueError("model.mask_form=official needs the learned grouping (model.grouping=learned)")
+            if cfg.extra_stage_depths:
+                raise ValueError("model.mask_form=official needs one grouping stage (its masks and the ranked groups are the same K)")
+            mask = OfficialMaskConsistencyLoss(cfg.mask_group_ratio, cfg.mask_relative_threshold)
+        else:
+            _checked_mask_grid(cfg.mask_grid)
+            mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold, cfg.mask_matching)
     return OVSegmentor(
         cfg, image_encoder, text_encoder,
         image_projector=Projector(cfg.width, cfg.proj_hidden, cfg.embed_dim),

@@ -1,0 +1,138 @@
+"""A supervised probe of the grouping: does a grouping block keep several groups per image when
+it is trained with the true labels?
+
+The encoder (a small `GroupingViT`) sees the synthetic world's images; each image's groups are
+scored against learnt class vectors, pooled over the groups by the grounding loss's soft maximum
+(weighted by each group's share of the patches), and trained with multi-label binary
+cross-entropy against the shapes the image holds. No text, no captions: if the assignment folds
+every patch into one group even here, no caption loss will unfold it. Reported on the world's
+val split: distinct arg-max groups per image, and the group-majority mIoU (every group named by
+the majority true label of its pixels: what the grouping alone allows)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ovseg.curation.synthetic import WorldConfig, classes as world_classes, label_map, make_sample
+from ovseg.evaluation.metrics import ConfusionMatrix, group_majority_labels
+from ovseg.training.losses.grounding import pooled_similarity
+from ovseg.training.model.config import ModelConfig
+from ovseg.training.model.image_encoder import GroupingViT
+
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    grouping: str = "learned"      # "learned" (GroupViT's assignment) or "cluster" (ovseg's k-means)
+    depth_before: int = 2
+    depth_after: int = 2
+    width: int = 64
+    heads: int = 4
+    num_group_tokens: int = 16
+    num_groups: int = 8
+    input_size: int = 32
+    patch_size: int = 4
+    n_train: int = 2000
+    n_val: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    steps: int = 600
+    seed: int = 0
+    tau: float = 0.1               # temperature of the soft maximum over groups
+
+
+def _world(cfg: ProbeConfig, split: str, n: int, world: WorldConfig):
+    """(images (N, 3, s, s) normalised, multi-hot labels (N, C), label maps at world size)."""
+    names = world_classes(world)
+    images, hot, maps = [], np.zeros((n, len(names) - 1), np.float32), []
+    for i in range(n):
+        scene, image, depth = make_sample(world, split, i)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        label = label_map(scene, depth, names)
+        maps.append(label)
+        for obj in scene.objects:
+            hot[i, names.index(obj.shape) - 1] = 1.0
+    x = torch.stack(images).float() / 255
+    x = F.interpolate(x, size=(cfg.input_size,) * 2, mode="bilinear", align_corners=False)
+    return (x - MEAN) / STD, torch.from_numpy(hot), maps
+
+
+class Probe(nn.Module):
+    def __init__(self, cfg: ProbeConfig, n_classes: int):
+        super().__init__()
+        model = ModelConfig(image_size=cfg.input_size, patch_size=cfg.patch_size, patch_embed="conv",
+                            width=cfg.width, heads=cfg.heads, depth_before=cfg.depth_before,
+                            depth_after=cfg.depth_after, num_group_tokens=cfg.num_group_tokens,
+                            num_groups=cfg.num_groups, grouping=cfg.grouping, hard_assignment=True)
+        self.encoder = GroupingViT(model)
+        self.classes = nn.Parameter(torch.randn(n_classes, cfg.width) * 0.02)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.bias = nn.Parameter(torch.tensor(-3.0))
+        self.tau = cfg.tau
+
+    def forward(self, images: torch.Tensor):
+        out = self.encoder(images)
+        area = out.assignment.flatten(2).mean(-1)  # (B, K): each group's share of the patches
+        pooled = pooled_similarity(F.normalize(out.groups, dim=-1), area, F.normalize(self.classes, dim=-1), self.tau)
+        return self.scale * pooled + self.bias, out.assignment  # (B, C), (B, K, h, w)
+
+
+@torch.no_grad()
+def grouping_scores(probe: Probe, images: torch.Tensor, maps: list[np.ndarray], n_classes: int) -> dict[str, float]:
+    probe.eval()
+    matrix = ConfusionMatrix(n_classes)
+    groups = 0
+    for start in range(0, len(images), 64):
+        _, assignment = probe(images[start:start + 64])
+        for j, label in enumerate(maps[start:start + 64]):
+            up = F.interpolate(assignment[j:j + 1].float(), size=label.shape, mode="nearest")[0].numpy()
+            groups += len(np.unique(up.argmax(0)))
+            matrix.update(label, group_majority_labels(up, label, n_classes))
+    probe.train()
+    return {"groups_per_image": groups / len(maps), "group_majority_miou": 100 * matrix.compute().miou}
+
+
+def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
+    """Train the probe for `cfg.steps` steps; scores on val before and after, and the time taken."""
+    torch.manual_seed(cfg.seed)
+    world = WorldConfig()
+    n_classes = len(world_classes(world))
+    x, y, _ = _world(cfg, "train", cfg.n_train, world)
+    vx, _, vmaps = _world(cfg, "val", cfg.n_val, world)
+    probe = Probe(cfg, n_classes - 1)
+    before = grouping_scores(probe, vx, vmaps, n_classes)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        index = torch.randint(0, len(x), (cfg.batch_size,), generator=generator)
+        logits, _ = probe(x[index])
+        loss = F.binary_cross_entropy_with_logits(logits, y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress and (step + 1) % 100 == 0:
+            print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    after = grouping_scores(probe, vx, vmaps, n_classes)
+    return {"steps": cfg.steps, "minutes": minutes, "loss": float(loss.item()),
+            **{f"init_{k}": v for k, v in before.items()}, **after}
+
+
+def probe_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
+    """Markdown: one row per probe run."""
+    lines = ["| grouping | blocks before + after | seed | steps (batch) | groups per val image (init) | "
+             "group-majority mIoU (init) | minutes |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, cfg, r in rows:
+        lines.append(f"| {name} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {r['steps']} ({cfg.batch_size}) | "
+                     f"{r['groups_per_image']:.2f} ({r['init_groups_per_image']:.2f}) | "
+                     f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f}) | {r['minutes']:.1f} |")
+    return "\n".join(lines)
