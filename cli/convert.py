@@ -50,7 +50,9 @@ def ovsegmentor(
 
     The architecture comes from the file's config, or from its tensor shapes when it holds the
     state dict alone (attention heads: the official 8 for the image encoder, hidden size / 64 for
-    BERT). The momentum encoder, BERT's pooler and the entity-completion head are left out."""
+    BERT). The entity-completion head maps onto the official decoder, so `ovseg train --init OUT`
+    continues it; the momentum encoder (rebuilt from the image encoder in stage 2) and BERT's
+    pooler are left out."""
     from ovseg.training.convert.official import convert_ovsegmentor
 
     _run("ovsegmentor", src, lambda: convert_ovsegmentor(src, out, tokenizer=tokenizer))

@@ -354,9 +354,80 @@ def _official_ovsegmentor(hf, bert, patch_norm: bool, flat_positions: bool) -> d
                 "logit_scale": w["logit_scale"], "logit_scale_mask": torch.tensor(2.6)})
     out.update({"img_encoder_momentum." + k[len("img_encoder."):]: v.clone() for k, v in out.items()
                 if k.startswith("img_encoder.")})
-    out.update({"multimodal_groupingblock.blocks.0.norm_tokens.weight": torch.ones(32),
-                "bridge_projector.linear_out.weight": torch.zeros(16, hidden, 1)})
+    out.update(_official_entity_head(g, hidden))
     return out
+
+
+def _official_entity_head(g: torch.Generator, hidden: int, image: int = 32, text: int = 64) -> dict:
+    """OVSegmentor's entity head at the narrower width (the images' 32; BERT's 64 comes down
+    through align_proj_text): one MultimodalGroupingBlock and the bridge ProjectMLP."""
+    def rand(*shape, base=0.0):
+        return base + 0.1 * torch.randn(*shape, generator=g)
+
+    out, b = {}, "multimodal_groupingblock.blocks.0."
+    for norm in ("norm_tokens", "norm_x", "norm_new_x", "pre_assign_attn.norm2", "pre_assign_attn.norm_post",
+                 "post_attn.norm1", "post_attn.norm2"):
+        out[f"{b}{norm}.weight"], out[f"{b}{norm}.bias"] = rand(image, base=1.0), rand(image)
+    for name in ("q_proj", "k_proj", "v_proj", "proj"):
+        out[f"{b}pre_assign_attn.attn.{name}.weight"], out[f"{b}pre_assign_attn.attn.{name}.bias"] = \
+            rand(image, image), rand(image)
+        out[f"{b}assign.{name}.weight"], out[f"{b}assign.{name}.bias"] = rand(image, image), rand(image)
+    out[f"{b}post_attn.attn.qkv.weight"], out[f"{b}post_attn.attn.qkv.bias"] = rand(3 * image, image), rand(3 * image)
+    out[f"{b}post_attn.attn.proj.weight"], out[f"{b}post_attn.attn.proj.bias"] = rand(image, image), rand(image)
+    for block in ("pre_assign_attn", "post_attn"):
+        out[f"{b}{block}.mlp.fc1.weight"], out[f"{b}{block}.mlp.fc1.bias"] = rand(4 * image, image), rand(4 * image)
+        out[f"{b}{block}.mlp.fc2.weight"], out[f"{b}{block}.mlp.fc2.bias"] = rand(image, 4 * image), rand(image)
+    out["align_proj_text.weight"], out["align_proj_text.bias"] = rand(image, text), rand(image)
+    p = "bridge_projector."
+    out.update({p + "linear_hidden.0.weight": rand(hidden, image, 1), p + "linear_hidden.0.bias": rand(hidden),
+                p + "linear_hidden.1.weight": rand(hidden, base=1.0), p + "linear_hidden.1.bias": rand(hidden),
+                p + "linear_hidden.1.running_mean": rand(hidden), p + "linear_hidden.1.running_var": 1 + rand(hidden).abs(),
+                p + "linear_hidden.1.num_batches_tracked": torch.tensor(7),
+                p + "linear_out.weight": rand(16, hidden, 1), p + "linear_out.bias": rand(16)})
+    return out
+
+
+def _official_entity_answer(state: dict, question: torch.Tensor, groups: torch.Tensor, heads: int = 8):
+    """OVSegmentor's entity head computed here from its tensors, as its code reads: normalised
+    question and groups, a post-norm cross-attention, a pre-norm self-attention (the padding
+    mask is accepted and not applied), the cross-attended tokens added back, a LayerNorm, the
+    first token through the bridge ProjectMLP."""
+    import torch.nn.functional as F
+
+    b = "multimodal_groupingblock.blocks.0."
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], state[f"{b}{name}.weight"], state[f"{b}{name}.bias"])
+
+    def lin(x, name):
+        return F.linear(x, state[f"{name}.weight"], state[f"{name}.bias"])
+
+    def attend(q, k, v):
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        return (weights @ v).transpose(1, 2).flatten(2)
+
+    def mlp(x, block):
+        return lin(F.gelu(lin(x, f"{b}{block}.mlp.fc1")), f"{b}{block}.mlp.fc2")
+
+    text = ln(lin(question, "align_proj_text"), "norm_tokens")
+    image = ln(groups, "norm_x")
+    a = f"{b}pre_assign_attn.attn."
+    x = text + lin(attend(lin(text, a + "q_proj"), lin(image, a + "k_proj"), lin(image, a + "v_proj")), a + "proj")
+    x = x + mlp(ln(x, "pre_assign_attn.norm2"), "pre_assign_attn")
+    crossed = ln(x, "pre_assign_attn.norm_post")
+    h = ln(crossed, "post_attn.norm1")
+    q, k, v = lin(h, f"{b}post_attn.attn.qkv").chunk(3, dim=-1)
+    y = crossed + lin(attend(q, k, v), f"{b}post_attn.attn.proj")
+    y = y + mlp(ln(y, "post_attn.norm2"), "post_attn")
+    answer = ln(y + crossed, "norm_new_x")[:, 0, :, None]  # (B, C, 1)
+    p = "bridge_projector."
+    h = F.conv1d(answer, state[p + "linear_hidden.0.weight"], state[p + "linear_hidden.0.bias"])
+    h = F.batch_norm(h, state[p + "linear_hidden.1.running_mean"], state[p + "linear_hidden.1.running_var"],
+                     state[p + "linear_hidden.1.weight"], state[p + "linear_hidden.1.bias"], eps=1e-5)
+    h = F.conv1d(h.relu(), state[p + "linear_out.weight"], state[p + "linear_out.bias"])[..., 0]
+    return F.normalize(h, dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -399,8 +470,8 @@ def test_an_official_ovsegmentor_checkpoint_converts_and_loads(hf_one_stage, tin
     result = CliRunner().invoke(app, ["convert", "ovsegmentor", str(src), str(out), "--tokenizer", str(folder)])
     assert result.exit_code == 0, result.output
     saved = torch.load(out, weights_only=True)
-    assert saved["converted_from"]["left_out"] == ["bridge_projector.linear_out.weight",
-                                                   "multimodal_groupingblock.blocks.0.norm_tokens.weight"]
+    assert saved["converted_from"]["left_out"] == []  # the momentum encoder, pooler, unused assign: skipped
+    assert saved["converted_from"]["left_at_init"] == ["grounding_bias", "grounding_scale"]
     model = load_model(out)
     assert model.image_encoder.blocks_before[0].attn.num_heads == (2 if with_config else 8)
     assert not model.cfg.patch_norm and model.image_encoder.pos_embed.shape == (1, 16, 32)
@@ -453,3 +524,23 @@ def test_convert_errors_are_one_line_with_exit_2(tmp_path):
     for command in ("ovsegmentor", "groupvit", "hf-groupvit"):
         help_text = runner.invoke(app, ["convert", command, "--help"]).output
         assert "--tokenizer" in help_text and "OUT" in help_text
+
+
+def test_the_official_entity_head_converts_onto_the_official_decoder(hf_one_stage, tiny_bert, tmp_path):
+    """`--init` from a converted stage-1 file continues its entity head: the converted decoder
+    answers as the official head computed here from the same tensors."""
+    from ovseg.training.checkpoint import load_model
+    from ovseg.training.convert.official import convert_ovsegmentor
+
+    bert, folder = tiny_bert
+    state = _official_ovsegmentor(hf_one_stage, bert, patch_norm=False, flat_positions=True)
+    torch.save({"model": state}, tmp_path / "stage1.pth")
+    convert_ovsegmentor(tmp_path / "stage1.pth", tmp_path / "out.pt", tokenizer=str(folder))
+    model = load_model(tmp_path / "out.pt")
+    assert model.cfg.decoder == "official" and model.cfg.losses == ["contrastive", "entity"]
+    g = torch.Generator().manual_seed(5)
+    question, groups = torch.randn(2, 6, 64, generator=g), torch.randn(2, 4, 32, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        answer = model.entity_decoder(question, mask, groups)
+    torch.testing.assert_close(answer, _official_entity_answer(state, question, groups), atol=1e-4, rtol=0)

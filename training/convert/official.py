@@ -8,8 +8,10 @@ patch and group tokens (`blocks.j`: timm-style `norm1`, fused `attn.qkv`, `attn.
 `mlp_inter`, `norm_post_tokens`, `norm_x`, a post-norm cross-attention `pre_assign_attn` with
 separate q/k/v projections, the assignment `assign`, `norm_new_x`, `mlp_channels`); the last
 layer has blocks only, then `norm`. The projectors are `ProjectMLP`s of 1-wide convolutions.
-OVSegmentor's text encoder is BERT as transformers writes it (`text_encoder.transformer.*`),
-GroupViT's a CLIP-style causal transformer (`text_encoder.*`: nn.MultiheadAttention blocks).
+OVSegmentor's text encoder is BERT as transformers writes it (`text_encoder.transformer.*`); its
+entity-completion head maps onto ovseg's official decoder (`map_entity_head`).
+GroupViT's text encoder is a CLIP-style causal transformer (`text_encoder.*`: nn.MultiheadAttention
+blocks).
 
 The architecture comes from the checkpoint's config when the file has one, else from the tensor
 shapes; attention heads show in no shape: the config's, else the official 8 (OVSegmentor's
@@ -28,8 +30,10 @@ from ovseg.training.convert.common import ConvertError, load_tokenizer, read_sou
 OVSEGMENTOR_IMAGE_HEADS = 8
 # what the official files hold that no ovseg module computes: the momentum encoder (rebuilt from
 # the image encoder when stage 2 starts), the mask loss's unused temperature, BERT's pooler (the
-# [CLS] feature goes to the projector before it) and position/type id buffers
+# [CLS] feature goes to the projector before it), position/type id buffers, and the entity
+# head's assignment layer (built by the official code, never called)
 SKIPPED = re.compile(r"^(img_encoder_momentum\.|logit_scale_mask$|multi_label_logit_scale$|"
+                     r"multimodal_groupingblock\.blocks\.\d+\.assign\.|"
                      r"text_encoder\.transformer\.pooler\.|text_encoder\.transformer\.embeddings\.(position_ids|token_type_ids)$)")
 
 
@@ -156,6 +160,40 @@ def map_projector(weights: dict[str, torch.Tensor], src: str, dst: str) -> dict[
     return out
 
 
+def map_entity_head(weights: Tracked) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """OVSegmentor's entity-completion head -> ovseg's official decoder (`model.decoder=official`):
+    per block of `multimodal_groupingblock` its norms, the post-norm cross-attention
+    `pre_assign_attn` (separate q/k/v), the pre-norm self-attention `post_attn` (fused qkv) and
+    `norm_new_x`; `align_proj_*` when the widths differ; `bridge_projector`. The block's
+    `assign` is built by the official code but never used: it stays out. ({}, {}) without one."""
+    src = "multimodal_groupingblock.blocks."
+    blocks = _layer_indices(weights, src, "")
+    if not blocks or "bridge_projector.linear_out.weight" not in weights:
+        return {}, {}
+    out: dict[str, torch.Tensor] = {}
+    for i in blocks:
+        a, b = f"{src}{i}.", f"entity_decoder.layers.{i}."
+        s_attn = a + "post_attn."
+        for kind in ("weight", "bias"):
+            for mine, theirs in (("norm_tokens", "norm_tokens"), ("norm_x", "norm_x"), ("norm_out", "norm_new_x"),
+                                 ("self_attn.norm1", "post_attn.norm1"), ("self_attn.norm2", "post_attn.norm2"),
+                                 ("self_attn.attn.proj", "post_attn.attn.proj"),
+                                 ("self_attn.mlp.fc1", "post_attn.mlp.fc1"), ("self_attn.mlp.fc2", "post_attn.mlp.fc2")):
+                out[f"{b}{mine}.{kind}"] = weights[f"{a}{theirs}.{kind}"]
+            qkv = weights[f"{s_attn}attn.qkv.{kind}"]
+            width = qkv.shape[0] // 3
+            out[f"{b}self_attn.attn.q.{kind}"], out[f"{b}self_attn.attn.kv.{kind}"] = qkv[:width], qkv[width:]
+        out.update(_cross_attention(weights, a + "pre_assign_attn.", b + "cross."))
+    for side in ("img", "text"):
+        for kind in ("weight", "bias"):
+            if f"align_proj_{side}.{kind}" in weights:
+                out[f"entity_decoder.align_proj_{side}.{kind}"] = weights[f"align_proj_{side}.{kind}"]
+    out.update(map_projector(weights, "bridge_projector.", "entity_decoder.bridge_projector."))
+    values = dict(decoder="official", decoder_depth=len(blocks), decoder_heads=OVSEGMENTOR_IMAGE_HEADS,
+                  decoder_padding_mask=False)
+    return values, out
+
+
 def _projector_values(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "img_projector.linear_hidden.0.weight" not in weights:
         raise ConvertError("no img_projector.linear_hidden.0.weight: only 2-layer ProjectMLP projectors are supported")
@@ -179,7 +217,11 @@ def convert_ovsegmentor(src: str | Path, out: str | Path, tokenizer: str = "bert
     values = image_architecture(weights, config, OVSEGMENTOR_IMAGE_HEADS)
     values.update(_projector_values(weights), text_arch="bert", max_text_length=77, losses=["contrastive"],
                   text_config=text_config_from_weights(weights, "text_encoder.transformer.", "bert"))
+    decoder, entity = map_entity_head(weights)
+    if decoder:  # a stage-1 or stage-2 file: `--init` continues its entity head
+        values.update(decoder, losses=["contrastive", "entity"])
     mapped = map_image_encoder(weights)
+    mapped.update(entity)
     mapped.update(map_projector(weights, "img_projector.", "image_projector."))
     mapped.update(map_projector(weights, "text_projector.", "text_projector."))
     text = weights.take("text_encoder.transformer.")
