@@ -544,3 +544,32 @@ def test_the_official_entity_head_converts_onto_the_official_decoder(hf_one_stag
     with torch.no_grad():
         answer = model.entity_decoder(question, mask, groups)
     torch.testing.assert_close(answer, _official_entity_answer(state, question, groups), atol=1e-4, rtol=0)
+
+
+def test_stage_2_continues_from_a_converted_official_checkpoint(hf_one_stage, tiny_bert, tmp_path):
+    """`ovseg train --stage 2 --init OUT` on the converted file's architecture: every tensor of
+    OUT is taken (the frozen text encoder comes out of stage 2 unchanged) and it trains."""
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+    from ovseg.training.convert.official import convert_ovsegmentor
+    from tests.training.conftest import make_contract
+
+    bert, folder = tiny_bert
+    torch.save({"model": _official_ovsegmentor(hf_one_stage, bert, patch_norm=False, flat_positions=True),
+                "config": {"model": {"img_encoder": {"num_heads": [2, 2]}}}}, tmp_path / "stage1.pth")
+    convert_ovsegmentor(tmp_path / "stage1.pth", tmp_path / "ovsegmentor.pt", tokenizer=str(folder))
+    data = make_contract(tmp_path / "D", n=8)
+    result = CliRunner().invoke(app, [
+        "train", "--preset", "test", "--no-progress", "--data", str(data), "--run", str(tmp_path / "run"),
+        "--stage", "2", "--init", str(tmp_path / "ovsegmentor.pt"), "train.stage2_steps=1",
+        f"model.text_pretrained={folder}", "model.embed_dim=16", "model.proj_hidden=24", "model.decoder=official",
+        "model.decoder_heads=8", "model.decoder_padding_mask=false"])
+    assert result.exit_code == 0, result.output
+    converted = torch.load(tmp_path / "ovsegmentor.pt", weights_only=True)["model"]
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert set(converted) <= set(trained)
+    text = [k for k in converted if k.startswith("text_encoder.")]
+    assert text and all(torch.equal(converted[k], trained[k]) for k in text)
+    assert not torch.equal(converted["entity_decoder.layers.0.norm_out.weight"],
+                           trained["entity_decoder.layers.0.norm_out.weight"])
