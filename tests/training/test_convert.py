@@ -256,6 +256,8 @@ def test_a_converted_transformers_groupvit_gives_transformers_outputs(hf_groupvi
     from ovseg.training.checkpoint import load_model
 
     hf, folder, tokenizer = hf_groupvit
+    summary = torch.load(converted_hf, weights_only=True)["converted_from"]
+    assert summary["left_out"] == [] and summary["left_at_init"] == ["grounding_bias", "grounding_scale"]
     model = load_model(converted_hf)
     assert model.tokenizer(["a cat"])["input_ids"] == tokenizer(["a cat"])["input_ids"]
     _assert_same_outputs(model, hf, tokenizer)
