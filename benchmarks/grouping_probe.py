@@ -32,6 +32,7 @@ STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 @dataclasses.dataclass
 class ProbeConfig:
     grouping: str = "learned"      # "learned" (GroupViT's assignment) or "cluster" (ovseg's k-means)
+    hard_assignment: bool = True   # Gumbel straight-through one-hot in training (the official), or the softmax
     depth_before: int = 2
     depth_after: int = 2
     width: int = 64
@@ -71,7 +72,8 @@ class Probe(nn.Module):
         model = ModelConfig(image_size=cfg.input_size, patch_size=cfg.patch_size, patch_embed="conv",
                             width=cfg.width, heads=cfg.heads, depth_before=cfg.depth_before,
                             depth_after=cfg.depth_after, num_group_tokens=cfg.num_group_tokens,
-                            num_groups=cfg.num_groups, grouping=cfg.grouping, hard_assignment=True)
+                            num_groups=cfg.num_groups, grouping=cfg.grouping,
+                            hard_assignment=cfg.hard_assignment)
         self.encoder = GroupingViT(model)
         self.classes = nn.Parameter(torch.randn(n_classes, cfg.width) * 0.02)
         self.scale = nn.Parameter(torch.tensor(10.0))
@@ -129,10 +131,11 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
 
 def probe_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
     """Markdown: one row per probe run."""
-    lines = ["| grouping | blocks before + after | seed | steps (batch) | groups per val image (init) | "
-             "group-majority mIoU (init) | minutes |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| grouping | assignment | blocks before + after | seed | steps (batch) | groups per val image (init) | "
+             "group-majority mIoU (init) | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for name, cfg, r in rows:
-        lines.append(f"| {name} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {r['steps']} ({cfg.batch_size}) | "
+        kind = "hard (Gumbel)" if cfg.hard_assignment else "soft"
+        lines.append(f"| {name} | {kind} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {r['steps']} ({cfg.batch_size}) | "
                      f"{r['groups_per_image']:.2f} ({r['init_groups_per_image']:.2f}) | "
                      f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f}) | {r['minutes']:.1f} |")
     return "\n".join(lines)

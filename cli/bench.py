@@ -223,6 +223,7 @@ def bench_grouping_probe(
     depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
+    hard: bool = typer.Option(True, "--hard/--soft", help="Learned grouping: Gumbel straight-through one-hot in training (the official) or the plain softmax."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ):
@@ -238,13 +239,14 @@ def bench_grouping_probe(
     for depth in depths.split(","):
         before, after = (int(v) for v in depth.split("+"))
         for seed in (int(v) for v in seeds.split(",")):
-            cfg = ProbeConfig(grouping=grouping, depth_before=before, depth_after=after, steps=steps, seed=seed)
+            cfg = ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=before, depth_after=after,
+                              steps=steps, seed=seed)
             result = run_probe(cfg)
             typer.echo(f"{grouping} {depth} seed {seed}: {result}")
             rows.append((grouping, cfg, result))
     md = (f"## Supervised grouping probe (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
           + probe_table(rows) + "\n")
-    write_section(f"grouping-probe-{grouping}", md, doc)
+    write_section(f"grouping-probe-{grouping}-{'hard' if hard else 'soft'}", md, doc)
     typer.echo(md)
 
 

@@ -46,4 +46,4 @@ def test_grouping_probe_cli_writes_its_section(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--doc", str(doc)])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
-    assert "<!-- bench:grouping-probe-learned -->" in text and "| learned | 1 + 0 | 0 | 2 (8) |" in text
+    assert "<!-- bench:grouping-probe-learned-hard -->" in text and "| learned | hard (Gumbel) | 1 + 0 | 0 | 2 (8) |" in text
