@@ -70,7 +70,8 @@ def write_checkpoint(out: str | Path, model_values: dict[str, Any], weights: dic
         if key not in own:
             raise ConvertError(f"converted tensor {key} has no place in the ovseg model")
         if tuple(own[key].shape) != tuple(value.shape):
-            raise ConvertError(f"converted tensor {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
+            raise ConvertError(f"converted tensor {key} has shape {tuple(value.shape)}, "
+                               f"the model {tuple(own[key].shape)}")
     state = {k: weights[k].to(v.dtype).clone() if k in weights else v for k, v in own.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ OVSEGMENTOR_IMAGE_HEADS = 8
 # head's assignment layer (built by the official code, never called)
 SKIPPED = re.compile(r"^(img_encoder_momentum\.|logit_scale_mask$|multi_label_logit_scale$|"
                      r"multimodal_groupingblock\.blocks\.\d+\.assign\.|"
-                     r"text_encoder\.transformer\.pooler\.|text_encoder\.transformer\.embeddings\.(position_ids|token_type_ids)$)")
+                     r"text_encoder\.transformer\.pooler\.|"
+                     r"text_encoder\.transformer\.embeddings\.(position_ids|token_type_ids)$)")
 
 
 class Tracked(dict):
@@ -70,8 +71,10 @@ def image_architecture(weights: dict[str, torch.Tensor], config: dict[str, Any],
     width, _, patch, _ = weights[prefix + "patch_embed.proj.weight"].shape
     layers = _layer_indices(weights, prefix + "layers.", "")
     depths = [len(_layer_indices(weights, f"{prefix}layers.{i}.blocks.", "")) for i in layers]
-    if len(layers) < 2 or any(f"{prefix}layers.{i}.downsample.assign.q_proj.weight" not in weights for i in layers[:-1]):
-        raise ConvertError(f"{prefix}layers: every stage but the last needs a grouping block (found {len(layers)} stages)")
+    if len(layers) < 2 or any(f"{prefix}layers.{i}.downsample.assign.q_proj.weight" not in weights
+                              for i in layers[:-1]):
+        raise ConvertError(f"{prefix}layers: every stage but the last needs a grouping block "
+                           f"(found {len(layers)} stages)")
     group_tokens = [weights[f"{prefix}layers.{i}.group_token"].shape[1] for i in layers[:-1]]
     groups = [weights[f"{prefix}layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0] for i in layers[:-1]]
     if any(f"{prefix}layers.{i}.downsample.reduction.1.weight" in weights for i in layers[:-1]):
@@ -178,7 +181,8 @@ def map_entity_head(weights: Tracked) -> tuple[dict[str, Any], dict[str, torch.T
             for mine, theirs in (("norm_tokens", "norm_tokens"), ("norm_x", "norm_x"), ("norm_out", "norm_new_x"),
                                  ("self_attn.norm1", "post_attn.norm1"), ("self_attn.norm2", "post_attn.norm2"),
                                  ("self_attn.attn.proj", "post_attn.attn.proj"),
-                                 ("self_attn.mlp.fc1", "post_attn.mlp.fc1"), ("self_attn.mlp.fc2", "post_attn.mlp.fc2")):
+                                 ("self_attn.mlp.fc1", "post_attn.mlp.fc1"),
+                                 ("self_attn.mlp.fc2", "post_attn.mlp.fc2")):
                 out[f"{b}{mine}.{kind}"] = weights[f"{a}{theirs}.{kind}"]
             qkv = weights[f"{s_attn}attn.qkv.{kind}"]
             width = qkv.shape[0] // 3
@@ -212,7 +216,8 @@ def convert_ovsegmentor(src: str | Path, out: str | Path, tokenizer: str = "bert
     weights = Tracked(raw)
     if not any(k.startswith("img_encoder.") for k in weights) or not any(k.startswith("text_encoder.transformer.")
                                                                          for k in weights):
-        raise ConvertError(f"{src}: no img_encoder.* and text_encoder.transformer.* weights: not an OVSegmentor checkpoint")
+        raise ConvertError(f"{src}: no img_encoder.* and text_encoder.transformer.* weights: "
+                           "not an OVSegmentor checkpoint")
     tok = load_tokenizer(tokenizer)
     values = image_architecture(weights, config, OVSEGMENTOR_IMAGE_HEADS)
     values.update(_projector_values(weights), text_arch="bert", max_text_length=77, losses=["contrastive"],
@@ -225,7 +230,8 @@ def convert_ovsegmentor(src: str | Path, out: str | Path, tokenizer: str = "bert
     mapped.update(map_projector(weights, "img_projector.", "image_projector."))
     mapped.update(map_projector(weights, "text_projector.", "text_projector."))
     text = weights.take("text_encoder.transformer.")
-    mapped.update({"text_encoder.bert." + k: v for k, v in text.items() if not SKIPPED.match("text_encoder.transformer." + k)})
+    mapped.update({"text_encoder.bert." + k: v for k, v in text.items()
+                   if not SKIPPED.match("text_encoder.transformer." + k)})
     mapped["logit_scale"] = weights["logit_scale"].reshape(())
     source = {"format": "ovsegmentor", "source": str(src), "tokenizer": tokenizer,
               "architecture_from": "config" if config.get("model") else "shapes",
