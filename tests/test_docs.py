@@ -1,0 +1,231 @@
+"""The manual cannot drift from the tool.
+
+- Every `ovseg ...` and `torchrun ... -m ovseg.cli.main ...` line in a fenced block of README.md
+  and docs/ (subfolders included) parses against the real CLI: click's own parser, built from the
+  Typer app, down the sub-commands, without running anything; torchrun lines parse against
+  torchrun's parser first. Placeholders (DATA, CKPT, OUT, ...) are ordinary arguments.
+- A fenced block whose info string says `runs-in-tests` (```` ```bash runs-in-tests ````) runs,
+  line by line, in a fresh folder on the small data the tests make (see `_run_block`).
+- Every SQL block of docs/sql.md runs against a small curated data folder.
+- Every number of README.md appears in a generated section of docs/benchmarks.md, unless it is
+  listed below as not measured by ovseg.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer
+import typer.core
+
+try:  # Typer 0.29 carries its own copy of click (its parser, contexts and exceptions)
+    from typer._click import exceptions as click_errors
+except ImportError:  # older Typer builds on click itself
+    from click import exceptions as click_errors
+
+from ovseg.cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+RUNNABLE = "runs-in-tests"
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int  # 1-based line of the opening fence
+    info: str
+    lines: list[tuple[int, str]]  # (line number, text)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def fenced_blocks(path: Path) -> list[Block]:
+    blocks, current = [], None
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        stripped = text.strip()
+        if stripped.startswith("```"):
+            if current is None:
+                current = Block(path, number, stripped[3:].strip(), [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current.lines.append((number, text))
+    assert current is None, f"{path}: a fenced block opened at line {current.line} is never closed"
+    return blocks
+
+
+def logical_lines(block: Block) -> list[tuple[int, str]]:
+    """The block's commands, with backslash-continued lines joined."""
+    out, pending, start = [], "", 0
+    for number, text in block.lines:
+        if not pending:
+            start = number
+        if text.rstrip().endswith("\\"):
+            pending += text.rstrip()[:-1] + " "
+            continue
+        out.append((start, pending + text))
+        pending = ""
+    if pending:
+        out.append((start, pending))
+    return out
+
+
+def _is_ovseg(words: list[str]) -> bool:
+    return bool(words) and Path(words[0]).name == "ovseg"
+
+
+def _is_torchrun(words: list[str]) -> bool:
+    return bool(words) and words[0] == "torchrun" and "ovseg.cli.main" in words
+
+
+def doc_commands() -> list[tuple[str, list[str], Block]]:
+    """(where, argv without the program, block) of every ovseg / torchrun line of the docs."""
+    found = []
+    for path in DOC_FILES:
+        for block in fenced_blocks(path):
+            if block.info.split()[:1] not in ([], ["bash"], ["sh"], ["console"], ["shell"]):
+                continue
+            for number, text in logical_lines(block):
+                words = shlex.split(text, comments=True)
+                if _is_ovseg(words) or _is_torchrun(words):
+                    found.append((f"{path.relative_to(ROOT)}:{number}", words, block))
+    return found
+
+
+COMMANDS = doc_commands()
+# What the docs' shell variables stand for when a line is parsed (not run).
+SHELL_VALUES = {"NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"}
+
+
+def expand(words: list[str], values: dict[str, str]) -> list[str]:
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), w) for w in words]
+
+
+def click_parse(args: list[str]) -> list[str]:
+    """Parse `ovseg ARGS` with click down to the leaf command; returns the command path.
+    Raises click's UsageError (or typer.Exit for --version) as the CLI would."""
+    command = typer.main.get_command(app)
+    ctx = command.make_context("ovseg", list(args), resilient_parsing=False)
+    names = ["ovseg"]
+    while isinstance(command, typer.core.TyperGroup):
+        protected = getattr(ctx, "_protected_args", None)
+        rest = [*(ctx.protected_args if protected is None else protected), *ctx.args]
+        name, command, rest = command.resolve_command(ctx, rest)
+        assert command is not None, f"no such command {name!r} under {' '.join(names)}"
+        names.append(name)
+        ctx = command.make_context(name, rest, parent=ctx, resilient_parsing=False)
+    return names
+
+
+def torchrun_script_args(words: list[str]) -> list[str]:
+    """torchrun's own parser over a doc line (it fails on options it takes for its own, such as a
+    prefix of --run-path); returns the arguments it passes to `-m ovseg.cli.main`."""
+    from torch.distributed.run import get_args_parser
+
+    try:
+        parsed = get_args_parser().parse_args(words[1:])
+    except SystemExit as error:
+        raise AssertionError(f"torchrun refuses the line (exit {error.code})") from None
+    assert parsed.module and parsed.training_script == "ovseg.cli.main", parsed
+    return list(parsed.training_script_args)
+
+
+def test_the_docs_have_commands_to_check():
+    wheres = {where.split(":")[0] for where, _, _ in COMMANDS}
+    assert {"docs/training.md", "docs/sql.md", "docs/pipeline.md", "docs/quickstart.md"} <= wheres, wheres
+    assert any(_is_torchrun(words) for _, words, _ in COMMANDS)
+
+
+@pytest.mark.parametrize("where,words", [(w, words) for w, words, _ in COMMANDS], ids=[w for w, _, _ in COMMANDS])
+def test_every_doc_command_parses(where, words, capsys):
+    words = expand(words, SHELL_VALUES)
+    args = torchrun_script_args(words) if _is_torchrun(words) else words[1:]
+    try:
+        click_parse(args)
+    except typer.Exit as done:  # --version and other eager options: fine if it is 0
+        assert done.exit_code == 0, f"{where}: exit {done.exit_code}"
+    except click_errors.ClickException as error:
+        pytest.fail(f"{where}: `{shlex.join(words)}` does not parse: {error.format_message()}")
+
+
+def test_the_parser_check_can_fail():
+    """The check above rejects what the CLI rejects (and torchrun's own swallowed options)."""
+    with pytest.raises(click_errors.UsageError):
+        click_parse(["train", "--no-such-option"])
+    with pytest.raises(click_errors.UsageError):
+        click_parse(["curate", "no-such-stage", "DATA"])
+    with pytest.raises(AssertionError, match="torchrun refuses"):
+        torchrun_script_args(shlex.split("torchrun --nproc-per-node 8 -m ovseg.cli.main train --run runs/paper"))
+    assert torchrun_script_args(shlex.split(
+        "torchrun --nproc-per-node 8 -m ovseg.cli.main train --run-dir runs/paper")) == ["train", "--run-dir", "runs/paper"]
+
+
+# -- runnable blocks ---------------------------------------------------------------------------
+
+RUNNABLE_BLOCKS = [b for path in DOC_FILES for b in fenced_blocks(path) if RUNNABLE in b.info.split()[1:]]
+# A runnable training line trains the tiny `test` preset for 2 steps a stage: the test proves that
+# the line's options, files and stages chain as written, not what the training learns.
+CHEAP_TRAINING = ["--preset", "test", "--no-progress", "train.steps=2", "train.stage2_steps=2"]
+
+
+def _load_training_contract():
+    spec = importlib.util.spec_from_file_location("_training_conftest", ROOT / "tests" / "training" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_contract
+
+
+def _run_block(block: Block, folder: Path, data: Path) -> None:
+    """Run a block's lines in order in `folder`: `NAME=$(...)` through bash (the value is kept for
+    later lines), `ovseg ...` in this process through the real CLI, with the word DATA standing
+    for `data`."""
+    from typer.testing import CliRunner
+
+    values: dict[str, str] = {}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1"}
+    for number, text in logical_lines(block):
+        where = f"{block.path.relative_to(ROOT)}:{number}"
+        assignment = re.match(r"\s*(\w+)=", text)
+        if assignment:
+            name = assignment.group(1)
+            done = subprocess.run(["bash", "-c", f'{text}\nprintf %s "${name}"'], cwd=folder, env=env,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0 and done.stdout, f"{where}: {done.stderr}"
+            values[name] = done.stdout
+            continue
+        words = shlex.split(text, comments=True)
+        if not words:
+            continue
+        assert _is_ovseg(words), f"{where}: a runnable block holds only ovseg lines and NAME=$(...) lines"
+        args = [re.sub(r"\bDATA\b", str(data), w) for w in expand(words, values)[1:]]
+        if args[0] == "train":
+            args += CHEAP_TRAINING
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"{where}: `{shlex.join(words)}` exit {result.exit_code}\n{result.output}"
+
+
+def test_there_are_runnable_blocks():
+    assert {b.path.name for b in RUNNABLE_BLOCKS} >= {"training.md", "pipeline.md"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", RUNNABLE_BLOCKS, ids=[b.where for b in RUNNABLE_BLOCKS])
+def test_runnable_blocks_run(block, tmp_path, monkeypatch):
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    data = _load_training_contract()(tmp_path / "DATA")  # the training tests' small data contract
+    _run_block(block, folder, data)
