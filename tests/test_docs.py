@@ -229,3 +229,153 @@ def test_runnable_blocks_run(block, tmp_path, monkeypatch):
     monkeypatch.chdir(folder)
     data = _load_training_contract()(tmp_path / "DATA")  # the training tests' small data contract
     _run_block(block, folder, data)
+
+
+# -- SQL blocks --------------------------------------------------------------------------------
+
+SQL_BLOCKS = [b for path in DOC_FILES for b in fenced_blocks(path) if b.info.split()[:1] == ["sql"]]
+
+
+def sql_statements(block: Block) -> list[tuple[int, str]]:
+    """(line, statement) for each `;`-terminated statement of a block, comments dropped."""
+    out, pending, start = [], [], 0
+    for number, text in block.lines:
+        code = text.split("--", 1)[0]
+        if not code.strip():
+            continue
+        if not pending:
+            start = number
+        pending.append(code)
+        if code.rstrip().endswith(";"):
+            out.append((start, "\n".join(pending).strip().rstrip(";")))
+            pending = []
+    assert not pending, f"{block.where}: a statement without its closing `;`"
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory) -> Path:
+    """The bundled sample curated with the top 20 entities (as docs/pipeline.md does and the
+    curation tests' `curated_sample`), plus a downloads table in the contract's schema (every
+    other manifest sample a success) so that the after-download queries have something to read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ovseg.curation.catalog import build_catalog
+    from ovseg.curation.download import DOWNLOADS_SCHEMA
+    from ovseg.curation.ingest import IngestConfig
+    from ovseg.curation.pipeline import CurateConfig, curate
+    from ovseg.curation.select import SelectConfig
+
+    data = tmp_path_factory.mktemp("docs-sql") / "data"
+    sample = ROOT / "curation" / "data" / "cc12m_sample.tsv"
+    curate(data, CurateConfig(source=str(sample), ingest=IngestConfig(shard_size=100),
+                              select=SelectConfig(top_k=20), threads=1))
+    ids = pq.read_table(data / "manifest", columns=["sample_id"]).column("sample_id").to_pylist()
+    ok = [i % 2 == 0 for i in ids]
+    rows = {
+        "sample_id": ids,
+        "status": ["success" if good else "failed_to_download" for good in ok],
+        "error_message": [None if good else "HTTP Error 404" for good in ok],
+        "shard": ["00000.tar" if good else None for good in ok],
+        "key": [f"{n:09d}" if good else None for n, good in enumerate(ok)],
+        "offset": [512 + 1024 * n if good else None for n, good in enumerate(ok)],
+        "size": [500 if good else None for good in ok],
+    }
+    rows.update({c.name: [64 if good else None for good in ok] for c in DOWNLOADS_SCHEMA if c.name not in rows})
+    pq.write_table(pa.table(rows, schema=DOWNLOADS_SCHEMA), data / "downloads.parquet")
+    build_catalog(data)
+    return data
+
+
+def test_sql_blocks_exist():
+    assert {b.path.name for b in SQL_BLOCKS} >= {"sql.md"}
+    assert sum(len(sql_statements(b)) for b in SQL_BLOCKS if b.path.name == "sql.md") >= 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", SQL_BLOCKS, ids=[b.where for b in SQL_BLOCKS])
+def test_sql_blocks_run_on_curated_data(block, sample_data):
+    from ovseg.curation.catalog import connect_read_only
+
+    con = connect_read_only(sample_data)
+    try:
+        for number, statement in sql_statements(block):
+            try:
+                con.sql(statement).fetchall()
+            except Exception as error:  # DuckDB's own errors have no common base worth naming
+                pytest.fail(f"{block.path.relative_to(ROOT)}:{number}: {type(error).__name__}: {error}")
+    finally:
+        con.close()
+
+
+# -- what the docs say about the data ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_sample_top_entities_are_things(sample_data):
+    """docs/pipeline.md's walkthrough shows the sample's top 20: words like `up` (the root spaCy
+    gives "close up") are stoplisted, not selected."""
+    from ovseg.curation.catalog import connect_read_only
+    from ovseg.curation.select import default_stoplist
+
+    con = connect_read_only(sample_data)
+    selected = [row[0] for row in con.sql("SELECT entity FROM entities WHERE selected ORDER BY rank").fetchall()]
+    stopped = {row[0] for row in con.sql("SELECT entity FROM entities WHERE excluded_reason = 'stoplist'").fetchall()}
+    con.close()
+    assert len(selected) == 20 and "up" not in selected and not set(selected) & set(default_stoplist())
+    assert "up" in stopped
+
+
+@pytest.mark.slow
+def test_schemas_md_names_each_tables_compression(sample_data):
+    """docs/schemas.md: zstd, except manifest, entity_index and pairs in snappy."""
+    import pyarrow.parquet as pq
+
+    text = (ROOT / "docs" / "schemas.md").read_text()
+    snappy = {"manifest", "entity_index", "pairs"}
+    assert "zstd" in text and all(f"`{name}`" in text.split("snappy")[0].rsplit("zstd", 1)[-1] for name in snappy)
+    for name, pattern in {"captions": "captions/*.parquet", "rejects": "rejects.parquet", "parsed": "parsed/*.parquet",
+                          "entities": "entities.parquet", "manifest": "manifest/*.parquet",
+                          "entity_index": "entity_index.parquet", "pairs": "pairs.parquet"}.items():
+        path = sorted(sample_data.glob(pattern))[0]
+        codec = pq.ParquetFile(path).metadata.row_group(0).column(0).compression
+        assert codec == ("SNAPPY" if name in snappy else "ZSTD"), (name, codec)
+
+
+def test_schemas_md_marks_reserved_word_columns():
+    """A column named with a reserved word of DuckDB's SQL carries ⚠ and a quoting hint."""
+    import duckdb
+
+    reserved = {row[0] for row in duckdb.sql(
+        "SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category = 'reserved'").fetchall()}
+    rows = re.findall(r"^\| `(\w+)`( ⚠)? \|", (ROOT / "docs" / "schemas.md").read_text(), re.M)
+    assert rows
+    for column, mark in rows:
+        assert bool(mark) == (column in reserved), f"docs/schemas.md: column `{column}`"
+    assert any(column == "offset" for column, _ in rows) and '"offset"' in (ROOT / "docs" / "schemas.md").read_text()
+
+
+def test_sql_help_lists_every_view():
+    from typer.testing import CliRunner
+
+    from ovseg.curation.catalog import TABLES
+
+    text = " ".join(CliRunner().invoke(app, ["sql", "--help"], terminal_width=200).output.split())
+    for view in TABLES:
+        assert re.search(rf"\b{view}\b", text), view
+
+
+def test_curate_synthetic_says_when_it_drew_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    args = ["curate", "synthetic", str(tmp_path / "OUT"), "--train", "3", "--val", "1", "--test", "1"]
+    first, second = CliRunner().invoke(app, args), CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and first.output.startswith("wrote 3 training images"), first.output
+    assert second.exit_code == 0 and "drew nothing" in second.output and "wrote 3" not in second.output, second.output
+
+
+def test_scoring_help_reads():
+    from typer.testing import CliRunner
+
+    text = " ".join(CliRunner().invoke(app, ["eval", "voc", "--help"], terminal_width=200).output.split())
+    assert "belong to softmax" not in text and "the paper's thresholds are for softmax" in text.replace("│ ", "")
