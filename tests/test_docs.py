@@ -379,3 +379,62 @@ def test_scoring_help_reads():
 
     text = " ".join(CliRunner().invoke(app, ["eval", "voc", "--help"], terminal_width=200).output.split())
     assert "belong to softmax" not in text and "the paper's thresholds are for softmax" in text.replace("│ ", "")
+
+
+# -- README numbers ----------------------------------------------------------------------------
+
+# Numbers of README.md that no benchmark measures, each with what it is. Anything else must be in
+# a generated section of docs/benchmarks.md.
+NOT_MEASURED = {
+    "2023": "the paper's year (CVPR 2023)",
+    "2301.09121": "the paper's arXiv id",
+    "53.8": "the paper's own VOC mIoU", "20.4": "the paper's own Context mIoU", "25.1": "the paper's own COCO-Object mIoU",
+    "16": "ViT-B/16, the paper's backbone",
+    "12": "the synthetic world's 12 shape classes",
+    "3.10": "the Python version required", "3.8.0": "the spaCy model's version",
+    "4096": "the paper's global batch",
+    "10": "the demo's stage-1 minutes (cli/pipeline.py)", "4": "the demo's stage-2 minutes (cli/pipeline.py)",
+}
+NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)*")
+
+
+def numbers(markdown: str) -> set[str]:
+    """The numbers of a Markdown text outside code (fenced, inline) and link targets; thousands
+    separators dropped (4,664 is 4664)."""
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
+    return {m.group(0).rstrip(",.").replace(",", "") for m in NUMBER.finditer(text)}
+
+
+def generated_sections(markdown: str) -> str:
+    """The text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (what `ovseg bench` writes)."""
+    return "\n".join(m.group(2) for m in re.finditer(r"<!-- bench:([\w-]+) -->(.*?)<!-- /bench:\1 -->", markdown, re.S))
+
+
+def test_every_readme_number_is_in_a_generated_benchmark_section():
+    readme = numbers((ROOT / "README.md").read_text())
+    generated = numbers(generated_sections((ROOT / "docs" / "benchmarks.md").read_text()))
+    assert len(generated) > 100
+    missing = sorted(readme - generated - set(NOT_MEASURED), key=lambda n: float(n.split(".")[0] or 0))
+    assert not missing, f"README.md numbers in no generated section of docs/benchmarks.md: {missing}"
+    stale = sorted(set(NOT_MEASURED) - readme)
+    assert not stale, f"NOT_MEASURED lists numbers README.md no longer has: {stale}"
+
+
+def test_the_number_check_reads_markdown():
+    assert numbers("took 21.6 s (4,664 steps), `--top-k 100`, [x](docs/a-30min-0.png) on 2 cores.") == {
+        "21.6", "4664", "2"}
+    assert generated_sections("a 1 <!-- bench:x -->b 2<!-- /bench:x --> c 3") == "b 2"
+
+
+def test_readme_says_how_the_demo_differs_from_the_bench():
+    """README.md: the demo trains the bench's preset on 64 px at model.image_size=64 for 10 + 4
+    minutes, so its mIoU is not a cell of the bench's table."""
+    from ovseg.cli.pipeline import DemoConfig
+
+    demo = DemoConfig(out=Path("demo-out"))
+    assert (demo.preset, demo.image_size, demo.stage1_minutes, demo.stage2_minutes) == ("synthetic-small", 64, 10, 4)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`model.image_size=64` and for 10 + 4 minutes" in readme and "not a cell of this table" in readme
