@@ -50,6 +50,7 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert (run / "stage1" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_and_resumes_exactly(tmp_path):
     """train.stage2_pairs_in_batch with model.momentum=0 and the text encoder left to train: the
     batch is batch_size / 2 samples and their partners, stage 2 keeps no momentum encoder, the
@@ -119,6 +120,7 @@ def test_without_a_decay_no_average_is_kept(tmp_path):
     assert result.exit_code == 2 and "train.ema_decay" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_into_a_fresh_process(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
@@ -210,6 +212,7 @@ def _train_process(data, run, steps, extra=()):
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     data = make_contract(tmp_path / "D", n=24)
     straight = tmp_path / "straight"
@@ -230,6 +233,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     assert _losses(resumed) == expected
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     data = make_contract(tmp_path / "D", n=24)
     run = tmp_path / "run"
