@@ -83,6 +83,7 @@ def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_an
     assert _losses(resumed / "stage2") == _losses(stage2)
 
 
+@pytest.mark.slow
 def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resumed_exactly(tmp_path):
     """train.ema_decay keeps timm's ModelEmaV3 of the weights: every checkpoint holds it, it
     differs from the trained weights, load_model (evaluation, segment) and stage 2's init take
@@ -182,6 +183,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "ovseg curate" in result.output
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path):
     data = make_contract(tmp_path / "D", n=12, corrupt=(1, 5))
     run = tmp_path / "run"
@@ -264,6 +266,7 @@ def test_torchrun_two_gloo_processes_train_together_with_accumulation(tmp_path):
     assert len(records) == 2  # one writer: rank 0
 
 
+@pytest.mark.slow
 def test_periodic_validation_logs_val_miou(tmp_path):
     from ovseg.curation.synthetic import WorldConfig, generate
 
