@@ -251,9 +251,15 @@ def synthetic(
     from ovseg.curation import synthetic as syn
 
     cfg = syn.WorldConfig(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    marker = out / "world.json"  # generate() rewrites it only when it draws the world
+    before = marker.stat().st_mtime_ns if marker.exists() else None
     syn.generate(out, cfg, force=force, base_url=base_url)
-    typer.echo(f"wrote {n_train} training images, {out / 'captions.tsv'} (URLs under {base_url}) "
-               f"and {n_val} val / {n_test} test images with masks in {out / 'voc'}")
+    if before is not None and marker.stat().st_mtime_ns == before:
+        typer.echo(f"{out} already holds this world: drew nothing (--force draws it again); "
+                   f"wrote {out / 'captions.tsv'} (URLs under {base_url})")
+    else:
+        typer.echo(f"wrote {n_train} training images, {out / 'captions.tsv'} (URLs under {base_url}) "
+                   f"and {n_val} val / {n_test} test images with masks in {out / 'voc'}")
     if serve_it:
         import time
 

@@ -32,8 +32,8 @@ THRESHOLD_DEFAULT = {"voc": "the paper's 0.95", "context": "the paper's 0.35", "
                      "synthetic": "0.5; better: --tune-threshold-on val"}
 SCORING_HELP = ("How a group scores a class. softmax: the paper's softmax over the classes at the contrastive "
                 "temperature. grounding: the grounding head's presence probability per class (models trained with "
-                "the grounding loss; without --bg-threshold the threshold is then 0.5, the paper's belong to softmax; "
-                "not with --protocol paper, whose official rule is softmax). "
+                "the grounding loss; its background threshold is 0.5 unless --bg-threshold says otherwise: the paper's "
+                "thresholds are for softmax; not with --protocol paper, whose official rule is softmax). "
                 "auto: softmax under --protocol paper; otherwise grounding when the model trained with it, else softmax.")
 DEFAULT_SPLIT = {"voc": "val", "context": "val", "coco-object": "val2017", "ade20k": "validation",
                  "synthetic": "test"}

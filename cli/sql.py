@@ -17,7 +17,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def sql(
     query: str = typer.Argument(..., help="The SQL query; tables: captions, rejects, parsed, entities, manifest, "
-                                          "entity_index, pairs, downloads (docs/schemas.md)."),
+                                          "entity_index, pairs, downloads, images (docs/schemas.md); quote reserved words: \"offset\"."),
     data: Path = typer.Option(Path("data"), "--data", "-d", help="The data folder holding catalog.duckdb."),
     fmt: str = typer.Option("table", "--format", "-f", help="table (printed), csv, json (one object per line) or parquet."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result to this file (needed for parquet)."),

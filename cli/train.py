@@ -17,11 +17,11 @@ STAGES = ("1", "2", "both")
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key.sub=value, e.g. train.steps=200 model.num_groups=8."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The curated DATA folder (manifest, downloads, images, pairs); sets data.data_dir."),
-    run: Path = typer.Option(Path("runs/ovseg"), "--run", "--run-dir", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed."),
+    run: Path = typer.Option(Path("runs/ovseg"), "--run-dir", "--run", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed. (--run is an alias, but torchrun takes it for its own --run-path: under torchrun write --run-dir.)"),
     preset: str = typer.Option("synthetic-small", "--preset", "-p", help="Named preset (see `ovseg train --list-presets`)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset, before the overrides."),
     stage: str = typer.Option("both", "--stage", help="1: contrastive + masked entity; 2: adds mask consistency from --init; both: stage 1 then stage 2 into RUN/stage1 and RUN/stage2."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: stage 1's checkpoint (e.g. RUN/stage1/last.pt)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: stage 1's checkpoint (RUN/stage1/last.pt after --stage both; RUN/last.pt after --stage 1)."),
     nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun (one per GPU); 0 runs in this process."),
     nnodes: int = typer.Option(1, "--nnodes", help="With --nproc-per-node: number of machines."),
     node_rank: int = typer.Option(0, "--node-rank", help="With --nnodes > 1: this machine's rank."),
@@ -66,10 +66,18 @@ def train(
     if stage == "2" and init is None and not (run / "ckpt").exists():
         typer.echo("ovseg train: stage 2 needs --init RUN/stage1/last.pt (or a run folder to resume)", err=True)
         raise typer.Exit(2)
+    if init is not None and not init.is_file():
+        typer.echo(f"ovseg train: --init {init} does not exist (stage 1 with --run-dir R --stage 1 writes R/last.pt)", err=True)
+        raise typer.Exit(2)
+    problem = _model_source_problem(cfg.model)
+    if problem:
+        typer.echo(f"ovseg train: {problem}", err=True)
+        raise typer.Exit(2)
 
     from dataclasses import replace
 
     from ovseg.training.engine import TrainingError, train as train_stage, train_both
+    from ovseg.training.model.image_encoder import VisionInitError
 
     eval_fn = _validation(val, val_images) if val else None
     if eval_fn is not None and not cfg.train.eval_every:
@@ -83,8 +91,29 @@ def train(
     except TrainingError as error:
         typer.echo(f"ovseg train: {error}", err=True)
         raise typer.Exit(1)
+    except VisionInitError as error:  # model.vision_init: a missing file, or a timm name the hub does not give
+        typer.echo(f"ovseg train: model.vision_init: {error}", err=True)
+        raise typer.Exit(2)
     if int(os.environ.get("RANK", 0)) == 0:
         typer.echo(json.dumps(summary, indent=2))
+
+
+def _model_source_problem(model_cfg) -> str | None:
+    """What is wrong with the model's outside sources, in one line, or None. A text encoder from
+    the hub is looked up (its config only) before anything is built: offline and not cached,
+    transformers would retry for half a minute and then raise a traceback."""
+    name = getattr(model_cfg, "text_pretrained", None)
+    if not name:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"model.text_pretrained={name} cannot be loaded ({first}); pass a local directory that holds "
+                "the model, or model.text_pretrained=null for a randomly initialised text encoder")
+    return None
 
 
 def _validation(spec: str, images: int):

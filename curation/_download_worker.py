@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 # Keep every byte on the wire the download's own: no update check (albumentations), no W&B.
 QUIET_ENV = {
@@ -57,9 +59,18 @@ def main(args_path: str) -> None:
         if not os.environ.get("PYSPARK_SUBMIT_ARGS") and not os.environ.get("SPARK_HOME"):
             builder = builder.master(f"local[{kwargs.get('processes_count', 1)}]")
         builder.getOrCreate()
-    from img2dataset import download
+    # img2dataset imports W&B in every process of its pool, and W&B makes temporary folders at
+    # import that it removes only at a normal interpreter exit, which pool processes skip: give
+    # the whole download one scratch folder of its own and remove it afterwards.
+    scratch = tempfile.mkdtemp(prefix="ovseg-img2dataset-")
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None  # read TMPDIR again
+    try:
+        from img2dataset import download
 
-    download(**kwargs)
+        download(**kwargs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

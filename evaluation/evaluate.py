@@ -202,7 +202,7 @@ def run_evaluation(name: str, data: Path, checkpoint: Path, *, output_dir: Path 
     if output_dir is not None:
         (Path(output_dir) / "eval_config.json").write_text(json.dumps({
             "dataset": name, "data": str(data), "checkpoint": str(checkpoint), "split": split,
-            "protocol": segmenter.protocol.name, "bg_threshold": segmenter.bg_threshold,
+            "protocol": segmenter.protocol.name, "bg_threshold": segmenter.bg_threshold,  # as metrics.json names it
             "threshold_tuned_on": tune_threshold_on, "scoring": segmenter.scoring, "ensemble": ensemble, "top_k": top_k,
         }, indent=2))
     return result

@@ -10,6 +10,10 @@ from typer.testing import CliRunner
 from ovseg.cli.main import app
 
 
+# Each test needs data made end to end (a curated, downloaded or demo folder): minutes, not seconds.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

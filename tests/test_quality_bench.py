@@ -18,6 +18,7 @@ def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_job_asked_for_a_longer_budget_runs_again_with_what_it_measured(tmp_path):
     row = {"variant": "contrastive", "seed": 0, "minutes": 5.0, "steps": {"stage1": 10}, "miou": 0.1,
            "group_majority_miou": 0.3, "bg_threshold": 0.5}

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ovseg.curation import stage
 from ovseg.curation._curate_bench import benchmark_curate, generate_parsed
@@ -24,6 +25,7 @@ def test_generated_rows_have_1_to_4_unique_entities_with_zipf_like_counts(tmp_pa
     assert stage.read_marker(tmp_path, "parse") is not None
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_run_measures_every_stage_and_reports_markdown():
     md, numbers = benchmark_curate(rows=20_000, parse_captions=60, ingest_rows=2_000, cores=16)
     assert numbers["parse"]["ours"] > 0 and numbers["parse"]["full"] > 0

@@ -118,6 +118,7 @@ def test_caption_table_without_the_named_column_names_the_columns_it_has(tmp_pat
     st.builds(lambda u, c: u + b"\t" + c, st.sampled_from([b"https://e.com/x.jpg", b"http://a", b"", b"x"]),
               st.binary(max_size=40)),
     st.text(max_size=60).map(lambda t: t.encode("utf-8"))), max_size=30).map(lambda ls: b"\n".join(ls)))
+@pytest.mark.slow
 def test_fuzzed_tsv_bytes_never_crash_and_every_row_is_kept_or_rejected(tmp_path_factory, body):
     data = tmp_path_factory.mktemp("fuzz")
     src = data / "in.tsv"

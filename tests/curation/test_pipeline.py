@@ -48,6 +48,7 @@ def test_a_finished_run_is_skipped_stage_by_stage(curated_sample):
     assert all(r.skipped for r in results.values())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_parse_then_rerun_gives_the_uninterrupted_output(tmp_path, nlp):
     reference = tmp_path / "reference"
     curate(reference, _config(20))

@@ -1,10 +1,12 @@
 """`ovseg bench eval` times the real evaluation loop and writes its own section."""
 
+import pytest
 from typer.testing import CliRunner
 
 from ovseg.cli.main import app
 
 
+@pytest.mark.slow
 def test_bench_eval_writes_a_measured_section_per_preset_and_protocol(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")

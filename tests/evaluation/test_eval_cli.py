@@ -48,6 +48,7 @@ def test_eval_synthetic_writes_metrics_and_pictures(checkpoint, world, tmp_path)
     assert 0.0 <= metrics["group_majority_miou"] <= 1.0
     assert len(list((out / "pictures").glob("*_panel.png"))) == 2
     assert "mIoU" in result.output
+    assert json.loads((out / "eval_config.json").read_text())["protocol"] == metrics["protocol"] == "synthetic"
 
 
 def test_threshold_cannot_be_tuned_on_the_measured_split(checkpoint, world, tmp_path):

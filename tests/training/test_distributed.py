@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -32,6 +33,7 @@ def _worker(rank, port, out):
         dist_utils.teardown()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_average_and_share_a_stop_request():
     with mp.Manager() as manager:
         out = manager.dict()

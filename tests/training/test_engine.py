@@ -51,6 +51,7 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     assert (run / "stage1" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_and_resumes_exactly(tmp_path):
     """train.stage2_pairs_in_batch with model.momentum=0 and the text encoder left to train: the
     batch is batch_size / 2 samples and their partners, stage 2 keeps no momentum encoder, the
@@ -83,6 +84,7 @@ def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_an
     assert _losses(resumed / "stage2") == _losses(stage2)
 
 
+@pytest.mark.slow
 def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resumed_exactly(tmp_path):
     """train.ema_decay keeps timm's ModelEmaV3 of the weights: every checkpoint holds it, it
     differs from the trained weights, load_model (evaluation, segment) and stage 2's init take
@@ -120,6 +122,7 @@ def test_without_a_decay_no_average_is_kept(tmp_path):
     assert result.exit_code == 2 and "train.ema_decay" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_into_a_fresh_process(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
@@ -181,6 +184,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "ovseg curate" in result.output
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path):
     data = make_contract(tmp_path / "D", n=12, corrupt=(1, 5))
     run = tmp_path / "run"
@@ -211,6 +215,7 @@ def _train_process(data, run, steps, extra=()):
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     data = make_contract(tmp_path / "D", n=24)
     straight = tmp_path / "straight"
@@ -231,6 +236,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     assert _losses(resumed) == expected
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     data = make_contract(tmp_path / "D", n=24)
     run = tmp_path / "run"
@@ -261,6 +267,7 @@ def test_torchrun_two_gloo_processes_train_together_with_accumulation(tmp_path):
     assert len(records) == 2  # one writer: rank 0
 
 
+@pytest.mark.slow
 def test_periodic_validation_logs_val_miou(tmp_path):
     from ovseg.curation.synthetic import WorldConfig, generate
 

@@ -74,6 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_loss_and_gradients_on_the_concatenated_batch(tmp_path):
     port, out = _free_port(), tmp_path / "rank0.pt"
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", str(port), str(out)],

@@ -253,6 +253,14 @@ class GroupingViT(nn.Module):
         return EncoderOutput(groups, soft.view(b, k, h, w), queries, x)
 
 
+class VisionInitError(RuntimeError):
+    """model.vision_init cannot be read: the CLI prints it as a one-line error."""
+
+
+class VisionInitMissing(VisionInitError, FileNotFoundError):
+    """model.vision_init names a checkpoint file that does not exist."""
+
+
 def block_names(encoder: GroupingViT) -> list[str]:
     """The encoder's transformer blocks in the order the input passes them (state-dict prefixes)."""
     names = [f"blocks_before.{i}" for i in range(len(encoder.blocks_before))]
@@ -278,15 +286,16 @@ def load_dino(encoder: GroupingViT, source: str) -> tuple[list[str], list[str]]:
                 state = state[key]
                 break
     elif source.endswith((".pth", ".pt", ".bin", ".safetensors")) or "/" in source.removeprefix("hf-hub:"):
-        raise FileNotFoundError(f"vision init checkpoint {source} does not exist")
+        raise VisionInitMissing(f"vision init checkpoint {source} does not exist")
     else:
         import timm
 
         try:
             state = timm.create_model(source, pretrained=True).state_dict()
         except Exception as error:  # no hub access, unknown name: say what to do instead
-            raise RuntimeError(f"could not fetch the timm model {source!r} ({type(error).__name__}: {error}); "
-                               "pass a local DINO checkpoint file as model.vision_init") from error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise VisionInitError(f"could not fetch the timm model {source!r} ({type(error).__name__}: {first}); "
+                                  "pass a local DINO checkpoint file as model.vision_init") from error
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
