@@ -161,8 +161,38 @@ _NLP = None
 _COUNTER = None  # captions parsed by all workers, shared with the parent for its progress bar
 
 
-def _init_worker(model: str, counter=None) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when its parent does, even by ``kill -9``.
+
+    Linux: the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG). Elsewhere a
+    daemon thread polls the parent's pid. Either way, a parent already gone ends the worker now."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    else:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="ovseg-parent-watch").start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _init_worker(model: str, counter=None, parent_pid: int | None = None) -> None:
     global _NLP, _COUNTER
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     _NLP = load_nlp(model)
     _COUNTER = counter
 
@@ -232,7 +262,7 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
             context = multiprocessing.get_context("spawn")  # no fork of a process that holds DuckDB threads
             counter = context.Value("q", 0)
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                     initargs=(model, counter)) as pool:
+                                     initargs=(model, counter, os.getpid())) as pool:
                 pending = {pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo}
                 while pending:
                     finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
