@@ -162,6 +162,7 @@ def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, prog
                             f"`ovseg curate download {data} --force` starts over")
     elif state.get("fingerprint") == fingerprint and state.get("complete") and out.exists():
         counts = _status_counts(out)
+        _update_catalog(data)  # a copied DATA's catalog names its own files after any rerun
         return DownloadResult(out, counts, state.get("shards", 0), time.perf_counter() - start, skipped=True)
 
     n_shards = math.ceil(urls.num_rows / cfg.shard_size)

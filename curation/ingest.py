@@ -291,6 +291,7 @@ def _skip(data: Path, settings: dict, force: bool) -> IngestResult | None:
     if force or not stage.is_done(data, "ingest", settings):
         return None
     counts = stage.read_marker(data, "ingest")["counts"]
+    stage.refresh_catalog(data)
     return IngestResult(counts["rows"], counts["kept"], counts["rejected"], counts["reasons"], skipped=True)
 
 

@@ -235,6 +235,7 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
     settings = {"model": model, "ingest": ingest["settings"]}
     if not force and stage.is_done(data, "parse", settings):
         counts = stage.read_marker(data, "parse")["counts"]
+        stage.refresh_catalog(data)
         return ParseResult(counts["samples"], counts["parts"], 0, 0.0, skipped=True)
     previous = stage.read_marker(data, "parse_progress")
     out_dir = Path(data) / "parsed"

@@ -132,3 +132,22 @@ def test_sql_csv_to_stdout_streams_in_batches(data, monkeypatch):
     result = _sql(data, "SELECT * FROM range(50)", "-f", "csv")
     assert result.exit_code == 0 and len(result.output.splitlines()) == 51
     assert max(batches) <= 7 and sum(batches) == 50
+
+
+def test_a_rerun_in_a_copied_data_folder_makes_its_catalog_name_its_own_files(curated_sample, tmp_path):
+    import duckdb
+
+    from ovseg.curation.ingest import IngestConfig
+    from ovseg.curation.pipeline import CurateConfig, curate
+    from ovseg.curation.select import SelectConfig
+
+    from .conftest import SAMPLE_TSV
+
+    copy = tmp_path / "copy"
+    shutil.copytree(curated_sample, copy)
+    results = curate(copy, CurateConfig(source=str(SAMPLE_TSV), ingest=IngestConfig(shard_size=100),
+                                        select=SelectConfig(top_k=20), threads=1))
+    assert all(r.skipped for r in results.values())
+    con = duckdb.connect(str(copy / "catalog.duckdb"), read_only=True)
+    sqls = [r[0] for r in con.execute("SELECT sql FROM duckdb_views() WHERE NOT internal").fetchall()]
+    assert sqls and all(str(copy.resolve()) in s and str(curated_sample) not in s for s in sqls)
