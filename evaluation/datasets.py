@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ovseg.evaluation.metrics import IGNORE_INDEX
+from ovseg.evaluation.pictures import load_rgb
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -121,7 +122,7 @@ class SegmentationDataset:
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.items[index]
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+        image = load_rgb(image_path)  # 16-bit greyscale scaled, not clipped white
         with Image.open(label_path) as raw:
             label = np.asarray(raw, dtype=np.int64).copy()  # palette PNGs read as indices
         if self.zero_is_ignore:
