@@ -49,6 +49,12 @@ def segment(
     if output.exists() and not output.is_dir():
         typer.echo(f"ovseg segment: --output {output} is a file, not a folder", err=True)
         raise typer.Exit(2)
-    for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
-                                  short_side=short_side, save_groups=groups, device=device, scoring=scoring):
-        typer.echo(f"wrote {written}")
+    from ovseg.training.checkpoint import CheckpointError
+
+    try:
+        for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
+                                      short_side=short_side, save_groups=groups, device=device, scoring=scoring):
+            typer.echo(f"wrote {written}")
+    except CheckpointError as error:
+        typer.echo(f"ovseg segment: {error}", err=True)
+        raise typer.Exit(2)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from ovseg.cli.main import app
 from ovseg.evaluation.pictures import colourise, load_rgb, overlay_with_legend, palette_png
 
-from .test_eval_cli import checkpoint  # noqa: F401  (the module's tiny real checkpoint)
+from .test_eval_cli import checkpoint, world  # noqa: F401  (the tiny real checkpoint and world)
 
 
 def test_a_16_bit_greyscale_png_keeps_its_shades(tmp_path):
@@ -67,3 +67,17 @@ def test_segment_of_two_files_with_one_name_writes_two_results(checkpoint, tmp_p
                                       "-c", str(checkpoint), "--vocab", "circle", "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert (out / "x_labels.png").exists() and (out / "x-2_labels.png").exists()
+
+
+def test_segment_and_eval_name_a_damaged_checkpoint_in_one_line(checkpoint, world, tmp_path):  # noqa: F811
+    image = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(checkpoint.read_bytes()[:5000])
+    seg = CliRunner().invoke(app, ["segment", str(image), "-c", str(cut), "--vocab", "circle", "-o",
+                                   str(tmp_path / "o"), "--device", "cpu"])
+    assert seg.exit_code == 2 and "cut.pt" in seg.output and "Traceback" not in seg.output
+    assert len(seg.output.strip().splitlines()) == 1
+    ev = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(cut), "--data", str(world / "voc"),
+                                  "--output", str(tmp_path / "e"), "--device", "cpu"])
+    assert ev.exit_code == 2 and "cut.pt" in ev.output and "Traceback" not in ev.output
