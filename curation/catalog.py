@@ -104,10 +104,15 @@ def unfinished(data: Path) -> dict[str, list[str]]:
 
 
 def _download_complete(data: Path) -> bool:
+    """The download finished, and after the manifest it downloaded was last built."""
     try:
-        return bool(json.loads((data / ".download" / "state.json").read_text()).get("complete"))
+        complete = bool(json.loads((data / ".download" / "state.json").read_text()).get("complete"))
     except (OSError, ValueError):
         return False
+    manifest, downloads = data / "_markers" / "manifest.json", data / "downloads.parquet"
+    if complete and manifest.exists() and downloads.exists():
+        return downloads.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
+    return complete
 
 
 class QueryError(RuntimeError):
