@@ -202,13 +202,46 @@ def _count(n: int) -> None:
         _COUNTER.value += n
 
 
-def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
+def _parse_rows(src: str, batch_size: int, progress=None, start: int = 0, stop: int | None = None) -> pa.Table:
     table = pq.read_table(src, columns=["sample_id", "caption"])
+    table = table.slice(start, None if stop is None else stop - start)
     results = parse_with(_NLP, table.column("caption").to_pylist(), batch_size, progress)
-    out = pa.table([table.column("sample_id"), pa.array([r[0] for r in results], PARSED_SCHEMA.field("entities").type),
-                    pa.array([r[1] for r in results], PARSED_SCHEMA.field("chunks").type)], schema=PARSED_SCHEMA)
+    return pa.table([table.column("sample_id"), pa.array([r[0] for r in results], PARSED_SCHEMA.field("entities").type),
+                     pa.array([r[1] for r in results], PARSED_SCHEMA.field("chunks").type)], schema=PARSED_SCHEMA)
+
+
+def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
+    out = _parse_rows(src, batch_size, progress)
     stage.write_parquet_atomic(out, Path(dst))
-    return table.num_rows
+    return out.num_rows
+
+
+def _parse_slice_in_worker(src: str, start: int, stop: int, batch_size: int) -> pa.Table:
+    """Rows [start, stop) of a captions part, parsed (the parent writes the part when all its
+    slices are back)."""
+    out = _parse_rows(src, batch_size, None, start, stop)
+    if _COUNTER is not None:
+        _count(out.num_rows)
+    return out
+
+
+# Fewer captions parts than workers: each part is parsed in slices of at least this many rows, so
+# that every worker has work (a small run has a single part).
+MIN_SLICE_ROWS = 500
+
+
+def plan_slices(rows: list[int], workers: int) -> list[list[tuple[int, int]]]:
+    """Per part, the row ranges its workers parse: the whole part when parts are enough to keep
+    `workers` busy, else equal slices of at least MIN_SLICE_ROWS rows."""
+    if len(rows) >= workers:
+        return [[(0, n)] for n in rows]
+    per_part = -(-workers // max(len(rows), 1))
+    plans = []
+    for n in rows:
+        k = max(1, min(per_part, n // MIN_SLICE_ROWS))
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        plans.append(list(zip(bounds[:-1], bounds[1:])))
+    return plans
 
 
 def _parse_part_in_worker(src: str, dst: str, batch_size: int) -> int:
@@ -251,8 +284,9 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
     from tqdm import tqdm
 
     began = time.perf_counter()
+    plans = plan_slices([pq.ParquetFile(src).metadata.num_rows for src, _ in todo], workers)
     with tqdm(total=total, desc="parse", unit=" captions", mininterval=1.0, smoothing=0.1, disable=None) as bar:
-        if workers <= 1 or len(todo) <= 1:
+        if workers <= 1 or sum(len(p) for p in plans) <= 1:
             _init_worker(model)
             for src, dst in todo:
                 _parse_part(str(src), str(dst), batch_size, bar.update)
@@ -262,13 +296,29 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
 
             context = multiprocessing.get_context("spawn")  # no fork of a process that holds DuckDB threads
             counter = context.Value("q", 0)
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
+            n_tasks = sum(len(p) for p in plans)
+            slices: dict[int, dict[int, pa.Table]] = {}  # part -> slice -> parsed rows
+            with ProcessPoolExecutor(min(workers, n_tasks), mp_context=context, initializer=_init_worker,
                                      initargs=(model, counter, os.getpid())) as pool:
-                pending = {pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo}
+                pending = {}
+                for part, ((src, dst), plan) in enumerate(zip(todo, plans)):
+                    if len(plan) == 1:
+                        pending[pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size)] = None
+                        continue
+                    for i, (start, stop) in enumerate(plan):
+                        pending[pool.submit(_parse_slice_in_worker, str(src), start, stop, batch_size)] = (part, i)
                 while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        future.result()  # a worker's error stops the stage
+                        where = pending.pop(future)
+                        result = future.result()  # a worker's error stops the stage
+                        if where is not None:
+                            part, i = where
+                            slices.setdefault(part, {})[i] = result
+                            if len(slices[part]) == len(plans[part]):  # every slice back: write the part
+                                done = slices.pop(part)
+                                stage.write_parquet_atomic(pa.concat_tables([done[j] for j in sorted(done)]),
+                                                           todo[part][1])
                     bar.update(counter.value - bar.n)
     seconds = time.perf_counter() - began
     samples = sum(pq.ParquetFile(p).metadata.num_rows for p in stage.parts(out_dir))
