@@ -181,6 +181,9 @@ SYNTHETIC_HOW = "make it with `ovseg curate synthetic OUT`; pass OUT/voc"
 
 def load_voc(data: Path, split: str = "val", with_background: bool = True) -> SegmentationDataset:
     root = _locate(data, "VOCdevkit", "VOC2012", marker="JPEGImages")
+    if (root / "classes.json").exists():  # the VOC layout with other classes: VOC's names would be wrong
+        raise ValueError(f"{root} holds its own classes.json (ovseg's synthetic world), not PASCAL VOC; "
+                         "use `ovseg eval synthetic`")
     items = _split_items(root, root / "ImageSets" / "Segmentation" / f"{split}.txt",
                          root / "JPEGImages", root / "SegmentationClass", ".jpg", ".png", VOC_HOW)
     if with_background:

@@ -81,3 +81,9 @@ def test_segment_and_eval_name_a_damaged_checkpoint_in_one_line(checkpoint, worl
     ev = CliRunner().invoke(app, ["eval", "synthetic", "--checkpoint", str(cut), "--data", str(world / "voc"),
                                   "--output", str(tmp_path / "e"), "--device", "cpu"])
     assert ev.exit_code == 2 and "cut.pt" in ev.output and "Traceback" not in ev.output
+
+
+def test_eval_voc_refuses_the_synthetic_worlds_voc_layout(checkpoint, world, tmp_path):  # noqa: F811
+    result = CliRunner().invoke(app, ["eval", "voc", "--checkpoint", str(checkpoint), "--data", str(world / "voc"),
+                                      "--output", str(tmp_path / "e"), "--device", "cpu"])
+    assert result.exit_code == 2 and "ovseg eval synthetic" in result.output and "Traceback" not in result.output
