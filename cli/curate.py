@@ -115,10 +115,10 @@ def cc12m(
                        select=_select_config("cc12m", top_k, vocabulary, stoplist, stoplist_add),
                        pairs_per_sample=pairs_per_sample, seed=seed, threads=threads, memory_limit=memory_limit)
     with _stage_errors("cc12m"):
-        results = curate(data, cfg, force=force, report=_report)
+        curate(data, cfg, force=force, report=_report)
     if download_cfg is not None:  # the last step: img2dataset over the manifest (docs/download.md)
-        # a manifest built in this run (a new selection, new captions) is downloaded afresh
-        run_download(data, download_cfg, force=force or not results["manifest"].skipped, command="cc12m")
+        # a new manifest (a new selection, new captions) is downloaded afresh; the same one resumes
+        run_download(data, download_cfg, force=force, command="cc12m", new_manifest_restarts=True)
 
 
 @app.command("captions")
@@ -301,12 +301,13 @@ def download_config(command: str, image_size: int, processes: int, threads: int,
     return cfg
 
 
-def run_download(data: _Path, cfg, force: bool = False, command: str = "download") -> None:
+def run_download(data: _Path, cfg, force: bool = False, command: str = "download",
+                 new_manifest_restarts: bool = False) -> None:
     """The download step, shared by `ovseg curate download` and `ovseg curate cc12m`."""
     from ovseg.curation.download import DownloadError, download
 
     try:
-        result = download(data, cfg, force=force)
+        result = download(data, cfg, force=force, new_manifest_restarts=new_manifest_restarts)
     except (DownloadError, ValueError) as error:
         _fail(command, str(error))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))

@@ -127,23 +127,29 @@ class DownloadResult:
 
 
 def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, force: bool = False,
-             progress: bool = True) -> DownloadResult:
+             progress: bool = True, new_manifest_restarts: bool = False) -> DownloadResult:
     """Download the manifest's images into DATA/images with img2dataset and write
-    DATA/downloads.parquet. Resumes an interrupted run; skipped when complete unless `force`."""
+    DATA/downloads.parquet. Resumes an interrupted run; skipped when complete unless `force`.
+
+    Shards of another manifest (same output options) are refused, or with `new_manifest_restarts`
+    deleted and the new manifest downloaded (what `ovseg curate cc12m` does after a new selection)."""
     cfg = cfg or DownloadConfig()
     cfg.validate()
     start = time.perf_counter()
     data = Path(data_dir)
     urls = read_manifest_urls(data)
     with _exclusive(data / ".download"):
-        return _download(data, urls, cfg, force, progress, start)
+        return _download(data, urls, cfg, force, progress, start, new_manifest_restarts)
 
 
 def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, progress: bool,
-              start: float) -> DownloadResult:
+              start: float, new_manifest_restarts: bool = False) -> DownloadResult:
     work, images, out = data / ".download", data / "images", data / "downloads.parquet"
     fingerprint = _fingerprint(urls, cfg)
     state = _read_state(work)
+    if new_manifest_restarts and state.get("fingerprint") not in (None, fingerprint):
+        before = state.get("output_settings", {})
+        force = force or all(before.get(k, v) == v for k, v in _plain_settings(cfg).items())
 
     if force:
         shutil.rmtree(images, ignore_errors=True)

@@ -24,8 +24,8 @@ def captured(monkeypatch):
         seen["curate_force"] = force
         return {"manifest": SimpleNamespace(skipped=seen.get("manifest_skipped", True))}
 
-    def fake_download(data, cfg, force=False, command="download"):
-        seen.update(cfg=cfg, force=force)
+    def fake_download(data, cfg, force=False, command="download", new_manifest_restarts=False):
+        seen.update(cfg=cfg, force=force, restarts=new_manifest_restarts)
     monkeypatch.setattr("ovseg.curation.pipeline.curate", fake_curate)
     monkeypatch.setattr(curate_cli, "run_download", fake_download)
     return seen
@@ -46,10 +46,9 @@ def test_cc12m_force_reaches_the_download(captured, tmp_path):
     assert captured["force"] is True and captured["curate_force"] is True
 
 
-def test_a_manifest_built_in_this_run_is_downloaded_afresh(captured, tmp_path):
-    captured["manifest_skipped"] = False
+def test_cc12m_downloads_a_new_manifest_afresh(captured, tmp_path):
     assert runner.invoke(app, ["curate", "cc12m", str(tmp_path / "d"), "--source", "x.tsv"]).exit_code == 0
-    assert captured["force"] is True
+    assert captured["restarts"] is True and captured["force"] is False
 
 
 def test_a_data_folder_that_is_a_file_is_a_one_line_error(tmp_path):
