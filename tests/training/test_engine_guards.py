@@ -55,3 +55,19 @@ def test_a_time_bounded_run_shows_its_time_budget_not_its_steps():
     steps = _progress_bar(None, 100, 5, 1, enabled=True)
     steps.close()
     assert steps.total == 100 and steps.n == 5
+
+
+@pytest.mark.slow
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    first = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=4", "train.ckpt_every=2")
+    assert first.exit_code == 0, first.output
+    newest = run / "ckpt" / "step-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk that filled up
+    again = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=6", "train.ckpt_every=2")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output[again.output.index("{"):])
+    assert summary["step"] == 6
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6  # the metrics after step 2 were logged again, once
