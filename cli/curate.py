@@ -58,6 +58,11 @@ def _select_config(command: str, top_k: int, vocabulary, stoplist, stoplist_add)
         return SelectConfig.from_files(top_k, vocabulary, stoplist, stoplist_add or [])
 
 
+def _check_data_folder(command: str, data: _Path) -> None:
+    if data.exists() and not data.is_dir():
+        _fail(command, f"{data} is a file, not a data folder")
+
+
 def _report(line: str) -> None:
     typer.echo(line)
 
@@ -88,6 +93,11 @@ def cc12m(
     download_threads: int = typer.Option(64, "--download-threads", help="Download: threads per process (img2dataset's thread_count)."),
     resize_mode: str = typer.Option("keep_ratio", "--resize-mode", help="Download: img2dataset's resize mode (keep_ratio, border, center_crop, keep_ratio_largest, no)."),
     distributor: str = typer.Option("multiprocessing", "--distributor", help="Download: multiprocessing, pyspark or ray (docs/download.md)."),
+    images_per_tar: int = typer.Option(10_000, "--images-per-tar", help="Download: images per tar shard (`ovseg curate download --shard-size`)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Download: seconds to wait for each image."),
+    retries: int = typer.Option(0, "--retries", help="Download: retries of a failed image download."),
+    max_image_area: _Optional[float] = typer.Option(None, "--max-image-area",
+                                                    help="Download: source images with more pixels fail (failed_to_resize)."),
 ) -> None:
     """Curate CC12M: ingest, parse, select, manifest, entity_index and pairs into DATA, then download.
 
@@ -96,8 +106,10 @@ def cc12m(
     from ovseg.curation.ingest import CC12M_URL
     from ovseg.curation.pipeline import CurateConfig, curate
 
+    _check_data_folder("cc12m", data)
     download_cfg = None if no_download else download_config(
-        "cc12m", image_size, processes, download_threads, resize_mode, distributor)  # checked before hours of parsing
+        "cc12m", image_size, processes, download_threads, resize_mode, distributor, images_per_tar, timeout, retries,
+        max_image_area)  # checked before hours of parsing
     cfg = CurateConfig(source=source or CC12M_URL, ingest=_ingest_config(shard_size, max_caption_chars),
                        workers=workers, batch_size=batch_size, spacy_model=spacy_model,
                        select=_select_config("cc12m", top_k, vocabulary, stoplist, stoplist_add),
@@ -105,7 +117,8 @@ def cc12m(
     with _stage_errors("cc12m"):
         curate(data, cfg, force=force, report=_report)
     if download_cfg is not None:  # the last step: img2dataset over the manifest (docs/download.md)
-        run_download(data, download_cfg, command="cc12m")
+        # a new manifest (a new selection, new captions) is downloaded afresh; the same one resumes
+        run_download(data, download_cfg, force=force, command="cc12m", new_manifest_restarts=True)
 
 
 @app.command("captions")
@@ -124,6 +137,7 @@ def captions_command(
     Then run `ovseg curate parse DATA`, `select`, `manifest` as for CC12M."""
     from ovseg.curation.ingest import ingest_table
     from ovseg.curation.pipeline import describe
+    _check_data_folder("captions", data)
 
     with _stage_errors("captions"):
         result = ingest_table(source, data, url_col, caption_col, fmt, _ingest_config(shard_size, max_caption_chars),
@@ -143,6 +157,7 @@ def ingest_command(
     from ovseg.curation.ingest import CC12M_URL, ingest_tsv
     from ovseg.curation.pipeline import describe
 
+    _check_data_folder("ingest", data)
     data.mkdir(parents=True, exist_ok=True)
     with _stage_errors("ingest"):
         result = ingest_tsv(source or CC12M_URL, data, _ingest_config(shard_size, max_caption_chars), force=force)
@@ -292,12 +307,13 @@ def download_config(command: str, image_size: int, processes: int, threads: int,
     return cfg
 
 
-def run_download(data: _Path, cfg, force: bool = False, command: str = "download") -> None:
+def run_download(data: _Path, cfg, force: bool = False, command: str = "download",
+                 new_manifest_restarts: bool = False) -> None:
     """The download step, shared by `ovseg curate download` and `ovseg curate cc12m`."""
     from ovseg.curation.download import DownloadError, download
 
     try:
-        result = download(data, cfg, force=force)
+        result = download(data, cfg, force=force, new_manifest_restarts=new_manifest_restarts)
     except (DownloadError, ValueError) as error:
         _fail(command, str(error))
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))

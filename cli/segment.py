@@ -26,6 +26,10 @@ def segment(
     if not names:
         typer.echo("ovseg segment: --vocab needs at least one class name", err=True)
         raise typer.Exit(2)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        typer.echo(f"ovseg segment: --vocab names {', '.join(repeated)} more than once", err=True)
+        raise typer.Exit(2)
     from ovseg.evaluation.segmenter import SCORINGS
 
     if scoring not in SCORINGS:
@@ -35,6 +39,22 @@ def segment(
     if missing:
         typer.echo(f"ovseg segment: file not found: {missing[0]}", err=True)
         raise typer.Exit(2)
-    for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
-                                  short_side=short_side, save_groups=groups, device=device, scoring=scoring):
-        typer.echo(f"wrote {written}")
+    from ovseg.evaluation.segment import check_images
+
+    try:
+        check_images(images)  # all of them, before the model loads
+    except ValueError as error:
+        typer.echo(f"ovseg segment: {error}", err=True)
+        raise typer.Exit(2)
+    if output.exists() and not output.is_dir():
+        typer.echo(f"ovseg segment: --output {output} is a file, not a folder", err=True)
+        raise typer.Exit(2)
+    from ovseg.training.checkpoint import CheckpointError
+
+    try:
+        for written in segment_images(images, checkpoint, names, output, bg_threshold=bg_threshold,
+                                      short_side=short_side, save_groups=groups, device=device, scoring=scoring):
+            typer.echo(f"wrote {written}")
+    except CheckpointError as error:
+        typer.echo(f"ovseg segment: {error}", err=True)
+        raise typer.Exit(2)

@@ -23,26 +23,37 @@ def sql(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result to this file (needed for parquet)."),
     max_rows: int = typer.Option(40, "--max-rows", help="Rows a printed table shows (the rest are counted)."),
 ) -> None:
-    """Run SQL over the curated tables of DATA (read-only).
+    """Run SQL over the curated tables of DATA (read-only: no statement can write a file).
 
     Example: ovseg sql "SELECT entity, n_samples FROM entities WHERE selected ORDER BY rank" --data DATA"""
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt == "parquet" and output is None:
         _fail("--format parquet needs --output FILE")
+    if max_rows < 0:
+        _fail(f"--max-rows must be 0 or more, not {max_rows}")
     if not data.is_dir():
-        _fail(f"no data folder {data} (run `ovseg curate cc12m {data}` first, or pass --data)")
-    from ovseg.curation.catalog import CATALOG, connect_read_only, QueryError, write_result
+        what = "is not a folder" if data.exists() else "does not exist"
+        _fail(f"no data folder {data}: it {what} (run `ovseg curate cc12m {data}` first, or pass --data)")
+    if output is not None:
+        if output.is_dir():
+            _fail(f"--output {output} is a folder; give a file name")
+        if output.resolve().is_relative_to(data.resolve()):
+            _fail(f"--output {output} is inside the data folder {data}; ovseg sql never writes there")
+    from ovseg.curation.catalog import CATALOG, QueryError, connect_read_only, unfinished, write_result
 
     try:
         con = connect_read_only(data)
     except FileNotFoundError:
         _fail(f"no {CATALOG} in {data} (run a curation stage into it first)")
+    for name, tables in unfinished(data).items():
+        typer.echo(f"ovseg sql: note: the {name} stage of {data} has not completed; "
+                   f"{', '.join(tables)} may be partial or stale (rerun `ovseg curate`)", err=True)
     try:
-        text = write_result(con, query, fmt, output, max_rows)
+        write_result(con, query, fmt, output, max_rows)
     except QueryError as error:
-        _fail(str(error), code=1)
+        _fail(str(error).strip().splitlines()[0], code=1)
+    except OSError as error:
+        _fail(f"cannot write {output}: {error.strerror or error}")
     finally:
         con.close()
-    if text:
-        typer.echo(text.rstrip("\n"))

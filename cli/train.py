@@ -69,13 +69,16 @@ def train(
     if init is not None and not init.is_file():
         typer.echo(f"ovseg train: --init {init} does not exist (stage 1 with --run-dir R --stage 1 writes R/last.pt)", err=True)
         raise typer.Exit(2)
-    problem = _model_source_problem(cfg.model)
+    # a run built from a checkpoint (stage 2's --init, or a resume) takes no weights from the hub
+    from_checkpoint = init is not None or any((run / sub / "ckpt").exists() for sub in (".", "stage1"))
+    problem = None if from_checkpoint else _model_source_problem(cfg.model)
     if problem:
         typer.echo(f"ovseg train: {problem}", err=True)
         raise typer.Exit(2)
 
     from dataclasses import replace
 
+    from ovseg.training.checkpoint import CheckpointError
     from ovseg.training.engine import TrainingError, train as train_stage, train_both
     from ovseg.training.model.image_encoder import VisionInitError
 
@@ -91,6 +94,9 @@ def train(
     except TrainingError as error:
         typer.echo(f"ovseg train: {error}", err=True)
         raise typer.Exit(1)
+    except CheckpointError as error:  # a damaged --init (a damaged resume point falls back to the one before)
+        typer.echo(f"ovseg train: {error}", err=True)
+        raise typer.Exit(2)
     except VisionInitError as error:  # model.vision_init: a missing file, or a timm name the hub does not give
         typer.echo(f"ovseg train: model.vision_init: {error}", err=True)
         raise typer.Exit(2)

@@ -54,6 +54,9 @@ def main(args_path: str) -> None:
     elif kwargs.get("distributor") == "pyspark":
         from pyspark.sql import SparkSession
 
+        # Spark's Python workers run `python3` from PATH unless told: that one may lack img2dataset
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
         # The master comes from spark-defaults.conf or PYSPARK_SUBMIT_ARGS; local[N] otherwise.
         builder = SparkSession.builder.appName("ovseg-download")
         if not os.environ.get("PYSPARK_SUBMIT_ARGS") and not os.environ.get("SPARK_HOME"):

@@ -48,6 +48,7 @@ def _selected(con, data: Path) -> list[str]:
 
 def _skip(data: Path, name: str, settings: dict, force: bool) -> BuildResult | None:
     if not force and stage.is_done(data, name, settings):
+        stage.refresh_catalog(data)
         return BuildResult(stage.read_marker(data, name)["counts"]["rows"], skipped=True)
     stage.start(data, name)
     return None

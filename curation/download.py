@@ -127,23 +127,29 @@ class DownloadResult:
 
 
 def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, force: bool = False,
-             progress: bool = True) -> DownloadResult:
+             progress: bool = True, new_manifest_restarts: bool = False) -> DownloadResult:
     """Download the manifest's images into DATA/images with img2dataset and write
-    DATA/downloads.parquet. Resumes an interrupted run; skipped when complete unless `force`."""
+    DATA/downloads.parquet. Resumes an interrupted run; skipped when complete unless `force`.
+
+    Shards of another manifest (same output options) are refused, or with `new_manifest_restarts`
+    deleted and the new manifest downloaded (what `ovseg curate cc12m` does after a new selection)."""
     cfg = cfg or DownloadConfig()
     cfg.validate()
     start = time.perf_counter()
     data = Path(data_dir)
     urls = read_manifest_urls(data)
     with _exclusive(data / ".download"):
-        return _download(data, urls, cfg, force, progress, start)
+        return _download(data, urls, cfg, force, progress, start, new_manifest_restarts)
 
 
 def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, progress: bool,
-              start: float) -> DownloadResult:
+              start: float, new_manifest_restarts: bool = False) -> DownloadResult:
     work, images, out = data / ".download", data / "images", data / "downloads.parquet"
     fingerprint = _fingerprint(urls, cfg)
     state = _read_state(work)
+    if new_manifest_restarts and state.get("fingerprint") not in (None, fingerprint):
+        before = state.get("output_settings", {})
+        force = force or all(before.get(k, v) == v for k, v in _plain_settings(cfg).items())
 
     if force:
         shutil.rmtree(images, ignore_errors=True)
@@ -162,6 +168,7 @@ def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, prog
                             f"`ovseg curate download {data} --force` starts over")
     elif state.get("fingerprint") == fingerprint and state.get("complete") and out.exists():
         counts = _status_counts(out)
+        _update_catalog(data)  # a copied DATA's catalog names its own files after any rerun
         return DownloadResult(out, counts, state.get("shards", 0), time.perf_counter() - start, skipped=True)
 
     n_shards = math.ceil(urls.num_rows / cfg.shard_size)
@@ -318,7 +325,7 @@ def member_offsets(tar_path: str, extension: str) -> dict[str, tuple[int, int]]:
             header = f.read(512)
             if len(header) < 512 or header == _ZERO_BLOCK:
                 return offsets
-            kind, size = header[156:157], int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            kind, size = header[156:157], _header_size(header[124:136], tar_path, position)
             if header[257:262] != b"ustar" or kind not in (b"0", b"\0", b"x"):  # GNU long names, links, ...
                 return _member_offsets_tarfile(tar_path, suffix)
             if kind == b"x":  # pax header of the next member: may set its path and size
@@ -329,11 +336,35 @@ def member_offsets(tar_path: str, extension: str) -> dict[str, tuple[int, int]]:
                     name = header[:100].split(b"\0", 1)[0].decode()
                     prefix = header[345:500].split(b"\0", 1)[0].decode()
                     name = f"{prefix}/{name}" if prefix else name
-                size = int(pax.get("size", size))
+                size = _checked_size(pax.get("size", size), tar_path, position)
                 if name.endswith(suffix):
                     offsets[name[: -len(suffix)]] = (position + 512, size)
                 pax = {}
             position += 512 + (size + 511) // 512 * 512
+
+
+def _header_size(field: bytes, tar_path, position: int) -> int:
+    """A ustar header's size field (octal, or base-256 when its top bit is set), checked."""
+    if field[:1] and field[0] & 0x80:  # GNU base-256: a negative one starts with 0xff
+        if field[0] == 0xFF:
+            raise DownloadError(f"{tar_path}: damaged tar header at byte {position} (negative size)")
+        return _checked_size(int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big"), tar_path, position)
+    text = field.split(b"\0", 1)[0].strip() or b"0"
+    try:
+        return _checked_size(int(text, 8), tar_path, position)
+    except ValueError:
+        raise DownloadError(f"{tar_path}: damaged tar header at byte {position} "
+                            f"(size {text.decode('ascii', 'replace')!r})") from None
+
+
+def _checked_size(value, tar_path, position: int) -> int:
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise DownloadError(f"{tar_path}: damaged tar header at byte {position} (size {value!r})") from None
+    if size < 0:
+        raise DownloadError(f"{tar_path}: damaged tar header at byte {position} (negative size {size})")
+    return size
 
 
 def _pax_records(data: bytes) -> dict[str, str]:

@@ -161,8 +161,38 @@ _NLP = None
 _COUNTER = None  # captions parsed by all workers, shared with the parent for its progress bar
 
 
-def _init_worker(model: str, counter=None) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when its parent does, even by ``kill -9``.
+
+    Linux: the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG). Elsewhere a
+    daemon thread polls the parent's pid. Either way, a parent already gone ends the worker now."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    else:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="ovseg-parent-watch").start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _init_worker(model: str, counter=None, parent_pid: int | None = None) -> None:
     global _NLP, _COUNTER
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     _NLP = load_nlp(model)
     _COUNTER = counter
 
@@ -172,13 +202,46 @@ def _count(n: int) -> None:
         _COUNTER.value += n
 
 
-def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
+def _parse_rows(src: str, batch_size: int, progress=None, start: int = 0, stop: int | None = None) -> pa.Table:
     table = pq.read_table(src, columns=["sample_id", "caption"])
+    table = table.slice(start, None if stop is None else stop - start)
     results = parse_with(_NLP, table.column("caption").to_pylist(), batch_size, progress)
-    out = pa.table([table.column("sample_id"), pa.array([r[0] for r in results], PARSED_SCHEMA.field("entities").type),
-                    pa.array([r[1] for r in results], PARSED_SCHEMA.field("chunks").type)], schema=PARSED_SCHEMA)
+    return pa.table([table.column("sample_id"), pa.array([r[0] for r in results], PARSED_SCHEMA.field("entities").type),
+                     pa.array([r[1] for r in results], PARSED_SCHEMA.field("chunks").type)], schema=PARSED_SCHEMA)
+
+
+def _parse_part(src: str, dst: str, batch_size: int, progress=None) -> int:
+    out = _parse_rows(src, batch_size, progress)
     stage.write_parquet_atomic(out, Path(dst))
-    return table.num_rows
+    return out.num_rows
+
+
+def _parse_slice_in_worker(src: str, start: int, stop: int, batch_size: int) -> pa.Table:
+    """Rows [start, stop) of a captions part, parsed (the parent writes the part when all its
+    slices are back)."""
+    out = _parse_rows(src, batch_size, None, start, stop)
+    if _COUNTER is not None:
+        _count(out.num_rows)
+    return out
+
+
+# Fewer captions parts than workers: each part is parsed in slices of at least this many rows, so
+# that every worker has work (a small run has a single part).
+MIN_SLICE_ROWS = 500
+
+
+def plan_slices(rows: list[int], workers: int) -> list[list[tuple[int, int]]]:
+    """Per part, the row ranges its workers parse: the whole part when parts are enough to keep
+    `workers` busy, else equal slices of at least MIN_SLICE_ROWS rows."""
+    if len(rows) >= workers:
+        return [[(0, n)] for n in rows]
+    per_part = -(-workers // max(len(rows), 1))
+    plans = []
+    for n in rows:
+        k = max(1, min(per_part, n // MIN_SLICE_ROWS))
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        plans.append(list(zip(bounds[:-1], bounds[1:])))
+    return plans
 
 
 def _parse_part_in_worker(src: str, dst: str, batch_size: int) -> int:
@@ -205,6 +268,7 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
     settings = {"model": model, "ingest": ingest["settings"]}
     if not force and stage.is_done(data, "parse", settings):
         counts = stage.read_marker(data, "parse")["counts"]
+        stage.refresh_catalog(data)
         return ParseResult(counts["samples"], counts["parts"], 0, 0.0, skipped=True)
     previous = stage.read_marker(data, "parse_progress")
     out_dir = Path(data) / "parsed"
@@ -220,8 +284,9 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
     from tqdm import tqdm
 
     began = time.perf_counter()
+    plans = plan_slices([pq.ParquetFile(src).metadata.num_rows for src, _ in todo], workers)
     with tqdm(total=total, desc="parse", unit=" captions", mininterval=1.0, smoothing=0.1, disable=None) as bar:
-        if workers <= 1 or len(todo) <= 1:
+        if workers <= 1 or sum(len(p) for p in plans) <= 1:
             _init_worker(model)
             for src, dst in todo:
                 _parse_part(str(src), str(dst), batch_size, bar.update)
@@ -231,13 +296,29 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
 
             context = multiprocessing.get_context("spawn")  # no fork of a process that holds DuckDB threads
             counter = context.Value("q", 0)
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                     initargs=(model, counter)) as pool:
-                pending = {pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size) for src, dst in todo}
+            n_tasks = sum(len(p) for p in plans)
+            slices: dict[int, dict[int, pa.Table]] = {}  # part -> slice -> parsed rows
+            with ProcessPoolExecutor(min(workers, n_tasks), mp_context=context, initializer=_init_worker,
+                                     initargs=(model, counter, os.getpid())) as pool:
+                pending = {}
+                for part, ((src, dst), plan) in enumerate(zip(todo, plans)):
+                    if len(plan) == 1:
+                        pending[pool.submit(_parse_part_in_worker, str(src), str(dst), batch_size)] = None
+                        continue
+                    for i, (start, stop) in enumerate(plan):
+                        pending[pool.submit(_parse_slice_in_worker, str(src), start, stop, batch_size)] = (part, i)
                 while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        future.result()  # a worker's error stops the stage
+                        where = pending.pop(future)
+                        result = future.result()  # a worker's error stops the stage
+                        if where is not None:
+                            part, i = where
+                            slices.setdefault(part, {})[i] = result
+                            if len(slices[part]) == len(plans[part]):  # every slice back: write the part
+                                done = slices.pop(part)
+                                stage.write_parquet_atomic(pa.concat_tables([done[j] for j in sorted(done)]),
+                                                           todo[part][1])
                     bar.update(counter.value - bar.n)
     seconds = time.perf_counter() - began
     samples = sum(pq.ParquetFile(p).metadata.num_rows for p in stage.parts(out_dir))

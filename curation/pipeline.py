@@ -38,6 +38,8 @@ def curate(data: Path, cfg: CurateConfig = CurateConfig(), force: bool = False,
            report: Callable[[str], None] = log.info) -> dict:
     """Run every stage into `data`; returns each stage's result by name."""
     data = Path(data)
+    if data.exists() and not data.is_dir():
+        raise stage.StageError(f"{data} is a file, not a data folder")
     data.mkdir(parents=True, exist_ok=True)
     results = {}
     if cfg.table_format is None:

@@ -99,6 +99,7 @@ def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, 
                 "vocabulary": sorted(cfg.vocabulary) if cfg.vocabulary else None, "parse": parse_marker["settings"]}
     if not force and stage.is_done(data, "select", settings):
         counts = stage.read_marker(data, "select")["counts"]
+        stage.refresh_catalog(data)
         return SelectResult(counts["entities"], counts["selected"], counts["missing_vocabulary"], skipped=True)
     stage.start(data, "select")
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")

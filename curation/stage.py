@@ -38,6 +38,14 @@ def is_done(data: Path, stage: str, settings: dict) -> bool:
     return marker is not None and marker.get("settings") == json.loads(json.dumps(settings))
 
 
+def refresh_catalog(data: Path) -> None:
+    """Rebuild DATA/catalog.duckdb: a skipped stage runs it too, so a copied or moved DATA's
+    catalog names its own files after any rerun."""
+    from ovseg.curation.catalog import build_catalog
+
+    build_catalog(data)
+
+
 def start(data: Path, stage: str) -> None:
     """Forget `stage` and every later stage: their outputs are about to change."""
     for later in STAGES[STAGES.index(stage):]:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ovseg.evaluation.metrics import IGNORE_INDEX
+from ovseg.evaluation.pictures import load_rgb
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -144,7 +145,7 @@ class SegmentationDataset:
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.items[index]
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+        image = load_rgb(image_path)  # 16-bit greyscale scaled, not clipped white
         with Image.open(label_path) as raw:
             label = np.asarray(raw, dtype=np.int64).copy()  # palette PNGs read as indices
         if self.zero_is_ignore:
@@ -203,6 +204,9 @@ SYNTHETIC_HOW = "make it with `ovseg curate synthetic OUT`; pass OUT/voc"
 
 def load_voc(data: Path, split: str = "val", with_background: bool = True) -> SegmentationDataset:
     root = _locate(data, "VOCdevkit", "VOC2012", marker="JPEGImages")
+    if (root / "classes.json").exists():  # the VOC layout with other classes: VOC's names would be wrong
+        raise ValueError(f"{root} holds its own classes.json (ovseg's synthetic world), not PASCAL VOC; "
+                         "use `ovseg eval synthetic`")
     items = _split_items(root, root / "ImageSets" / "Segmentation" / f"{split}.txt",
                          root / "JPEGImages", root / "SegmentationClass", ".jpg", ".png", VOC_HOW)
     if with_background:

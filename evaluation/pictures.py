@@ -17,16 +17,54 @@ GROUP_COLOURS = np.array([
 ], dtype=np.uint8)
 
 
-def colourise(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) colours; the ignore label is white."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
-    table[IGNORE_INDEX] = 255
-    return table[np.clip(label, 0, 255)]
+def load_rgb(path) -> np.ndarray:
+    """(H, W, 3) uint8 of an image file of any mode PIL reads.
+
+    16-bit and 32-bit greyscale (modes I;16*, I, F) are scaled to 8 bits by their bit depth, not
+    clipped: PIL's own ``convert("RGB")`` turns every value above 255 white."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            values = np.asarray(image, dtype=np.float64)
+            if image.mode == "F":
+                top = max(float(np.nanmax(values)), 1.0) if values.size else 1.0
+            else:
+                top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2.0 ** 32 - 1
+            grey = np.clip(np.nan_to_num(values) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        return np.asarray(image.convert("RGB"))
+
+
+def extend_palette(palette: list[list[int]], n: int) -> np.ndarray:
+    """(max(n, len(palette)), 3) uint8: `palette`, then distinct colours for the ids beyond it."""
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    if n <= len(colours):
+        return colours
+    extra = np.random.default_rng(0).integers(0, 256, size=(n - len(colours), 3), dtype=np.uint8)
+    return np.concatenate([colours, extra])
+
+
+def colourise(label: np.ndarray, palette: list[list[int]], ignore: int | None = IGNORE_INDEX) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) colours; the `ignore` label (None: no ignore label) is white."""
+    top = int(label.max(initial=0)) + 1
+    table = np.zeros((max(256, top), 3), dtype=np.uint8)
+    colours = extend_palette(palette[:256] if ignore is not None else palette, top)
+    table[: len(colours)] = colours[: len(table)]
+    if ignore is not None:
+        table[ignore] = 255
+    return table[np.clip(label, 0, len(table) - 1)]
 
 
 def palette_png(label: np.ndarray, palette: list[list[int]], path: Path) -> None:
-    """Save a label map as a palette PNG (indices stay readable by any segmentation tool)."""
+    """Save a label map as a palette PNG (indices stay readable by any segmentation tool).
+
+    A map with ids above 255 cannot be a palette PNG: it is saved as a 16-bit greyscale PNG of the
+    ids instead (read back with ``np.asarray(Image.open(path))``)."""
+    if label.size and int(label.max()) > 255:
+        if int(label.max()) > 65535:
+            raise ValueError("label ids above 65535 do not fit a PNG")
+        Image.fromarray(label.astype(np.uint16)).save(path)
+        return
     image = Image.fromarray(label.astype(np.uint8), mode="P")
     flat = np.zeros((256, 3), dtype=np.uint8)
     flat[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
@@ -55,11 +93,15 @@ def side_by_side(panels: list[np.ndarray], titles: list[str], scale: int = 1) ->
 
 
 def overlay_with_legend(image: np.ndarray, label: np.ndarray, names: list[str],
-                        palette: list[list[int]], alpha: float = 0.5) -> Image.Image:
-    """The image with the colour label map blended on top and a legend of the classes present."""
-    colours = colourise(label, palette).astype(np.float32)
+                        palette: list[list[int]], alpha: float = 0.5,
+                        ignore: int | None = IGNORE_INDEX) -> Image.Image:
+    """The image with the colour label map blended on top and a legend of the classes present.
+
+    With more names than 255, pass ``ignore=None`` (id 255 is then a class, not ignore)."""
+    palette = extend_palette(palette, len(names)).tolist()
+    colours = colourise(label, palette, ignore).astype(np.float32)
     blended = (image.astype(np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
-    present = [int(c) for c in np.unique(label) if c != IGNORE_INDEX and c < len(names)]
+    present = [int(c) for c in np.unique(label) if c != ignore and c < len(names)]
     row = 16
     h, w = blended.shape[:2]
     legend_w = max(120, 10 * max((len(names[c]) for c in present), default=4))

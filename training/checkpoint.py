@@ -3,14 +3,22 @@ loaded with `weights_only=True` (docs/architecture.md lists the keys)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CKPT_PATTERN = re.compile(r"step-(\d+)\.pt$")
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint, or refused by
+    the weights-only loader); the message names the file."""
 
 
 def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int = 2) -> Path:
@@ -35,14 +43,42 @@ def save(state: dict[str, Any], run_dir: Path, step: int, keep_last: int = 2) ->
     return path
 
 
+def intact(path: Path) -> bool:
+    """True when `path` is a whole torch zip archive (every member's CRC checks; no unpickling)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run folder, or None."""
+    """The newest intact checkpoint of a run folder, or None.
+
+    A newer one that is damaged (a disk filled up, a copy cut short) is passed over with a
+    warning naming it, so a resume continues from the one before."""
     ckpts = sorted((Path(run_dir) / "ckpt").glob("step-*.pt"))
-    return ckpts[-1] if ckpts else None
+    for path in reversed(ckpts):
+        if intact(path):
+            return path
+        log.warning("checkpoint %s is damaged (truncated or not a torch archive); passing over it", path)
+    return None
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    """The checkpoint's state (weights only: no code in the file runs).
+
+    Raises CheckpointError naming the file when it is damaged or not a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001  (damaged bytes fail in many ways inside torch.load)
+        where = f"{path} (-> {path.resolve()})" if path.is_symlink() else str(path)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {where}: damaged, truncated or not an ovseg "
+                              f"checkpoint ({first[:200]})") from None
 
 
 def model_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:

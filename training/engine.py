@@ -221,6 +221,58 @@ class _StopFlag:
 
 # -- the loop ----------------------------------------------------------------------------------
 
+# Unreadable samples that are evidence enough, before `data.min_samples_for_skip_check`
+# samples were seen, that the share of unreadable ones is above `data.max_skip_rate`.
+SKIP_EVIDENCE = 20
+
+
+def _too_many_skipped(seen: int, skipped: int, data_cfg) -> bool:
+    """More than `max_skip_rate` of the samples seen were unreadable, on enough samples to say so."""
+    if seen == 0 or skipped / seen <= data_cfg.max_skip_rate:
+        return False
+    return seen >= data_cfg.min_samples_for_skip_check or skipped >= SKIP_EVIDENCE
+
+
+def _check_settings(cfg: RunConfig) -> None:
+    """One-line errors for settings no run can use (before anything is written)."""
+    import math
+
+    t, o = cfg.train, cfg.optim
+    steps = t.steps if t.stage == 1 else t.stage2_steps
+    name = "train.steps" if t.stage == 1 else "train.stage2_steps"
+    problems = []
+    if steps < 1:
+        problems.append(f"{name} must be at least 1, not {steps}")
+    if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
+        problems.append(f"optim.lr must be a finite number above 0, not {o.lr}")
+    if not (isinstance(o.min_lr, (int, float)) and math.isfinite(o.min_lr) and o.min_lr >= 0):
+        problems.append(f"optim.min_lr must be a finite number of 0 or more, not {o.min_lr}")
+    if t.batch_size < 1:
+        problems.append(f"train.batch_size must be at least 1, not {t.batch_size}")
+    if t.max_minutes is not None and not (math.isfinite(t.max_minutes) and t.max_minutes > 0):
+        problems.append(f"train.max_minutes must be above 0, not {t.max_minutes}")
+    if problems:
+        raise TrainingError("; ".join(problems))
+
+
+def _progress_bar(max_minutes, total_steps: int, step: int, stage: int, enabled: bool):
+    """Steps done of `total_steps`; a run bounded by time shows its time budget instead."""
+    if max_minutes is None:
+        return tqdm(total=total_steps, initial=step, desc=f"stage {stage}", unit="step", disable=not enabled,
+                    dynamic_ncols=True)
+    return tqdm(total=round(max_minutes * 60), desc=f"stage {stage} ({max_minutes:g} min budget)", unit="s",
+                disable=not enabled, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+
+
+def _advance(bar, step: int, total_steps: int, started: float, max_minutes) -> None:
+    if max_minutes is None:
+        bar.update(1)
+        return
+    bar.update(min(time.perf_counter() - started, bar.total) - bar.n)
+    bar.set_postfix_str(f"step {step}/{total_steps}", refresh=False)
+
+
 def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: EvalFn | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train one stage (`cfg.train.stage`) into `run_dir`; resume if it holds a checkpoint.
@@ -233,6 +285,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
     stage = t.stage
     if stage not in (1, 2):
         raise ValueError(f"train.stage must be 1 or 2, not {stage}")
+    _check_settings(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(t.seed + info.rank)
@@ -330,8 +383,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
         seen = skipped = 0
         started = time.perf_counter()
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage}", unit="step",
-                   disable=not (progress and info.is_main), dynamic_ncols=True)
+        bar = _progress_bar(t.max_minutes, total_steps, step, stage, enabled=progress and info.is_main)
         stop_reason = "steps"
         last_parts: dict[str, float] = {}
         writer = _tensorboard(run_dir) if (t.tensorboard and info.is_main) else None
@@ -348,7 +400,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     # -- data: count what could not be read --
                     seen += batch["n_items"]
                     skipped += batch["n_skipped"]
-                    too_many = seen >= cfg.data.min_samples_for_skip_check and skipped / seen > cfg.data.max_skip_rate
+                    too_many = _too_many_skipped(seen, skipped, cfg.data)
                     # decided on all ranks together, so that no rank is left waiting in a collective
                     too_many, empty = dist_utils.any_rank_each([too_many, "image" not in batch], info.device)
                     if too_many:
@@ -390,7 +442,7 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
                     if ema is not None:
                         ema.update(model, step=step)
                     step += 1
-                    bar.update(1)
+                    _advance(bar, step, total_steps, started, t.max_minutes)
                     last_parts = {k: float(dist_utils.all_reduce_mean(v.detach().float()).item())
                                   for k, v in parts.items()}
 
@@ -444,6 +496,12 @@ def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: Eval
             writer.close()
         final = save()
         dist_utils.barrier()
+        # the end of the run decides on every sample seen, however few (a short run never reached the check)
+        if dist_utils.any_rank(seen > 0 and skipped / seen > cfg.data.max_skip_rate, info.device):
+            raise TrainingError(
+                f"{skipped} of {seen} samples could not be read ({100 * skipped / max(seen, 1):.1f}% > "
+                f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards "
+                f"(the run's last checkpoint is {final})")
         return {"step": step, "epoch": epoch, "stop": stop_reason, "skipped": skipped, "seen": seen,
                 "losses": last_parts, "checkpoint": str(final) if final else None,
                 "minutes": (time.perf_counter() - started) / 60}

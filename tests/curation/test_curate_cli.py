@@ -88,7 +88,7 @@ def test_sql_bad_query_prints_duckdbs_message_and_exits_1(curated_sample):
 
 
 def test_sql_is_read_only(curated_sample):
-    result = runner.invoke(app, ["sql", "DROP VIEW entities", "--data", str(curated_sample)])
+    result = runner.invoke(app, ["sql", "CREATE TABLE x AS SELECT 1", "--data", str(curated_sample)])
     assert result.exit_code == 1 and "read-only" in result.output
     assert runner.invoke(app, ["sql", "SELECT count(*) FROM entities", "--data", str(curated_sample)]).exit_code == 0
 

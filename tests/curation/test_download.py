@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ovseg.cli.main import app
 from ovseg.curation import synthetic as syn
-from ovseg.curation.download import DownloadConfig, download, read_image, read_image_bytes, read_member
+from ovseg.curation.download import DownloadConfig, DownloadError, download, read_image, read_image_bytes, read_member
 from ovseg.curation.serve import serve
 
 pytestmark = pytest.mark.slow
@@ -365,3 +365,21 @@ def test_member_offsets_from_headers_match_the_tarfile_module(tmp_path, tar_form
     expected = _member_offsets_tarfile(str(path), ".jpg")
     assert len(expected) == 30
     assert member_offsets(str(path), "jpg") == expected
+
+
+
+def test_a_new_manifest_restarts_the_download_when_asked(downloaded, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(downloaded["data"], data)
+    table = pq.read_table(data / "manifest")
+    shutil.rmtree(data / "manifest")
+    (data / "manifest").mkdir()
+    pq.write_table(table.sort_by("sample_id").slice(0, 5), data / "manifest" / "part-00000.parquet")
+    with pytest.raises(DownloadError, match="different manifest"):
+        download(data, downloaded["cfg"], progress=False)
+    result = download(data, downloaded["cfg"], progress=False, new_manifest_restarts=True)
+    assert not result.skipped and sum(result.counts.values()) == 5
+    assert pq.read_table(data / "downloads.parquet")["sample_id"].to_pylist() == downloaded["ids"][:5]
+    assert download(data, downloaded["cfg"], progress=False, new_manifest_restarts=True).skipped

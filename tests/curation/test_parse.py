@@ -74,3 +74,24 @@ def test_parse_stage_writes_one_part_per_captions_part_matching_the_library(tmp_
 def test_parse_needs_ingest_first(tmp_path):
     with pytest.raises(stage.StageError, match="ingest"):
         parse_mod.parse(tmp_path)
+
+
+def test_fewer_parts_than_workers_are_parsed_in_slices_that_keep_every_worker_busy():
+    assert parse_mod.plan_slices([6000], 2) == [[(0, 3000), (3000, 6000)]]
+    assert parse_mod.plan_slices([6000, 10], 4) == [[(0, 3000), (3000, 6000)], [(0, 10)]]
+    assert parse_mod.plan_slices([100, 100, 100], 2) == [[(0, 100)]] * 3
+    assert parse_mod.plan_slices([700], 8) == [[(0, 700)]]  # slices of fewer than 500 rows are not worth a worker
+
+
+@pytest.mark.slow
+def test_one_part_parsed_by_two_workers_equals_one_worker(tmp_path, monkeypatch):
+    src = tmp_path / "cc.tsv"
+    src.write_text("".join(f"https://e.com/{i}.jpg\t{['a red dog', 'two cats on a mat', '<PERSON> with a car'][i % 3]} {i}\n"
+                           for i in range(1200)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for data in (one, two):
+        ingest_tsv(src, data)
+    parse_mod.parse(one, workers=1)
+    parse_mod.parse(two, workers=2)
+    assert [p.name for p in stage.parts(two / "parsed")] == ["part-00000.parquet"]
+    assert pq.read_table(two / "parsed").equals(pq.read_table(one / "parsed"))

@@ -139,3 +139,31 @@ def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebu
     assert result.exit_code == 0, result.output
     model = ckpt.load_model(run / "stage2" / "last.pt")
     assert model.encode_text(["a photo of a dog"]).shape[0] == 1
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_latest_checkpoint_is_passed_over_with_a_warning(tmp_path, caplog):
+    for step in (2, 4):
+        ckpt.save(_state(step), tmp_path, step)
+    _truncate(tmp_path / "ckpt" / "step-00000004.pt")
+    with caplog.at_level("WARNING"):
+        assert ckpt.latest(tmp_path).name == "step-00000002.pt"
+    assert "step-00000004.pt is damaged" in caplog.text
+
+
+def test_loading_a_damaged_checkpoint_names_the_file_in_one_line(tmp_path):
+    import pytest
+
+    ckpt.save(_state(2), tmp_path, 2)
+    _truncate(tmp_path / "ckpt" / "step-00000002.pt")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load(tmp_path / "last.pt")
+    assert "step-00000002.pt" in str(error.value) and "\n" not in str(error.value)
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("hello")
+    with pytest.raises(ckpt.CheckpointError, match="notes.pt"):
+        ckpt.load_model(garbage)

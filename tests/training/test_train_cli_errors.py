@@ -36,6 +36,13 @@ def test_missing_init_checkpoint_is_a_one_line_error(contract, tmp_path):
     assert not (tmp_path / "s2").exists()
 
 
+def test_damaged_init_checkpoint_is_a_one_line_error_naming_it(contract, tmp_path):
+    damaged = tmp_path / "last.pt"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "s2"), "--stage", "2", "--init", str(damaged))
+    _one_line_error(result, str(damaged))
+
+
 def test_missing_vision_init_file_is_a_one_line_error(contract, tmp_path):
     missing = tmp_path / "dino.pth"
     result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.steps=1",
