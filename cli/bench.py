@@ -248,6 +248,9 @@ def bench_grouping_probe(
     depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
+    style: str = typer.Option("standard", "--style", help="The synthetic world's style: standard or textured."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also score val every this many steps (0: before and after only)."),
+    target: str = typer.Option("image", "--target", help="image (which shapes the image holds: a caption's weak label) or pixels (each pixel's class through its group: can the grouping draw the masks)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ):
@@ -256,20 +259,61 @@ def bench_grouping_probe(
     mIoU, before and after training."""
     import torch
 
-    from ovseg.benchmarks.grouping_probe import ProbeConfig, probe_table, run_probe
+    from ovseg.benchmarks.grouping_probe import ProbeConfig, curve_table, probe_table, run_probe
 
+    if style not in ("standard", "textured"):
+        raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
+    if target not in ("image", "pixels"):
+        raise typer.BadParameter(f"takes image or pixels, not {target!r}", param_hint="--target")
     torch.set_num_threads(threads)
     rows = []
     for depth in depths.split(","):
         before, after = (int(v) for v in depth.split("+"))
         for seed in (int(v) for v in seeds.split(",")):
-            cfg = ProbeConfig(grouping=grouping, depth_before=before, depth_after=after, steps=steps, seed=seed)
+            cfg = ProbeConfig(grouping=grouping, depth_before=before, depth_after=after, steps=steps, seed=seed,
+                              style=style, eval_every=eval_every, target=target)
             result = run_probe(cfg)
             typer.echo(f"{grouping} {depth} seed {seed}: {result}")
             rows.append((grouping, cfg, result))
-    md = (f"## Supervised grouping probe (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
-          + probe_table(rows) + "\n")
-    write_section(f"grouping-probe-{grouping}", md, doc)
+    world = "" if style == "standard" else f", {style} world"
+    md = (f"## Supervised grouping probe{world} (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
+          + probe_table(rows) + "\n" + (curve_table(rows) + "\n" if eval_every else ""))
+    write_section(f"grouping-probe-{grouping}" + ("" if target == "image" else f"-{target}")
+                  + ("" if style == "standard" else f"-{style}"), md, doc)
+    typer.echo(md)
+
+
+@app.command("world")
+def bench_world(
+    out: Path = typer.Option(Path("bench-world"), "--out", help="Folder for the worlds and the random models."),
+    styles: str = typer.Option("standard,textured", "--styles", help="Comma-separated world styles."),
+    presets: str = typer.Option("synthetic-small,synthetic-paper", "--presets", help="Comma-separated presets (random init)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random models."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """How much a random model's grouping already segments each world style: the group-majority
+    mIoU of untrained presets (what the world gives away), beside chance and the grid ceiling."""
+    import torch
+
+    from ovseg.benchmarks.world_difficulty import difficulty_table, world_difficulty
+    from ovseg.training.presets import list_presets
+
+    chosen_styles = tuple(s.strip() for s in styles.split(",") if s.strip())
+    if not chosen_styles or any(s not in ("standard", "textured") for s in chosen_styles):
+        raise typer.BadParameter(f"takes standard and/or textured, not {styles!r}", param_hint="--styles")
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
+                                 param_hint="--presets")
+    torch.set_num_threads(threads)
+    rows = world_difficulty(out, chosen_styles, names, seed)
+    md = (f"## What an untrained grouping gives on each world (`ovseg bench world`)\n\n{machine_line()}\n\n"
+          "Random-init models on the test split (300 images; threshold chosen on val): chance mIoU, the group-majority "
+          "mIoU (each group given the majority true label of its pixels: what the grouping alone allows) and the "
+          "ceiling of the grid the groups are drawn on.\n\n" + difficulty_table(rows) + "\n")
+    write_section("world", md, doc)
     typer.echo(md)
 
 
