@@ -193,6 +193,7 @@ def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_
         results.append({"variant": variant, "seed": seed, "budget_steps": budget, "steps": steps,
                         "batch_size": t.batch_size, "stage2_batch_size": t.stage2_batch_size or t.batch_size,
                         "train_minutes": minutes, "resumed": resumed, "cpu": cpu_name(), "threads": threads,
+                        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                         **scores, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     return results
 
@@ -349,8 +350,11 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
     world = "Synthetic world" + ("" if style == "standard" else f" ({style} style)")
     if by_steps:
         batches = sorted({(r["batch_size"], r["stage2_batch_size"]) for r in results})
-        batch = "; ".join(f"batch {b}" + (f" (stage 2: {b2})" if b2 != b else "") for b, b2 in batches)
+        batch = "; ".join(f"batch {b}" + (f", stage 2 at {b2}" if b2 != b else "") for b, b2 in batches)
         cpus = sorted({r["cpu"] for r in results})
+        loads = [r["load"] for r in results if r.get("load") is not None]
+        load = (f" The machine's load average (1 minute) when each training ended: {min(loads):.1f} to {max(loads):.1f}; "
+                "a loaded machine takes more minutes for the same steps." if loads else "")
         intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained with "
                  f"{threads} CPU threads for the given number of steps ({batch}), on the preset's schedule over "
                  f"those steps (the full method: the last {STAGE2_SHARE:.0%} of them in stage 2). {machine} "
@@ -358,7 +362,7 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
                  f"{sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each group given "
                  "its majority true label: what the grouping itself allows); in parentheses the minutes the "
                  f"training took, mean over seeds (≥: a run resumed after an interruption, its first part not "
-                 f"counted), on {', '.join(cpus)}.")
+                 f"counted), on {', '.join(cpus)}.{load}")
     else:
         intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained "
                  f"with {threads} CPU threads for the given wall-clock minutes. {machine} {when}Mean ± spread (max - min) "
