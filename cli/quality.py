@@ -168,7 +168,8 @@ def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_
 
     torch.set_num_threads(threads)
     cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", f"train.device={device}",
-                                     "train.max_minutes=null", *overrides])
+                                     "train.max_minutes=null", "train.epochs=null", "train.stage2_epochs=null",
+                                     *overrides])  # the budget is in steps, not epochs
     stage1_losses, stage2_losses = variant_stages(variant, cfg)
     measured = {budget_of(r): r for r in done}
     results = []
