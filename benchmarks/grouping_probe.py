@@ -7,7 +7,9 @@ scored against learnt class vectors, pooled over the groups by the grounding los
 cross-entropy against the shapes the image holds. No text, no captions: if the assignment folds
 every patch into one group even here, no caption loss will unfold it. Reported on the world's
 val split: distinct arg-max groups per image, and the group-majority mIoU (every group named by
-the majority true label of its pixels: what the grouping alone allows)."""
+the majority true label of its pixels: what the grouping alone allows). `style` picks the world
+(the textured one, where colour does not draw the masks, asks whether the grouping can learn
+them)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ class ProbeConfig:
     steps: int = 600
     seed: int = 0
     tau: float = 0.1               # temperature of the soft maximum over groups
+    style: str = "standard"        # the synthetic world's style (curation.synthetic.STYLES)
+    eval_every: int = 0            # also score val every this many steps (0: only before and after)
+    # what the probe is trained on: "image" (which shapes the image holds, through the groups'
+    # soft maximum: the weak label a caption gives) or "pixels" (every pixel's class through its
+    # group, straight through the hard assignment: whether the grouping can draw the masks at all)
+    target: str = "image"
 
 
 def _world(cfg: ProbeConfig, split: str, n: int, world: WorldConfig):
@@ -76,6 +84,8 @@ class Probe(nn.Module):
                             hard_assignment=cfg.hard_assignment)
         self.encoder = GroupingViT(model)
         self.classes = nn.Parameter(torch.randn(n_classes, cfg.width) * 0.02)
+        # the pixel target's classes, background first
+        self.pixel_classes = nn.Parameter(torch.randn(n_classes + 1, cfg.width) * 0.02) if cfg.target == "pixels" else None
         self.scale = nn.Parameter(torch.tensor(10.0))
         self.bias = nn.Parameter(torch.tensor(-3.0))
         self.tau = cfg.tau
@@ -85,6 +95,12 @@ class Probe(nn.Module):
         area = out.assignment.flatten(2).mean(-1)  # (B, K): each group's share of the patches
         pooled = pooled_similarity(F.normalize(out.groups, dim=-1), area, F.normalize(self.classes, dim=-1), self.tau)
         return self.scale * pooled + self.bias, out.assignment  # (B, C), (B, K, h, w)
+
+    def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C + 1, h, w): each assignment cell's class logits, those of the group it belongs to."""
+        out = self.encoder(images)
+        group = self.scale * F.normalize(out.groups, dim=-1) @ F.normalize(self.pixel_classes, dim=-1).T  # (B, K, C + 1)
+        return torch.einsum("bkhw,bkc->bchw", out.assignment, group)
 
 
 @torch.no_grad()
@@ -103,39 +119,71 @@ def grouping_scores(probe: Probe, images: torch.Tensor, maps: list[np.ndarray], 
 
 
 def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
-    """Train the probe for `cfg.steps` steps; scores on val before and after, and the time taken."""
+    """Train the probe for `cfg.steps` steps; scores on val before and after (and every
+    `cfg.eval_every` steps, in `curve`), and the training time taken."""
     torch.manual_seed(cfg.seed)
-    world = WorldConfig()
+    world = WorldConfig(style=cfg.style)
     n_classes = len(world_classes(world))
-    x, y, _ = _world(cfg, "train", cfg.n_train, world)
+    if cfg.target not in ("image", "pixels"):
+        raise ValueError(f"target must be image or pixels, not {cfg.target!r}")
+    x, y, maps = _world(cfg, "train", cfg.n_train, world)
+    labels = torch.from_numpy(np.stack(maps))  # (N, H, W) uint8, 255 on borders
     vx, _, vmaps = _world(cfg, "val", cfg.n_val, world)
     probe = Probe(cfg, n_classes - 1)
     before = grouping_scores(probe, vx, vmaps, n_classes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(cfg.seed)
-    started = time.perf_counter()
+    started, curve = time.perf_counter(), []
     for step in range(cfg.steps):
         index = torch.randint(0, len(x), (cfg.batch_size,), generator=generator)
-        logits, _ = probe(x[index])
-        loss = F.binary_cross_entropy_with_logits(logits, y[index])
+        if cfg.target == "pixels":
+            target = labels[index].long()
+            logits = F.interpolate(probe.pixel_logits(x[index]), size=target.shape[-2:], mode="nearest")
+            loss = F.cross_entropy(logits, target, ignore_index=255)
+        else:
+            logits, _ = probe(x[index])
+            loss = F.binary_cross_entropy_with_logits(logits, y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress and (step + 1) % 100 == 0:
             print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            scoring = time.perf_counter()
+            curve.append({"step": step + 1, **grouping_scores(probe, vx, vmaps, n_classes)})
+            started += time.perf_counter() - scoring  # scoring is not training time
+            if progress:
+                print(curve[-1], flush=True)
     minutes = (time.perf_counter() - started) / 60
     after = grouping_scores(probe, vx, vmaps, n_classes)
     return {"steps": cfg.steps, "minutes": minutes, "loss": float(loss.item()),
-            **{f"init_{k}": v for k, v in before.items()}, **after}
+            **{f"init_{k}": v for k, v in before.items()}, **after,
+            "curve": [*curve, {"step": cfg.steps, **after}]}
 
 
 def probe_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
     """Markdown: one row per probe run."""
-    lines = ["| grouping | assignment | blocks before + after | seed | steps (batch) | groups per val image (init) | "
-             "group-majority mIoU (init) | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| world | grouping | assignment | target | blocks before + after | seed | steps (batch) | "
+             "groups per val image (init) | group-majority mIoU (init) | minutes |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for name, cfg, r in rows:
         kind = "hard (Gumbel)" if cfg.hard_assignment else "soft"
-        lines.append(f"| {name} | {kind} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {r['steps']} ({cfg.batch_size}) | "
+        lines.append(f"| {cfg.style} | {name} | {kind} | {cfg.target} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | "
+                     f"{r['steps']} ({cfg.batch_size}) | "
                      f"{r['groups_per_image']:.2f} ({r['init_groups_per_image']:.2f}) | "
                      f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f}) | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def curve_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
+    """Markdown: each run's val scores over training (`ProbeConfig.eval_every`), step 0 the init."""
+    lines = ["| world | grouping | assignment | target | blocks | seed | step | groups per val image | group-majority mIoU |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for name, cfg, r in rows:
+        init = {"step": 0, "groups_per_image": r["init_groups_per_image"],
+                "group_majority_miou": r["init_group_majority_miou"]}
+        for point in [init, *r.get("curve", ())]:
+            kind = "hard (Gumbel)" if cfg.hard_assignment else "soft"
+            lines.append(f"| {cfg.style} | {name} | {kind} | {cfg.target} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {point['step']} | "
+                         f"{point['groups_per_image']:.2f} | {point['group_majority_miou']:.1f} |")
     return "\n".join(lines)

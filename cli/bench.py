@@ -17,6 +17,7 @@ import typer
 app = typer.Typer(help="Benchmarks; each writes its results into docs/benchmarks.md.", no_args_is_help=True)
 
 DEFAULT_DOC = Path("docs/benchmarks.md")
+DEFAULT_STEPS = "1000,2000"  # `ovseg bench synthetic`'s step budgets
 _HEADER = "# Benchmarks\n\nEvery section below is written by `ovseg bench NAME`; rerun it to refresh.\n"
 
 
@@ -148,7 +149,9 @@ def bench_eval(
 @app.command("synthetic")
 def bench_synthetic(
     out: Path = typer.Option(Path("bench-synthetic"), "--out", help="Folder for the world, data, runs and logs."),
-    minutes: str = typer.Option("5,15,30", help="Comma-separated training budgets in wall-clock minutes: one run per variant and seed, evaluated when it has trained each budget."),
+    steps: str = typer.Option("", help=f"Comma-separated training budgets in steps (at the preset's batch size, stated in the table) \\[default: {DEFAULT_STEPS}]: one run per budget, variant and seed on the preset's schedule over those steps; each cell also gives the minutes its training took."),
+    minutes: str = typer.Option("", help="Comma-separated wall-clock budgets in minutes instead of --steps, for exploring (they measure the machine as much as the method): one run per variant and seed, evaluated when it has trained each budget."),
+    style: str = typer.Option("standard", help="The synthetic world's style: standard or textured (ovseg curate synthetic --style)."),
     seeds: str = typer.Option("0,1", help="Comma-separated seeds."),
     threads: int = typer.Option(2, help="CPU threads per training run."),
     parallel: int = typer.Option(1, help="Runs at a time (each pinned to its own cores when there are enough)."),
@@ -160,11 +163,12 @@ def bench_synthetic(
     keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in --doc's section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
-    """Quality: each proxy task's contribution at equal training time on the synthetic world.
+    """Quality: each proxy task's contribution at equal training on the synthetic world.
 
-    One run per variant and seed trains the preset (with the overrides), and is evaluated on the
-    test split, threshold chosen on val, when it has trained each budget. Rerunning skips what
-    is done, and asking for a longer budget trains the same runs on."""
+    Each variant and seed trains the preset (with the overrides) to each step budget (or, with
+    --minutes, for each wall-clock budget) and is evaluated on the test split, threshold chosen
+    on val. Rows name their model (grouping, stem, losses). Rerunning skips what is done: a
+    finished budget is read back, an interrupted run resumes."""
     import json
     import os
 
@@ -184,36 +188,57 @@ def bench_synthetic(
     if any(v not in names for v in keep) or set(keep) & set(asked):
         raise typer.BadParameter(f"takes variants ({', '.join(names)}) that --variants does not run, not {keep_rows}",
                                  param_hint="--keep-rows")
+    if steps and minutes:
+        raise typer.BadParameter("give budgets in --steps or in --minutes, not both", param_hint="--steps")
+    if style not in ("standard", "textured"):
+        raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
+    unit = "min" if minutes else "steps"
+    try:
+        if unit == "steps":
+            budgets = sorted(int(m) for m in (steps or DEFAULT_STEPS).split(","))
+            if min(budgets) < 1:
+                raise ValueError("a budget must be at least one step")
+        else:
+            budgets = sorted(float(m) for m in minutes.split(","))
+        seed_list = [int(x) for x in seeds.split(",")]
+    except ValueError as error:
+        raise typer.BadParameter(f"--steps (whole numbers), --minutes and --seeds take comma-separated numbers: {error}") from None
+    # one section per world and recipe family: the default one keeps its old name
+    section = "synthetic" if (preset, style) == ("synthetic-small", "standard") else f"synthetic-{style}-{preset}"
     kept = None
     if keep:
         try:
-            kept = kept_rows(read_section("synthetic", doc) or "", [names[v] for v in keep])
+            kept = kept_rows(read_section(section, doc) or "", [names[v] for v in keep])
+            if kept["unit"] != unit:
+                raise ValueError(f"its budgets are in {kept['unit']}, these in {unit}")
         except ValueError as error:
             typer.echo(f"ovseg bench synthetic: cannot keep rows of {doc}: {error}", err=True)
             raise typer.Exit(2)
-    try:
-        budgets = sorted(float(m) for m in minutes.split(","))
-        seed_list = [int(x) for x in seeds.split(",")]
-    except ValueError as error:
-        raise typer.BadParameter(f"--minutes and --seeds take comma-separated numbers: {error}") from None
-    recipe = {"preset": preset, "overrides": list(overrides or ())}
+    recipe = {"preset": preset, "overrides": list(overrides or ()), "style": style}
     try:
         resolve(preset, overrides=recipe["overrides"])
         check_recipe(out, recipe)
     except ConfigError as error:
         typer.echo(f"ovseg bench synthetic: {error}", err=True)
         raise typer.Exit(2)
-    world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300)
+    world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300, style=style)
     prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
-    jobs = [{"name": f"{v.split()[-1].strip('()')}-seed{s}", "variant": v, "budgets": budgets, "seed": s,
-             "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device, "threads": threads,
-             "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-seed{s}"), **recipe}
+    # step-budget jobs log apart from wall-clock ones: a folder may hold both
+    suffix = "-steps" if unit == "steps" else ""
+    jobs = [{"name": f"{v.split()[-1].strip('()')}-seed{s}{suffix}", "variant": v, "budgets": budgets, "seed": s,
+             "unit": unit, "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device,
+             "threads": threads, "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-seed{s}"),
+             "preset": preset, "overrides": recipe["overrides"]}
             for v in chosen for s in seed_list]
     results = run_parallel(jobs, threads, parallel, out / "logs")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
     md = report(out, prepared["world"], results, threads, machine_line(), images=doc.parent / "images", kept=kept,
-                **recipe)
-    write_section("synthetic", "## Quality on the synthetic world (`ovseg bench synthetic`)\n\n" + md, doc)
+                preset=preset, overrides=recipe["overrides"], style=style, section=section)
+    world = "" if style == "standard" else f", {style} style"
+    title = f"## Quality on the synthetic world{world}, preset `{preset}` (`ovseg bench synthetic`)"
+    if section == "synthetic":
+        title = "## Quality on the synthetic world (`ovseg bench synthetic`)"
+    write_section(section, title + "\n\n" + md, doc)
     typer.echo(md)
 
 
@@ -224,6 +249,9 @@ def bench_grouping_probe(
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
     hard: bool = typer.Option(True, "--hard/--soft", help="Learned grouping: Gumbel straight-through one-hot in training (the official) or the plain softmax."),
+    style: str = typer.Option("standard", "--style", help="The synthetic world's style: standard or textured."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also score val every this many steps (0: before and after only)."),
+    target: str = typer.Option("image", "--target", help="image (which shapes the image holds: a caption's weak label) or pixels (each pixel's class through its group: can the grouping draw the masks)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ):
@@ -232,21 +260,61 @@ def bench_grouping_probe(
     mIoU, before and after training."""
     import torch
 
-    from ovseg.benchmarks.grouping_probe import ProbeConfig, probe_table, run_probe
+    from ovseg.benchmarks.grouping_probe import ProbeConfig, curve_table, probe_table, run_probe
 
+    if style not in ("standard", "textured"):
+        raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
+    if target not in ("image", "pixels"):
+        raise typer.BadParameter(f"takes image or pixels, not {target!r}", param_hint="--target")
     torch.set_num_threads(threads)
     rows = []
     for depth in depths.split(","):
         before, after = (int(v) for v in depth.split("+"))
         for seed in (int(v) for v in seeds.split(",")):
             cfg = ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=before, depth_after=after,
-                              steps=steps, seed=seed)
+                              steps=steps, seed=seed, style=style, eval_every=eval_every, target=target)
             result = run_probe(cfg)
             typer.echo(f"{grouping} {depth} seed {seed}: {result}")
             rows.append((grouping, cfg, result))
-    md = (f"## Supervised grouping probe (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
-          + probe_table(rows) + "\n")
-    write_section(f"grouping-probe-{grouping}-{'hard' if hard else 'soft'}", md, doc)
+    world = "" if style == "standard" else f", {style} world"
+    md = (f"## Supervised grouping probe{world} (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
+          + probe_table(rows) + "\n" + (curve_table(rows) + "\n" if eval_every else ""))
+    write_section(f"grouping-probe-{grouping}-{'hard' if hard else 'soft'}" + ("" if target == "image" else f"-{target}")
+                  + ("" if style == "standard" else f"-{style}"), md, doc)
+    typer.echo(md)
+
+
+@app.command("world")
+def bench_world(
+    out: Path = typer.Option(Path("bench-world"), "--out", help="Folder for the worlds and the random models."),
+    styles: str = typer.Option("standard,textured", "--styles", help="Comma-separated world styles."),
+    presets: str = typer.Option("synthetic-small,synthetic-paper", "--presets", help="Comma-separated presets (random init)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random models."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
+    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+) -> None:
+    """How much a random model's grouping already segments each world style: the group-majority
+    mIoU of untrained presets (what the world gives away), beside chance and the grid ceiling."""
+    import torch
+
+    from ovseg.benchmarks.world_difficulty import difficulty_table, world_difficulty
+    from ovseg.training.presets import list_presets
+
+    chosen_styles = tuple(s.strip() for s in styles.split(",") if s.strip())
+    if not chosen_styles or any(s not in ("standard", "textured") for s in chosen_styles):
+        raise typer.BadParameter(f"takes standard and/or textured, not {styles!r}", param_hint="--styles")
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
+                                 param_hint="--presets")
+    torch.set_num_threads(threads)
+    rows = world_difficulty(out, chosen_styles, names, seed)
+    md = (f"## What an untrained grouping gives on each world (`ovseg bench world`)\n\n{machine_line()}\n\n"
+          "Random-init models on the test split (300 images; threshold chosen on val): chance mIoU, the group-majority "
+          "mIoU (each group given the majority true label of its pixels: what the grouping alone allows) and the "
+          "ceiling of the grid the groups are drawn on.\n\n" + difficulty_table(rows) + "\n")
+    write_section("world", md, doc)
     typer.echo(md)
 
 

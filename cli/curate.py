@@ -242,6 +242,7 @@ def synthetic(
     n_test: int = typer.Option(500, "--test", help="Test images with masks (OUT/voc, for the reported mIoU)."),
     image_size: int = typer.Option(64, "--image-size", help="Side of the square images in pixels."),
     seed: int = typer.Option(0, "--seed", help="The same seed always draws the same world."),
+    style: str = typer.Option("standard", "--style", help="standard (flat-coloured shapes) or textured (shapes, background and unnamed distractors from the same textures and palette)."),
     base_url: str = typer.Option("http://127.0.0.1:8000", "--base-url",
                                  help="URL that serves OUT; captions.tsv's URLs start with it."),
     serve_it: bool = typer.Option(False, "--serve", help="Then serve OUT on 127.0.0.1 at --base-url's port until Ctrl-C."),
@@ -257,6 +258,8 @@ def synthetic(
         _fail("synthetic", "image counts must not be negative")
     if image_size < 16:
         _fail("synthetic", "--image-size must be at least 16")
+    if style not in ("standard", "textured"):
+        _fail("synthetic", f"--style must be standard or textured, not {style!r}")
     parsed = urllib.parse.urlsplit(base_url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         _fail("synthetic", f"--base-url must be an http(s) URL, not {base_url!r}")
@@ -265,7 +268,8 @@ def synthetic(
 
     from ovseg.curation import synthetic as syn
 
-    cfg = syn.WorldConfig(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    cfg = syn.WorldConfig(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed,
+                          style=style)
     marker = out / "world.json"  # generate() rewrites it only when it draws the world
     before = marker.stat().st_mtime_ns if marker.exists() else None
     syn.generate(out, cfg, force=force, base_url=base_url)

@@ -1,11 +1,13 @@
 """The synthetic quality benchmark (`ovseg bench synthetic`): how much each of the paper's proxy
-tasks adds, at equal training time on the same data.
+tasks adds, at equal training on the same data.
 
-Variants: contrastive only (the GroupViT-style baseline), + masked entity completion, and the
-full OVSegmentor (+ cross-image mask consistency in a second stage). Each is trained for a
-wall-clock budget with a fixed number of CPU threads, then evaluated on the synthetic test split
-with the background threshold chosen on val. Two reference rows give the scale: a random-init
-model (chance) and the ceiling the patch grid allows (every patch given its majority true label).
+Variants: contrastive only (the GroupViT-style baseline), + masked entity completion (the
+preset's stage-1 losses), and the full method (+ cross-image mask consistency in a second stage,
+the preset's stage-2 losses). Each is trained to step budgets (any machine reproduces them; the
+minutes each took are reported beside them, with the CPU) or, for exploring, to wall-clock
+budgets, with a fixed number of CPU threads, then evaluated on the synthetic test split with the
+background threshold chosen on val. Two reference rows give the scale: a random-init model
+(chance) and the ceiling the patch grid allows (every patch given its majority true label).
 """
 
 from __future__ import annotations
@@ -19,13 +21,59 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+# The losses of each variant's stages: a list, or "preset" for the preset's own stage list
+# (train.stage1_losses / train.stage2_losses), so that "+ entity" is `synthetic-small`'s
+# contrastive + entity + grounding and `synthetic-paper`'s contrastive + entity.
 VARIANTS = {
     "contrastive": {"stage1": ["contrastive"], "stage2": None},
-    "+ entity": {"stage1": ["contrastive", "entity", "grounding"], "stage2": None},
-    "+ mask (full)": {"stage1": ["contrastive", "entity", "grounding"],
-                      "stage2": ["contrastive", "entity", "grounding", "mask"]},
+    "+ entity": {"stage1": "preset", "stage2": None},
+    "+ mask (full)": {"stage1": "preset", "stage2": "preset"},
 }
 STAGE2_SHARE = 0.3  # of the budget, for the full method
+
+
+def variant_stages(variant: str, cfg) -> tuple[list[str], list[str] | None]:
+    """The losses of `variant`'s stage 1 and stage 2 (None: no stage 2) under the run config `cfg`."""
+    spec = VARIANTS[variant]
+    first = cfg.train.stage1_losses if spec["stage1"] == "preset" else spec["stage1"]
+    second = None if spec["stage2"] is None else cfg.train.stage2_losses if spec["stage2"] == "preset" else spec["stage2"]
+    return list(first), None if second is None else list(second)
+
+
+def model_label(variant: str, cfg) -> str:
+    """What a row's model is: its grouping, stem and losses, e.g. `learned grouping (Gumbel,
+    hard), linear patches, 2 + 2 blocks; contrastive + entity, then + mask (official)`."""
+    m = cfg.model
+    if m.grouping == "learned":
+        grouping = "learned grouping (Gumbel, " + ("hard)" if m.hard_assignment else "soft)")
+    else:
+        grouping = "clustering (no gradient to the assignment)"
+    stem = {"linear": "linear patches", "conv": "conv stem", "cnn": "CNN stem"}.get(m.patch_embed, m.patch_embed)
+    first, second = variant_stages(variant, cfg)
+    named = {"entity": f"entity ({m.decoder} decoder)", "mask": f"mask ({m.mask_form})"}
+    losses = " + ".join(named.get(x, x) for x in first)
+    if second is not None:
+        added = [x for x in second if x not in first]
+        losses += ", then + " + " + ".join(named.get(x, x) for x in added) if added else ", then a second stage"
+    return f"{grouping}, {stem}, {m.depth_before} + {m.depth_after} blocks; {losses}"
+
+
+def cpu_name() -> str:
+    """The machine's CPU model, as /proc/cpuinfo (or the platform) names it."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def budget_of(result: dict) -> float:
+    """A result's budget: its steps (a step-budget run) or its minutes (a wall-clock one)."""
+    return float(result["budget_steps"]) if "budget_steps" in result else result["minutes"]
 
 
 def _evaluate(world_dir: Path, checkpoint: Path, out: Path, device: str) -> dict:
@@ -55,9 +103,10 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
     from ovseg.training.engine import train
 
     torch.set_num_threads(threads)
-    spec = VARIANTS[variant]
     cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", "train.steps=1000000",
                                      "train.stage2_steps=1000000", f"train.device={device}", *overrides])
+    stage1_losses, stage2_losses = variant_stages(variant, cfg)
+    spec = {"stage1": stage1_losses, "stage2": stage2_losses}
     share = STAGE2_SHARE if spec["stage2"] else 0.0
     t = cfg.train
     stage1_dir = run_dir / "stage1"
@@ -102,10 +151,73 @@ def _check_resumes_at(checkpoint: Path, step: int) -> None:
                            "the run folder does not match its result file; delete both to rerun")
 
 
+def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: Path, budgets: list[int],
+                             seed: int, preset: str = "synthetic-small", overrides: tuple[str, ...] = (),
+                             device: str = "cpu", threads: int = 2, done: list[dict] = ()) -> list[dict]:
+    """Train one variant to each of `budgets` steps and evaluate it (threshold chosen on val).
+    Each budget is its own run (RUN/{N}steps/), on the preset's schedule over exactly N steps
+    (the full method: the last STAGE2_SHARE of them in stage 2, from stage 1's end), so a
+    budget gives the same model on any machine; the minutes its training took (evaluation not
+    counted) and the CPU are recorded beside it. An interrupted run resumes from its last
+    checkpoint (its minutes are then the resumed part only, and marked so); `done` holds the
+    budgets measured before, which are kept."""
+    import torch
+
+    from ovseg.training.config import resolve
+    from ovseg.training.engine import train
+
+    torch.set_num_threads(threads)
+    cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", f"train.device={device}",
+                                     "train.max_minutes=null", "train.epochs=null", "train.stage2_epochs=null",
+                                     *overrides])  # the budget is in steps, not epochs
+    stage1_losses, stage2_losses = variant_stages(variant, cfg)
+    measured = {budget_of(r): r for r in done}
+    results = []
+    for budget in sorted(int(b) for b in budgets):
+        if budget in measured:
+            results.append(measured[budget])
+            continue
+        second_steps = round(budget * STAGE2_SHARE) if stage2_losses else 0
+        steps = {"stage1": budget - second_steps}
+        folder = run_dir / f"{budget}steps"
+        t = cfg.train
+        first = replace(cfg, train=replace(t, stage=1, stage1_losses=stage1_losses, steps=steps["stage1"]))
+        minutes, resumed = _timed_train(train, first, folder / "stage1")
+        checkpoint = folder / "stage1" / "last.pt"
+        if stage2_losses:
+            steps["stage2"] = second_steps
+            second = replace(cfg, train=replace(t, stage=2, stage2_losses=stage2_losses, stage2_steps=second_steps))
+            more, resumed_too = _timed_train(train, second, folder / "stage2", init=checkpoint)
+            minutes, resumed = minutes + more, resumed or resumed_too
+            checkpoint = folder / "stage2" / "last.pt"
+        scores = _evaluate(world_dir, checkpoint, folder / "eval", device)
+        results.append({"variant": variant, "seed": seed, "budget_steps": budget, "steps": steps,
+                        "batch_size": t.batch_size, "stage2_batch_size": t.stage2_batch_size or t.batch_size,
+                        "train_minutes": minutes, "resumed": resumed, "cpu": cpu_name(), "threads": threads,
+                        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                        **scores, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    return results
+
+
+def _timed_train(train, cfg, run_dir: Path, init: Path | None = None) -> tuple[float, bool]:
+    """Run one stage to its end; the minutes its training took, and whether it resumed an
+    interrupted run (whose first part's minutes are lost). A stage that finished before is not
+    run again: its minutes are read from RUN/minutes.json, written when it finished."""
+    record = run_dir / "minutes.json"
+    if record.exists():
+        held = json.loads(record.read_text())
+        return held["minutes"], held["resumed"]
+    resumed = (run_dir / "last.pt").exists()
+    minutes = train(cfg, run_dir, init=init, progress=False)["minutes"]
+    record.write_text(json.dumps({"minutes": minutes, "resumed": resumed}))
+    return minutes, resumed
+
+
 def check_recipe(out: Path, recipe: dict) -> None:
     """Record the preset and overrides the runs under `out` train with (OUT/recipe.json), or
     refuse another recipe: finished runs are reused, and must be of the recipe asked for. A
-    folder from before the record was kept is taken to hold the default recipe."""
+    folder from before the record was kept is taken to hold the default recipe, and a record
+    without a world style the standard world."""
     from ovseg.training.config import ConfigError
 
     path = out / "recipe.json"
@@ -115,9 +227,11 @@ def check_recipe(out: Path, recipe: dict) -> None:
         held = {"preset": "synthetic-small", "overrides": []}
     else:
         held = recipe
+    held, recipe = ({"style": "standard", **r} for r in (held, recipe))
     if held != recipe:
-        raise ConfigError(f"{out} holds runs of preset {held['preset']} with overrides {held['overrides']}, not "
-                          f"{recipe['preset']} with {recipe['overrides']}: pass another --out")
+        raise ConfigError(f"{out} holds runs of preset {held['preset']} with overrides {held['overrides']} on the "
+                          f"{held['style']} world, not {recipe['preset']} with {recipe['overrides']} on the "
+                          f"{recipe['style']} world: pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe))
 
@@ -170,7 +284,8 @@ def patch_grid_ceiling(world_dir: Path, cells: int) -> float:
 
 
 def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, first_core: int = 0) -> list[dict]:
-    """Run `train_and_evaluate` jobs as child processes, `parallel` at a time, each limited to
+    """Run `train_and_evaluate` (or, for a job with "unit": "steps", `train_steps_and_evaluate`)
+    jobs as child processes, `parallel` at a time, each limited to
     `threads` CPU threads (and pinned to its own cores where the OS allows). Jobs whose result
     file is already in `log_dir` are read, not rerun, so an interrupted benchmark resumes; a job
     asked for a budget its result file lacks goes on from its last measured budget."""
@@ -182,8 +297,8 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
         done = log_dir / f"{job['name']}.json"
         if done.exists():
             earlier = json.loads(done.read_text())
-            if {float(b) for b in job["budgets"]} <= {r["minutes"] for r in earlier}:
-                results.extend(r for r in earlier if r["minutes"] in job["budgets"])
+            if {float(b) for b in job["budgets"]} <= {budget_of(r) for r in earlier}:
+                results.extend(r for r in earlier if budget_of(r) in job["budgets"])
                 pending.remove(job)
             else:  # longer budgets asked for: the run goes on from where the earlier call left it
                 job["done"] = earlier
@@ -213,13 +328,19 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
 
 
 def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, threads: int, grid: int,
-              kept: dict | None = None) -> str:
+              kept: dict | None = None, labels: dict[str, str] | None = None, style: str = "standard") -> str:
     """The mIoU table; `kept` (from `kept_rows`) adds the rows of variants that were not rerun,
-    each named with the date of the section they come from."""
+    each named with the date of the section they come from; `labels` (from `model_label`)
+    names each variant's model in its row. Step-budget results (`train_steps_and_evaluate`)
+    give `N steps` columns whose cells carry the minutes the training took; wall-clock results
+    give `N min` columns whose cells carry the steps trained."""
     import numpy as np
 
-    kept = kept or {"cells": {}, "measured": {}}
-    budgets = sorted({r["minutes"] for r in results} | {b for cells in kept["cells"].values() for b in cells})
+    kept = kept or {"cells": {}, "measured": {}, "names": {}}
+    labels = labels or {}
+    by_steps = any("budget_steps" in r for r in results)
+    unit = "steps" if by_steps else "min"
+    budgets = sorted({budget_of(r) for r in results} | {b for cells in kept["cells"].values() for b in cells})
     times = sorted(r["measured"] for r in results if "measured" in r)
     when = ""
     if times:
@@ -227,30 +348,52 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
         when = (f"Results evaluated from {times[0]} to {times[-1]}"
                 + (f" ({untimed} reused from before results were timed)" if untimed else "") + "; the runs "
                 "of one call share the machine's speed, so steps are given with each cell. ")
-    lines = [
-        f"Synthetic world, test split, mIoU (%) with background, threshold chosen on val; each run trained "
-        f"with {threads} CPU threads for the given wall-clock minutes. {machine} {when}Mean ± spread (max - min) "
-        f"over seeds {sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each "
-        "group given its majority true label: what the grouping itself allows).", "",
-        "| variant | " + " | ".join(f"{b:g} min" for b in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-    ]
+    world = "Synthetic world" + ("" if style == "standard" else f" ({style} style)")
+    if by_steps:
+        batches = sorted({(r["batch_size"], r["stage2_batch_size"]) for r in results})
+        batch = "; ".join(f"batch {b}" + (f", stage 2 at {b2}" if b2 != b else "") for b, b2 in batches)
+        cpus = sorted({r["cpu"] for r in results})
+        loads = [r["load"] for r in results if r.get("load") is not None]
+        load = (f" The machine's load average (1 minute) when each training ended: {min(loads):.1f} to {max(loads):.1f}; "
+                "a loaded machine takes more minutes for the same steps." if loads else "")
+        intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained with "
+                 f"{threads} CPU threads for the given number of steps ({batch}), on the preset's schedule over "
+                 f"those steps (the full method: the last {STAGE2_SHARE:.0%} of them in stage 2). {machine} "
+                 f"{when.replace(', so steps are given with each cell', '')}Mean ± spread (max - min) over seeds "
+                 f"{sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each group given "
+                 "its majority true label: what the grouping itself allows); in parentheses the minutes the "
+                 f"training took, mean over seeds (≥: a run resumed after an interruption, its first part not "
+                 f"counted), on {', '.join(cpus)}.{load}")
+    else:
+        intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained "
+                 f"with {threads} CPU threads for the given wall-clock minutes. {machine} {when}Mean ± spread (max - min) "
+                 f"over seeds {sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each "
+                 "group given its majority true label: what the grouping itself allows).")
+    lines = [intro, "",
+             "| variant | " + " | ".join(f"{b:g} {unit}" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
     for variant in VARIANTS:
         if variant in kept["cells"]:
             cells = [kept["cells"][variant].get(b, "-") for b in budgets]
-            lines.append(f"| {variant} (kept from {kept['measured'][variant]}) | " + " | ".join(cells) + " |")
+            name = kept.get("names", {}).get(variant, variant)
+            lines.append(f"| {name} (kept from {kept['measured'][variant]}) | " + " | ".join(cells) + " |")
             continue
         cells = []
         for b in budgets:
-            rs = [r for r in results if r["variant"] == variant and r["minutes"] == b]
+            rs = [r for r in results if r["variant"] == variant and budget_of(r) == b]
             if not rs:
                 cells.append("-")
                 continue
             m = np.array([r["miou"] for r in rs]) * 100
             g = np.array([r["group_majority_miou"] for r in rs]) * 100
-            steps = int(np.mean([sum(r["steps"].values()) for r in rs]))
-            cells.append(f"{m.mean():.1f} ± {np.ptp(m):.1f} [{g.mean():.1f}] ({steps} steps)")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+            if by_steps:
+                at_least = "≥" if any(r.get("resumed") for r in rs) else ""
+                cost = f"{at_least}{np.mean([r['train_minutes'] for r in rs]):.1f} min"
+            else:
+                cost = f"{int(np.mean([sum(r['steps'].values()) for r in rs]))} steps"
+            cells.append(f"{m.mean():.1f} ± {np.ptp(m):.1f} [{g.mean():.1f}] ({cost})")
+        name = f"{variant}: {labels[variant]}" if variant in labels else variant
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         f"| random init (chance) | {100 * chance['miou']:.1f} [{100 * chance['group_majority_miou']:.1f}] |",
         f"| grid ceiling ({grid}x{grid} group maps) | {100 * ceiling:.1f} |", "",
@@ -272,24 +415,29 @@ def _cells(row: str) -> list[str]:
 def kept_rows(section: str, variants: list[str]) -> dict:
     """What an earlier section written by `report` says of `variants`, to stand beside new runs
     of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells by budget,
-    its diagnostics rows, and the date of the section it was measured for (this section's, or
-    the one a row already kept from an older section carries). Raises ValueError when the section has no
-    results table or no row of a variant."""
+    its row's name (the variant, and its model when the row names it), its diagnostics rows,
+    the date of the section it was measured for (this section's, or the one a row already kept
+    from an older section carries), and the budgets' unit ("min" or "steps"). Raises
+    ValueError when the section has no results table or no row of a variant."""
     lines = section.splitlines()
     header = next((line for line in lines if line.startswith("| variant |")), None)
     measured = re.search(r"Measured (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", section)
     if header is None or measured is None:
         raise ValueError("it holds no results table of `ovseg bench synthetic`")
-    budgets = [float(cell.removesuffix(" min")) for cell in _cells(header)]
-    out = {"cells": {}, "measured": {}, "diagnostics": []}
+    heads = _cells(header)
+    budgets = [float(cell.split()[0]) for cell in heads]
+    unit = heads[0].split()[-1] if heads else "min"
+    out = {"cells": {}, "measured": {}, "names": {}, "diagnostics": [], "unit": unit}
     for variant in variants:
-        rows = [(line, m) for line in lines if (m := _KEPT.match(line)) and m["name"] == variant]
+        rows = [(line, m) for line in lines
+                if (m := _KEPT.match(line)) and (m["name"] == variant or m["name"].startswith(f"{variant}: "))]
         if not rows:
             raise ValueError(f"it has no row of {variant}")
         line, match = rows[0]
         when = match["when"] or measured.group(1)
         out["cells"][variant] = {b: c for b, c in zip(budgets, _cells(line)) if c != "-"}
         out["measured"][variant] = when
+        out["names"][variant] = match["name"]
         for row in lines:
             name = _KEPT.match(row)
             if name and name["name"].startswith(f"{variant}, seed "):
@@ -298,14 +446,22 @@ def kept_rows(section: str, variants: list[str]) -> dict:
     return out
 
 
-def final_checkpoint(run_dir: Path, variant: str, budget: float) -> Path:
-    """Where `train_and_evaluate` leaves a variant's model after `budget` minutes. Runs from
-    before every variant kept its stage-1 snapshots have only `stage1/last.pt`, which is that
-    budget's model only when the run trained no longer (`report` checks its step)."""
+def final_checkpoint(run_dir: Path, variant: str, budget: float, unit: str = "min") -> Path:
+    """Where a variant's model is left after `budget` minutes (`train_and_evaluate`) or steps
+    (`train_steps_and_evaluate`, unit "steps"). Wall-clock runs from before every variant kept
+    its stage-1 snapshots have only `stage1/last.pt`, which is that budget's model only when the
+    run trained no longer (`report` checks its step)."""
+    if unit == "steps":
+        return run_dir / f"{budget:g}steps" / ("stage2" if VARIANTS[variant]["stage2"] else "stage1") / "last.pt"
     if VARIANTS[variant]["stage2"]:
         return run_dir / f"stage2-{budget:g}min" / "last.pt"
     snapshot = run_dir / f"stage1-at-{budget:g}min.pt"
     return snapshot if snapshot.exists() else run_dir / "stage1" / "last.pt"
+
+
+def eval_dir(run_dir: Path, budget: float, unit: str = "min") -> Path:
+    """Where a run's evaluation at `budget` minutes or steps is written."""
+    return run_dir / f"{budget:g}steps" / "eval" if unit == "steps" else run_dir / f"eval-{budget:g}min"
 
 
 def _at_step(checkpoint: Path, steps: dict) -> bool:
@@ -370,30 +526,34 @@ def diagnostics_table(diagnostics: dict[str, dict], kept: list[str] = ()) -> str
 
 def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str,
            images: Path | None = None, preset: str = "synthetic-small", overrides: list[str] = (),
-           kept: dict | None = None) -> str:
-    """The benchmark's Markdown: the mIoU table with its chance and ceiling rows, the
-    diagnostics of every run at its largest budget and of the random model, and (with `images`,
-    the folder next to the Markdown file that pictures go to) the segmentation panels of the
-    last variant's first seed at that budget. `kept` (from `kept_rows`) adds the rows of
-    variants that were not rerun."""
+           kept: dict | None = None, style: str = "standard", section: str = "synthetic") -> str:
+    """The benchmark's Markdown: the mIoU table (rows named by their model: grouping, stem,
+    losses) with its chance and ceiling rows, the diagnostics of every run at its largest budget
+    and of the random model, and (with `images`, the folder next to the Markdown file that
+    pictures go to) the segmentation panels of the last variant's first seed at that budget.
+    `kept` (from `kept_rows`) adds the rows of variants that were not rerun."""
     from ovseg.curation.synthetic import captions
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid
 
     chance = random_init(world_dir, out / "random", 0, preset, [c for _, c in captions(world_dir)], tuple(overrides))
-    grid = assignment_grid(resolve(preset, overrides=overrides).model)
+    cfg = resolve(preset, overrides=overrides)
+    grid = assignment_grid(cfg.model)
     ceiling = patch_grid_ceiling(world_dir, grid)
-    last = max(r["minutes"] for r in results)
+    unit = "steps" if any("budget_steps" in r for r in results) else "min"
+    last = max(budget_of(r) for r in results)
     names = {r["variant"]: r["variant"].split()[-1].strip("()") for r in results}
-    checkpoints = {f"{r['variant']}, seed {r['seed']}, {last:g} min":
-                   final_checkpoint(out / "runs" / f"{names[r['variant']]}-seed{r['seed']}", r["variant"], last)
-                   for r in results if r["minutes"] == last}
-    steps = {f"{r['variant']}, seed {r['seed']}, {last:g} min": r["steps"] for r in results if r["minutes"] == last}
-    # a run trained past this budget by a later call, with no snapshot of it: no diagnostics
-    checkpoints = {name: path for name, path in checkpoints.items() if _at_step(path, steps[name])}
+    checkpoints = {f"{r['variant']}, seed {r['seed']}, {last:g} {unit}":
+                   final_checkpoint(out / "runs" / f"{names[r['variant']]}-seed{r['seed']}", r["variant"], last, unit)
+                   for r in results if budget_of(r) == last}
+    if unit == "min":
+        steps = {f"{r['variant']}, seed {r['seed']}, {last:g} min": r["steps"] for r in results if r["minutes"] == last}
+        # a run trained past this budget by a later call, with no snapshot of it: no diagnostics
+        checkpoints = {name: path for name, path in checkpoints.items() if _at_step(path, steps[name])}
     checkpoints["random init"] = out / "random" / "random.pt"
+    labels = {v: model_label(v, cfg) for v in VARIANTS}
     recipe = f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
-    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid, kept)
+    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid, kept, labels, style)
             + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
             "named by its best class prompt and scored against the majority true label of its pixels, "
             "background groups left out; the linear probe is a logistic regression on the groups' features, "
@@ -401,14 +561,16 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
             "class is in the groups at all, whatever the prompts say):\n\n"
             + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")),
                                 (kept or {}).get("diagnostics", ()))
-            + _pictures(out, results, last, images)
+            + _pictures(out, results, last, images, unit=unit, prefix=section)
             + "\nWhat these numbers mean and what was measured while looking for the cause: "
             "[quality.md](quality.md).\n")
 
 
-def _pictures(out: Path, results: list[dict], budget: float, images: Path | None, n: int = 2) -> str:
+def _pictures(out: Path, results: list[dict], budget: float, images: Path | None, n: int = 2, unit: str = "min",
+              prefix: str = "synthetic") -> str:
     """Copy the first `n` test panels of the last variant (the full method when it ran), first
-    seed, at `budget` minutes into `images`; Markdown that shows them ('' without `images`)."""
+    seed, at `budget` minutes (or steps) into `images`, named after `prefix` (the section);
+    Markdown that shows them ('' without `images`)."""
     import shutil
 
     if images is None:
@@ -416,22 +578,23 @@ def _pictures(out: Path, results: list[dict], budget: float, images: Path | None
     variant = [v for v in VARIANTS if any(r["variant"] == v for r in results)][-1]
     seed = min(r["seed"] for r in results if r["variant"] == variant)
     name = variant.split()[-1].strip("()")
-    panels = sorted((out / "runs" / f"{name}-seed{seed}" / f"eval-{budget:g}min" / "pictures").glob("*_panel.png"))[:n]
+    panels = sorted((eval_dir(out / "runs" / f"{name}-seed{seed}", budget, unit) / "pictures").glob("*_panel.png"))[:n]
     images.mkdir(parents=True, exist_ok=True)
-    lines = [f"\nTest images after {budget:g} minutes, {variant}, seed {seed} (image, truth, prediction, groups):\n"]
+    words = "minutes" if unit == "min" else "steps"
+    lines = [f"\nTest images after {budget:g} {words}, {variant}, seed {seed} (image, truth, prediction, groups):\n"]
     for i, panel in enumerate(panels):
-        target = images / f"synthetic-{name}-{budget:g}min-{i}.png"
+        target = images / f"{prefix}-{name}-{budget:g}{unit}-{i}.png"
         shutil.copyfile(panel, target)
-        lines.append(f"![{variant} after {budget:g} min, test image {i}]({images.name}/{target.name})")
+        lines.append(f"![{variant} after {budget:g} {unit}, test image {i}]({images.name}/{target.name})")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:  # one job, in its own process (see run_parallel)
     job = json.loads(sys.argv[1])
-    result = train_and_evaluate(job["variant"], Path(job["data"]), Path(job["world"]), Path(job["run"]),
-                                job["budgets"], job["seed"], job.get("preset", "synthetic-small"),
-                                tuple(job.get("overrides", ())), job.get("device", "cpu"), job.get("threads", 2),
-                                job.get("done", ()))
+    run = train_steps_and_evaluate if job.get("unit") == "steps" else train_and_evaluate
+    result = run(job["variant"], Path(job["data"]), Path(job["world"]), Path(job["run"]), job["budgets"], job["seed"],
+                 job.get("preset", "synthetic-small"), tuple(job.get("overrides", ())), job.get("device", "cpu"),
+                 job.get("threads", 2), job.get("done", ()))
     Path(job["result"]).write_text(json.dumps(result))
 
 

@@ -57,6 +57,14 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 SPLITS = {"train": 0, "val": 1, "test": 2}  # part of each image's random-stream key
 
+# "standard": flat-coloured shapes on a muted textured background (colour draws the masks);
+# "textured": shapes, background and unnamed distractor shapes all filled from the same texture
+# families and the same palette, several colours each, so neither colour nor local texture
+# separates an object from what lies around it: only its outline does.
+STYLES = ("standard", "textured")
+TEXTURES = ("stripes", "checks", "noise", "gradient")  # the textured style's families
+PALETTE_SIZE = 4  # textured style: colours of one scene, shared by its background and every shape
+
 
 @dataclass
 class WorldConfig:
@@ -74,6 +82,8 @@ class WorldConfig:
     omit_probability: float = 0.2  # a caption leaves one object out (scenes with 2+ objects)
     jpeg_quality: int = 92
     shapes: tuple[str, ...] = SHAPES
+    style: str = "standard"       # one of STYLES
+    max_distractors: int = 3      # textured style: up to this many unnamed shapes (background class)
 
     def validate(self) -> None:
         if min(self.n_train, self.n_val, self.n_test) < 0:
@@ -84,6 +94,10 @@ class WorldConfig:
             raise ValueError("max_objects must be between 1 and 5")
         if not 0 < self.min_radius <= self.max_radius < 0.5:
             raise ValueError("radii must satisfy 0 < min_radius <= max_radius < 0.5")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, not {self.style!r}")
+        if self.max_distractors < 0:
+            raise ValueError("max_distractors must not be negative")
         unknown = set(self.shapes) - set(SHAPES)
         if unknown or not self.shapes:
             raise ValueError(f"shapes must be a non-empty subset of {', '.join(SHAPES)} (unknown: {sorted(unknown)})")
@@ -101,6 +115,28 @@ class ShapeObject:
     angle: float  # degrees
     rgb: tuple[int, int, int] = (0, 0, 0)
     mentioned: bool = True
+    texture: Optional["Texture"] = None  # textured style: the fill (`rgb` is its first colour)
+
+
+@dataclass
+class Texture:
+    """A fill of the textured style: a family of TEXTURES, two or three colours, its pattern."""
+
+    kind: str
+    colours: list[str]
+    rgbs: list[tuple[int, int, int]]
+    params: dict
+
+
+@dataclass
+class Distractor:
+    """An unnamed shape of the textured style (a lumpy blob or a thick curved stroke): drawn
+    under the named objects and labelled background."""
+
+    kind: str
+    points: list[tuple[float, float]]
+    width: int  # stroke width in pixels (0 for a blob: the points are its outline)
+    texture: Texture
 
 
 @dataclass
@@ -113,6 +149,9 @@ class Scene:
     background_params: dict
     objects: list[ShapeObject] = field(default_factory=list)
     caption: str = ""
+    style: str = "standard"
+    texture: Optional[Texture] = None  # textured style: the background's fill
+    distractors: list[Distractor] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +245,8 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     """Draw a scene: the (H, W, 3) uint8 image and the (H, W) uint8 depth map (0 = background,
     i + 1 = object i in drawing order, the visible top-most object at each pixel)."""
     size = scene.size
+    if scene.style == "textured":
+        return _render_textured(scene, rng)
     image = _background(scene, rng)
     depth = np.zeros((size, size), np.uint8)
     for i, obj in enumerate(scene.objects):
@@ -213,6 +254,60 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
         shade = 1.0 + rng.normal(0, 0.04)  # slight per-object brightness jitter
         image[mask] = np.clip(np.array(obj.rgb, np.float32) * shade, 0, 255)
         depth[mask] = i + 1
+    return np.clip(image, 0, 255).astype(np.uint8), depth
+
+
+def _fill(texture: Texture, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The (size, size, 3) float image of a texture over the whole canvas (the caller masks it)."""
+    rgbs = np.array(texture.rgbs, np.float32)  # (k, 3)
+    k, p = len(rgbs), texture.params
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if texture.kind == "stripes":
+        proj = np.cos(p["angle"]) * xx + np.sin(p["angle"]) * yy + p["phase"] * p["period"]
+        return rgbs[(np.floor(proj / p["period"]) % k).astype(int)]
+    if texture.kind == "checks":
+        u = np.cos(p["angle"]) * xx + np.sin(p["angle"]) * yy
+        v = -np.sin(p["angle"]) * xx + np.cos(p["angle"]) * yy
+        cell = np.floor(u / p["period"] + p["phase"]) + np.floor(v / p["period"] + p["phase"])
+        return rgbs[(cell % k).astype(int)]
+    if texture.kind == "noise":  # smooth blobs cut into k colour bands (camouflage)
+        grid = Image.fromarray((rng.random((p["cells"], p["cells"])) * 255).astype(np.uint8))
+        weight = np.asarray(grid.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+        weight = (weight - weight.min()) / max(float(weight.max() - weight.min()), 1e-6)
+        return rgbs[np.minimum((weight * k).astype(int), k - 1)]
+    # gradient: a linear ramp through the k colours along a random direction, across the
+    # canvas, or across the object's own extent (centre and radius in `params`)
+    cx, cy, span = p.get("cx", size / 2), p.get("cy", size / 2), p.get("span", size / math.sqrt(2))
+    t = (np.cos(p["angle"]) * (xx - cx) + np.sin(p["angle"]) * (yy - cy)) / (2 * span) + 0.5
+    t = np.clip(t, 0, 1) * (k - 1)
+    low = np.minimum(np.floor(t).astype(int), k - 2)
+    frac = (t - low)[..., None]
+    return rgbs[low] * (1 - frac) + rgbs[low + 1] * frac
+
+
+def distractor_mask(distractor: Distractor, size: int) -> np.ndarray:
+    """The pixels an unnamed distractor shape covers: (size, size) bool."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if distractor.width:
+        draw.line(distractor.points, fill=255, width=distractor.width, joint="curve")
+    else:
+        draw.polygon(distractor.points, fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _render_textured(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    size = scene.size
+    image = _fill(scene.texture, size, rng)
+    for distractor in scene.distractors:  # under the named objects
+        mask = distractor_mask(distractor, size)
+        image[mask] = _fill(distractor.texture, size, rng)[mask]
+    depth = np.zeros((size, size), np.uint8)
+    for i, obj in enumerate(scene.objects):
+        mask = object_mask(obj, size)
+        image[mask] = _fill(obj.texture, size, rng)[mask]
+        depth[mask] = i + 1
+    image = image + rng.normal(0, scene.background_params["grain"], size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), depth
 
 
@@ -252,18 +347,29 @@ def _random_background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
 def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     """Draw the content of one image (background, objects, caption) from `rng`."""
+    if cfg.style == "textured":
+        return _sample_textured_scene(rng, cfg)
     size = cfg.image_size
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     colours = (_random_background_colour(rng), _random_background_colour(rng))
     params = {"angle": float(rng.uniform(0, math.pi)), "period": float(rng.uniform(0.06, 0.18) * size),
               "cells": int(rng.integers(3, 8)), "grain": float(rng.uniform(2, 10))}
     scene = Scene(size, kind, colours, params)
+    _place_objects(scene, rng, cfg, lambda: _sample_object(rng, cfg, colours))
+    scene.caption = make_caption(scene, rng, cfg)
+    return scene
+
+
+def _place_objects(scene: Scene, rng: np.random.Generator, cfg: WorldConfig, sample) -> None:
+    """Add one to max_objects objects from `sample()` to `scene`, each one that would hide too
+    much of one already placed drawn again."""
+    size = cfg.image_size
     n_objects = int(rng.choice(np.arange(1, cfg.max_objects + 1), p=_object_count_probs(cfg.max_objects)))
     depth = np.zeros((size, size), np.uint8)
     areas: list[int] = []
     for _ in range(n_objects):
         for _attempt in range(20):
-            obj = _sample_object(rng, cfg, colours)
+            obj = sample()
             mask = object_mask(obj, size)
             # Would this object (on top) hide too much of one already placed?
             trial = depth.copy()
@@ -277,9 +383,71 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
                 depth = trial
                 break
     if not scene.objects:  # every attempt failed (tiny images): one centred object
-        obj = _sample_object(rng, cfg, colours)
+        obj = sample()
         obj.cx = obj.cy = size / 2
         scene.objects.append(obj)
+
+
+def _sample_texture(rng: np.random.Generator, size: int, names: list[str],
+                    avoid: Optional[Texture] = None) -> Texture:
+    """A fill of the textured style from the scene's palette `names`: the same families, palette
+    and pattern sizes for the background, the objects and the distractors. Not of `avoid`'s
+    family, so an object's outline shows against the background."""
+    kinds = [k for k in TEXTURES if avoid is None or k != avoid.kind]
+    kind = kinds[rng.integers(len(kinds))]
+    colours = [names[i] for i in rng.choice(len(names), size=int(rng.integers(2, 4)), replace=False)]
+    rgbs = [tuple(int(np.clip(v + rng.normal(0, 12), 0, 255)) for v in COLOURS[c]) for c in colours]
+    params = {"angle": float(rng.uniform(0, math.pi)), "period": float(rng.uniform(0.06, 0.14) * size),
+              "phase": float(rng.uniform(0, 1)), "cells": int(rng.integers(3, 8))}
+    return Texture(kind, colours, rgbs, params)
+
+
+def _sample_distractor(rng: np.random.Generator, cfg: WorldConfig, names: list[str]) -> Distractor:
+    """A lumpy blob (a circle whose radius wobbles with random low harmonics) or a thick curved
+    stroke, of the named objects' sizes: clutter no caption names."""
+    size = cfg.image_size
+    radius = float(rng.uniform(cfg.min_radius, cfg.max_radius) * size)
+    cx, cy = (float(rng.uniform(0, size)) for _ in range(2))
+    if rng.random() < 0.5:
+        amps, phases = rng.uniform(0.12, 0.3, 3), rng.uniform(0, 2 * math.pi, 3)
+        points = []
+        for i in range(40):
+            t = 2 * math.pi * i / 40
+            r = radius * (1 + sum(a * math.sin((h + 2) * t + f) for h, (a, f) in enumerate(zip(amps, phases))))
+            points.append((cx + r * math.cos(t), cy + r * math.sin(t)))
+        return Distractor("blob", points, 0, _sample_texture(rng, size, names))
+    a = rng.uniform(0, 2 * math.pi)
+    ends = [(cx - 1.2 * radius * math.cos(a), cy - 1.2 * radius * math.sin(a)),
+            (cx + 1.2 * radius * math.cos(a), cy + 1.2 * radius * math.sin(a))]
+    bend = (cx + rng.normal(0, radius), cy + rng.normal(0, radius))
+    points = [((1 - t) ** 2 * ends[0][0] + 2 * t * (1 - t) * bend[0] + t ** 2 * ends[1][0],
+               (1 - t) ** 2 * ends[0][1] + 2 * t * (1 - t) * bend[1] + t ** 2 * ends[1][1]) for t in np.linspace(0, 1, 12)]
+    width = max(2, int(round(rng.uniform(0.25, 0.45) * radius)))
+    return Distractor("stroke", points, width, _sample_texture(rng, size, names))
+
+
+def _sample_textured_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
+    size = cfg.image_size
+    # one palette per scene, which every fill draws its colours from: colour tells nothing of
+    # where an object ends
+    names = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=PALETTE_SIZE, replace=False)]
+    background = _sample_texture(rng, size, names)
+    colours = (background.rgbs[0], background.rgbs[1])
+    scene = Scene(size, background.kind, colours, {"grain": float(rng.uniform(2, 8))}, style="textured",
+                  texture=background)
+    scene.distractors = [_sample_distractor(rng, cfg, names) for _ in range(int(rng.integers(0, cfg.max_distractors + 1)))]
+
+    def sample() -> ShapeObject:
+        shape = cfg.shapes[rng.integers(len(cfg.shapes))]
+        radius = float(rng.uniform(cfg.min_radius, cfg.max_radius) * size)
+        margin = radius * 0.6
+        cx, cy = (float(rng.uniform(margin, size - margin)) for _ in range(2))
+        texture = _sample_texture(rng, size, names, avoid=background)
+        texture.params.update(cx=cx, cy=cy, span=radius)  # a gradient ramps across the object itself
+        return ShapeObject(shape, texture.colours[0], cx, cy, radius, float(rng.uniform(0, 360)), texture.rgbs[0],
+                           texture=texture)
+
+    _place_objects(scene, rng, cfg, sample)
     scene.caption = make_caption(scene, rng, cfg)
     return scene
 
@@ -447,7 +615,7 @@ def generate(out: str | os.PathLike, cfg: WorldConfig = WorldConfig(), force: bo
     out = Path(out)
     marker = out / "world.json"
     settings = _settings(cfg)
-    if marker.exists() and not force and json.loads(marker.read_text()).get("config") == settings:
+    if marker.exists() and not force and _held_settings(marker) == settings:
         if base_url is not None:
             write_captions_tsv(out, base_url)
         return out
@@ -524,9 +692,17 @@ def _write_parquet(table, path: Path, pq) -> None:
     tmp.replace(path)
 
 
+def _held_settings(marker: Path) -> dict:
+    """The settings in a world.json; one written before a setting existed holds its default
+    (the standard style is what was drawn then)."""
+    held = json.loads(marker.read_text()).get("config") or {}
+    defaults = _settings(WorldConfig())
+    return {**{k: defaults[k] for k in ("style", "max_distractors")}, **held}
+
+
 def load_config(out: str | os.PathLike) -> WorldConfig:
     """The settings a world in `out` was generated with."""
-    settings = json.loads((Path(out) / "world.json").read_text())["config"]
+    settings = _held_settings(Path(out) / "world.json")
     settings["shapes"] = tuple(settings["shapes"])
     return WorldConfig(**settings)
 

@@ -174,3 +174,124 @@ def test_keep_rows_is_refused_before_any_work_when_it_cannot_be_kept(tmp_path):
         result = CliRunner().invoke(app, [*base, *args])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b" / "world").exists()
+
+
+# --- step budgets, model labels, the world's style ------------------------------------------------
+
+def _step_row(variant, seed, budget, miou, minutes, resumed=False):
+    return {"variant": variant, "seed": seed, "budget_steps": budget, "steps": {"stage1": budget}, "miou": miou,
+            "group_majority_miou": 0.4, "bg_threshold": 0.5, "batch_size": 128, "stage2_batch_size": 64,
+            "train_minutes": minutes, "resumed": resumed, "cpu": "Test CPU @ 2GHz", "threads": 2,
+            "measured": "2026-12-07 10:00 UTC"}
+
+
+def test_step_budget_tables_read_n_steps_and_give_each_cells_minutes_and_the_cpu():
+    rows = [_step_row("contrastive", s, b, m, t) for s, b, m, t in
+            ((0, 1000, 0.10, 3.0), (1, 1000, 0.14, 5.0), (0, 2000, 0.2, 8.0))]
+    rows.append(_step_row("contrastive", 1, 2000, 0.3, 6.0, resumed=True))
+    rows[0]["load"], rows[1]["load"] = 7.25, 1.5
+    labels = {"contrastive": "learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive"}
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 2, 8, labels=labels,
+                      style="textured")
+    assert "| variant | 1000 steps | 2000 steps |" in table
+    assert ("| contrastive: learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive | "
+            "12.0 ± 4.0 [40.0] (4.0 min) | 25.0 ± 10.0 [40.0] (≥7.0 min) |") in table
+    assert "(batch 128, stage 2 at 64)" in table and "load average (1 minute) when each training ended: 1.5 to 7.2" in table and "on Test CPU @ 2GHz" in table and "textured style" in table
+    assert "| + entity | - | - |" in table  # no label given: the variant alone
+
+
+def test_rows_name_the_model_each_preset_trains():
+    from ovseg.cli.quality import model_label, variant_stages
+    from ovseg.training.config import resolve
+
+    small, paper = resolve("synthetic-small"), resolve("synthetic-paper")
+    assert variant_stages("+ entity", small) == (["contrastive", "entity", "grounding"], None)
+    assert variant_stages("+ entity", paper) == (["contrastive", "entity"], None)
+    assert variant_stages("+ mask (full)", paper) == (["contrastive", "entity"], ["contrastive", "entity", "mask"])
+    assert variant_stages("contrastive", small) == (["contrastive"], None)
+    assert model_label("+ mask (full)", paper) == ("learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; "
+                                                   "contrastive + entity (official decoder), then + mask (official)")
+    assert model_label("+ entity", small).startswith("clustering (no gradient to the assignment), CNN stem, 0 + 0")
+    assert model_label("+ entity", small).endswith("contrastive + entity (ovseg decoder) + grounding")
+
+
+def test_a_finished_step_budget_is_read_back_and_a_new_one_runs(tmp_path):
+    row = _step_row("contrastive", 0, 1000, 0.1, 3.0)
+    (tmp_path / "contrastive-seed0-steps.json").write_text(json.dumps([row]))
+    job = {"name": "contrastive-seed0-steps", "variant": "contrastive", "budgets": [1000], "seed": 0, "unit": "steps",
+           "data": str(tmp_path / "missing"), "world": str(tmp_path / "missing"), "run": str(tmp_path / "run")}
+    assert run_parallel([dict(job)], threads=1, parallel=1, log_dir=tmp_path) == [row]
+    longer = {**job, "budgets": [1000, 2000]}
+    with pytest.raises(RuntimeError, match="job contrastive-seed0-steps failed"):
+        run_parallel([longer], threads=1, parallel=1, log_dir=tmp_path)
+    assert longer["done"] == [row]
+
+
+def test_kept_rows_of_a_step_section_keep_their_model_names():
+    from ovseg.cli.quality import kept_rows
+
+    section = ("Recipe. Measured 2026-12-07 10:00 UTC on x86_64.\n\n| variant | 1000 steps | 2000 steps |\n|---|---:|---:|\n"
+               "| contrastive: learned grouping; contrastive | 10.0 ± 1.0 [40.0] (3.0 min) | - |\n")
+    kept = kept_rows(section, ["contrastive"])
+    assert kept["unit"] == "steps" and kept["cells"]["contrastive"] == {1000.0: "10.0 ± 1.0 [40.0] (3.0 min)"}
+    assert kept["names"]["contrastive"] == "contrastive: learned grouping; contrastive"
+    rows = [_step_row("+ entity", 0, 1000, 0.5, 4.0)]
+    table = summarise(rows, {"miou": 0.06, "group_majority_miou": 0.3}, 0.7, "m", 2, 8, kept)
+    assert "| contrastive: learned grouping; contrastive (kept from 2026-12-07 10:00 UTC) | 10.0 ± 1.0" in table
+
+
+def test_a_folder_keeps_the_world_style_its_runs_were_trained_on(tmp_path):
+    from ovseg.cli.quality import check_recipe
+    from ovseg.training.config import ConfigError
+
+    check_recipe(tmp_path / "a", {"preset": "synthetic-paper", "overrides": []})  # a record without a style: standard
+    check_recipe(tmp_path / "a", {"preset": "synthetic-paper", "overrides": [], "style": "standard"})
+    with pytest.raises(ConfigError, match="on the standard world, not synthetic-paper with \\[\\] on the textured"):
+        check_recipe(tmp_path / "a", {"preset": "synthetic-paper", "overrides": [], "style": "textured"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "100,many"], "comma-separated numbers"),
+    (["--steps", "0"], "at least one step"),
+    (["--steps", "100", "--minutes", "5"], "not both"),
+    (["--style", "fancy"], "takes standard or textured"),
+])
+def test_bad_step_budget_arguments_are_refused_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "synthetic", "--out", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow  # trains two tiny stages and evaluates: tens of seconds on a loaded 2-core machine
+def test_a_step_budget_trains_to_its_steps_times_them_and_is_not_retrained(tmp_path):
+    import os
+
+    from ovseg.cli.quality import train_steps_and_evaluate
+    from ovseg.curation.synthetic import WorldConfig, generate
+    from tests.training.conftest import make_contract
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    data = make_contract(tmp_path / "DATA")
+    world = generate(tmp_path / "world", WorldConfig(n_train=0, n_val=2, n_test=2, image_size=32, style="textured"))
+    run = tmp_path / "run"
+    overrides = ("train.batch_size=4", "train.stage2_batch_size=4", "train.log_every=1", "train.ckpt_every=100")
+    [result] = train_steps_and_evaluate("+ mask (full)", data, world, run, [4], 0, "test", overrides, threads=1)
+    assert result["budget_steps"] == 4 and result["steps"] == {"stage1": 3, "stage2": 1}
+    assert result["train_minutes"] > 0 and not result["resumed"] and result["cpu"]
+    assert result["batch_size"] == 4 and 0 <= result["group_majority_miou"] <= 1
+    stage1 = run / "4steps" / "stage1" / "last.pt"
+    assert torch_step(stage1) == 3 and torch_step(run / "4steps" / "stage2" / "last.pt") == 1
+    stamp = stage1.stat().st_mtime_ns
+    [again] = train_steps_and_evaluate("+ mask (full)", data, world, run, [4], 0, "test", overrides, threads=1)
+    assert stage1.stat().st_mtime_ns == stamp  # finished stages are not trained again
+    assert again["train_minutes"] == result["train_minutes"]
+
+
+def torch_step(checkpoint):
+    import torch
+
+    return torch.load(checkpoint, weights_only=True)["step"]

@@ -46,4 +46,38 @@ def test_grouping_probe_cli_writes_its_section(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--doc", str(doc)])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
-    assert "<!-- bench:grouping-probe-learned-hard -->" in text and "| learned | hard (Gumbel) | 1 + 0 | 0 | 2 (8) |" in text
+    assert "<!-- bench:grouping-probe-learned-hard -->" in text
+    assert "| standard | learned | hard (Gumbel) | image | 1 + 0 | 0 | 2 (8) |" in text
+
+
+def test_the_textured_pixel_probe_writes_its_own_section_with_its_curve(tmp_path, monkeypatch):
+    import ovseg.benchmarks.grouping_probe as probe
+
+    monkeypatch.setattr(probe, "ProbeConfig", lambda **kw: ProbeConfig(**{**kw, **TINY}))
+    doc = tmp_path / "bench.md"
+    result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--style", "textured",
+                                      "--target", "pixels", "--eval-every", "1", "--doc", str(doc)])
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert "<!-- bench:grouping-probe-learned-hard-pixels-textured -->" in text
+    assert "| textured | learned | hard (Gumbel) | pixels | 1 + 0 | 0 | 2 (8) |" in text
+    # the curve: the init (step 0), step 1, and the end
+    curve = "| textured | learned | hard (Gumbel) | pixels | 1 + 0 | 0 | "
+    assert [line.split(" | ")[6] for line in text.splitlines() if line.startswith(curve)
+            and line.count("|") == 10] == ["0", "1", "2"]
+    for bad, message in ((["--target", "masks"], "takes image or pixels"), (["--style", "fancy"], "takes standard or textured")):
+        result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "1", *bad, "--doc", str(doc)])
+        assert result.exit_code == 2 and message in result.output
+
+
+def test_the_pixel_target_trains_the_assignment_through_the_hard_one_hot():
+    cfg = ProbeConfig(**TINY, target="pixels")
+    world = WorldConfig(style="textured")
+    n_classes = len(classes(world))
+    images, _, _ = _world(cfg, "val", 2, world)
+    model = Probe(cfg, n_classes - 1)
+    logits = model.pixel_logits(images)
+    assert logits.shape == (2, n_classes, 8, 8)
+    logits.logsumexp(1).sum().backward()
+    assign = model.encoder.grouping.assign  # the assignment's query and key projections get a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in assign.parameters() if p.requires_grad)

@@ -227,8 +227,100 @@ def test_cli_draws_the_world_with_captions_for_the_base_url(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"image_size": 8}, {"max_objects": 0}, {"shapes": ("circle", "blob")},
-                                 {"n_train": -1}, {"min_radius": 0.4, "max_radius": 0.3}])
+                                 {"n_train": -1}, {"min_radius": 0.4, "max_radius": 0.3}, {"style": "fancy"},
+                                 {"max_distractors": -1}])
 def test_impossible_settings_are_refused_before_drawing(tmp_path, bad):
     with pytest.raises(ValueError):
         syn.generate(tmp_path / "w", syn.WorldConfig(**bad))
     assert not (tmp_path / "w").exists()
+
+
+# --- the textured style -------------------------------------------------------------------------
+
+TEXTURED = syn.WorldConfig(n_train=6, n_val=6, n_test=8, seed=3, style="textured")
+
+
+def test_the_standard_style_is_the_default_and_an_old_world_json_reads_as_it(tmp_path):
+    cfg = syn.WorldConfig(n_train=2, n_val=1, n_test=1)
+    out = syn.generate(tmp_path / "w", cfg)
+    marker = json.loads((out / "world.json").read_text())
+    assert marker["config"]["style"] == "standard"
+    del marker["config"]["style"], marker["config"]["max_distractors"]  # a world from before the styles
+    (out / "world.json").write_text(json.dumps(marker))
+    stamp = (out / "world.json").stat().st_mtime_ns
+    assert syn.load_config(out) == cfg
+    syn.generate(out, cfg)  # the same world: not redrawn
+    assert (out / "world.json").stat().st_mtime_ns == stamp
+
+
+def test_textured_masks_match_the_objects_and_distractors_are_background(tmp_path):
+    out = syn.generate(tmp_path / "w", TEXTURED)
+    assert syn.load_config(out).style == "textured"
+    names = syn.classes(TEXTURED)
+    distractors = 0
+    for index in range(TEXTURED.n_test):
+        scene, image, depth = syn.make_sample(TEXTURED, "test", index)
+        labels = np.asarray(Image.open(out / "voc" / "SegmentationClass" / f"test_{index:05d}.png"))
+        expected = np.zeros(labels.shape, np.uint8)
+        for obj in scene.objects:
+            expected[syn.object_mask(obj, TEXTURED.image_size)] = names.index(obj.shape)
+        known = labels != 255
+        assert np.array_equal(labels[known], expected[known])
+        for d in scene.distractors:
+            alone = syn.distractor_mask(d, TEXTURED.image_size) & (expected == 0) & known
+            distractors += int(alone.sum())
+            assert np.all(labels[alone] == 0)  # clutter no caption names is background
+        assert scene.caption and all(o.texture is not None and len(o.texture.colours) >= 2 for o in scene.objects)
+    assert distractors > 0
+
+
+def _colour_separability(cfg, n=150) -> float:
+    """Balanced accuracy of the best pixel classifier object-vs-background that reads only the
+    pixel's colour (each cell of a 6x6x6 colour grid says its majority): 0.5 is no better than
+    a coin."""
+    counts = np.zeros((2, 6 ** 3))
+    for i in range(n):
+        scene, image, depth = syn.make_sample(cfg, "train", i)
+        cell = (image.astype(int) * 6 // 256) @ np.array([36, 6, 1])
+        for is_object in (0, 1):
+            counts[is_object] += np.bincount(cell[(depth > 0) == is_object], minlength=6 ** 3)
+    rates = counts / counts.sum(1, keepdims=True)
+    says_object = rates[1] > rates[0]
+    return 0.5 * (rates[1][says_object].sum() + rates[0][~says_object].sum())
+
+
+def test_in_the_textured_world_colour_does_not_tell_an_object_from_the_background():
+    standard = _colour_separability(syn.WorldConfig(seed=4))
+    textured = _colour_separability(syn.WorldConfig(seed=4, style="textured"))
+    assert standard > 0.85  # flat saturated shapes on muted backgrounds
+    assert textured < 0.65
+
+
+def test_objects_backgrounds_and_distractors_share_the_texture_families():
+    cfg = syn.WorldConfig(seed=6, style="textured")
+    kinds = {"object": Counter(), "background": Counter(), "distractor": Counter()}
+    for i in range(300):
+        scene = syn.make_sample(cfg, "train", i)[0]
+        kinds["background"][scene.texture.kind] += 1
+        kinds["object"].update(o.texture.kind for o in scene.objects)
+        kinds["distractor"].update(d.texture.kind for d in scene.distractors)
+        # an object never wears its own background's family: its outline must show
+        assert all(o.texture.kind != scene.texture.kind for o in scene.objects)
+    for counter in kinds.values():
+        assert set(counter) == set(syn.TEXTURES)
+        assert min(counter.values()) > 0.1 * sum(counter.values())
+
+
+def test_cli_draws_the_textured_style_and_refuses_an_unknown_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["curate", "synthetic", str(out), "--train", "2", "--val", "1", "--test", "1",
+                                      "--style", "textured"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "world.json").read_text())["config"]["style"] == "textured"
+    result = CliRunner().invoke(app, ["curate", "synthetic", str(tmp_path / "bad"), "--style", "fancy"])
+    assert result.exit_code == 2 and "--style must be standard or textured" in result.output
+    assert not (tmp_path / "bad").exists()
