@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ovseg.training.convert.common import ConvertError, load_tokenizer, write_checkpoint
-from ovseg.training.convert.official import Tracked
+from ovseg.training.convert.official import Tracked, _grouping
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -48,28 +48,6 @@ def _encoder_layer(weights: dict[str, torch.Tensor], src: str, dst: str) -> dict
         out[f"{dst}norm2.{kind}"] = weights[f"{src}layer_norm2.{kind}"]
         out[f"{dst}mlp.fc1.{kind}"] = weights[f"{src}mlp.fc1.{kind}"]
         out[f"{dst}mlp.fc2.{kind}"] = weights[f"{src}mlp.fc2.{kind}"]
-    return out
-
-
-def _grouping(weights: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
-    out = {}
-    a = src + "pre_assign_attn."
-    for kind in ("weight", "bias"):
-        for name in ("norm_tokens", "norm_post_tokens", "norm_x", "norm_new_x"):
-            out[f"{dst}{name}.{kind}"] = weights[f"{src}{name}.{kind}"]
-        for mlp in ("mlp_inter", "mlp_channels"):
-            for fc in ("fc1", "fc2"):
-                out[f"{dst}{mlp}.{fc}.{kind}"] = weights[f"{src}{mlp}.{fc}.{kind}"]
-        for name in ("q_proj", "k_proj", "v_proj", "proj"):
-            out[f"{dst}assign.{name}.{kind}"] = weights[f"{src}assign.{name}.{kind}"]
-        out[f"{dst}pre_assign.attn.q.{kind}"] = weights[f"{a}attn.q_proj.{kind}"]
-        out[f"{dst}pre_assign.attn.kv.{kind}"] = torch.cat([weights[f"{a}attn.k_proj.{kind}"],
-                                                             weights[f"{a}attn.v_proj.{kind}"]])
-        out[f"{dst}pre_assign.attn.proj.{kind}"] = weights[f"{a}attn.out_proj.{kind}"]
-        out[f"{dst}pre_assign.norm_mlp.{kind}"] = weights[f"{a}norm2.{kind}"]
-        out[f"{dst}pre_assign.norm_post.{kind}"] = weights[f"{a}norm_post.{kind}"]
-        for fc in ("fc1", "fc2"):
-            out[f"{dst}pre_assign.mlp.{fc}.{kind}"] = weights[f"{a}mlp.{fc}.{kind}"]
     return out
 
 
@@ -121,7 +99,7 @@ def convert_hf_groupvit(src: str | Path, out: str | Path, tokenizer: str | None 
         if s == last:
             continue
         grouping = dst + "grouping." if s == 0 else f"{dst}stages.{s - 1}.grouping."
-        mapped.update(_grouping(weights, stage + "downsample.", grouping))
+        mapped.update(_grouping(weights, stage + "downsample.", grouping, out_proj="out_proj"))
         if s > 0:
             mine = f"{dst}stages.{s - 1}."
             mapped[mine + "group_token"] = weights[stage + "group_token"]

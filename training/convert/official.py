@@ -95,15 +95,15 @@ def image_architecture(weights: dict[str, torch.Tensor], config: dict[str, Any],
     return values
 
 
-def _cross_attention(weights: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
-    """The official post-norm CrossAttnBlock (separate q/k/v) onto ovseg's CrossAttentionBlock
-    (q, fused kv)."""
+def _cross_attention(weights: dict[str, torch.Tensor], src: str, dst: str, out_proj: str = "proj") -> dict[str, torch.Tensor]:
+    """The official post-norm CrossAttnBlock (separate q/k/v; transformers' GroupViT names its
+    output projection `out_proj`) onto ovseg's CrossAttentionBlock (q, fused kv)."""
     a = src + "attn."
     out = {}
     for kind in ("weight", "bias"):
         out[f"{dst}attn.q.{kind}"] = weights[f"{a}q_proj.{kind}"]
         out[f"{dst}attn.kv.{kind}"] = torch.cat([weights[f"{a}k_proj.{kind}"], weights[f"{a}v_proj.{kind}"]])
-        out[f"{dst}attn.proj.{kind}"] = weights[f"{a}proj.{kind}"]
+        out[f"{dst}attn.proj.{kind}"] = weights[f"{a}{out_proj}.{kind}"]
         out[f"{dst}norm_mlp.{kind}"] = weights[f"{src}norm2.{kind}"]
         out[f"{dst}norm_post.{kind}"] = weights[f"{src}norm_post.{kind}"]
         for fc in ("fc1", "fc2"):
@@ -111,10 +111,11 @@ def _cross_attention(weights: dict[str, torch.Tensor], src: str, dst: str) -> di
     return out
 
 
-def _grouping(weights: Tracked, src: str, dst: str) -> dict[str, torch.Tensor]:
+def _grouping(weights: Tracked, src: str, dst: str, out_proj: str = "proj") -> dict[str, torch.Tensor]:
+    """A GroupViT grouping block (official or transformers'; `out_proj` as in `_cross_attention`)."""
     # norm_tokens, mlp_inter, norm_post_tokens, norm_x, assign, norm_new_x, mlp_channels: same names
     out = {dst + k: v for k, v in weights.take(src, without=src + "pre_assign_attn.").items()}
-    return {**out, **_cross_attention(weights, src + "pre_assign_attn.", dst + "pre_assign.")}
+    return {**out, **_cross_attention(weights, src + "pre_assign_attn.", dst + "pre_assign.", out_proj)}
 
 
 def _blocks(weights: Tracked, src: str, dst: str) -> dict[str, torch.Tensor]:
