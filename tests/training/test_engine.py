@@ -171,7 +171,7 @@ def test_unknown_override_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["optim.lr=fast"], "config key 'optim.lr' wants a number, got 'fast'"),
-    (["--preset", "nope"], "unknown preset 'nope'; available: paper, synthetic-small, test"),
+    (["--preset", "nope"], "unknown preset 'nope'; available: paper, synthetic-paper, synthetic-small, test"),
 ])
 def test_a_bad_value_or_preset_is_a_one_line_error(tmp_path, args, message):
     data = make_contract(tmp_path / "D", n=8)
