@@ -394,6 +394,7 @@ NOT_MEASURED = {
     "3.10": "the Python version required", "3.8.0": "the spaCy model's version",
     "4096": "the paper's global batch",
     "10": "the demo's stage-1 minutes (cli/pipeline.py)", "4": "the demo's stage-2 minutes (cli/pipeline.py)",
+    "17": "the Java version Spark needs",
 }
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)*")
 
