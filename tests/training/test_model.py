@@ -253,6 +253,18 @@ def test_no_momentum_encoder_without_the_mask_loss(tokenizer):
     model.momentum_update()  # a no-op, so the engine can always call it
 
 
+def assert_partners_in_the_batch_equal_extra_images(model, tokenizer) -> dict:
+    """The mask loss with partners as rows of the batch (`partner_index`) equals it with the same
+    partners as extra images; returns the in-batch form."""
+    batch = make_batch(tokenizer)
+    index = torch.tensor([2, 3, 0, -1])
+    in_batch = {k: v for k, v in batch.items() if k != "partner_image"}
+    in_batch.update(partner_index=index, has_partner=index >= 0)
+    extra = {**batch, "partner_image": batch["image"][index.clamp(min=0)], "has_partner": index >= 0}
+    torch.testing.assert_close(model(in_batch)["mask"], model(extra)["mask"])
+    return in_batch
+
+
 @pytest.mark.parametrize("matching,grid", [("dice", "assignment"), ("entity", "assignment"), ("dice", "tokens")])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_images(tokenizer, momentum, matching, grid):
@@ -265,12 +277,7 @@ def test_partners_in_the_batch_give_the_loss_of_the_same_partners_as_extra_image
     model = build_model(config(losses=["mask"], momentum=momentum, mask_matching=matching, mask_grid=grid),
                         tokenizer=tokenizer).eval()
     assert (model.momentum_encoder is None) == (momentum == 0)
-    batch = make_batch(tokenizer)
-    index = torch.tensor([2, 3, 0, -1])
-    in_batch = {k: v for k, v in batch.items() if k != "partner_image"}
-    in_batch.update(partner_index=index, has_partner=index >= 0)
-    extra = {**batch, "partner_image": batch["image"][index.clamp(min=0)], "has_partner": index >= 0}
-    torch.testing.assert_close(model(in_batch)["mask"], model(extra)["mask"])
+    in_batch = assert_partners_in_the_batch_equal_extra_images(model, tokenizer)
     model.train()
     model(in_batch)["loss"].backward()  # the image encoder learns from it without a momentum copy
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
@@ -784,12 +791,7 @@ def test_official_mask_loss_trains_the_images_query_path_and_not_the_keys(tokeni
 def test_official_mask_loss_with_partners_in_the_batch_equals_partners_as_extra_images(tokenizer, momentum):
     torch.manual_seed(0)
     model = build_model(official_config(losses=["mask"], momentum=momentum), tokenizer=tokenizer).eval()
-    batch = make_batch(tokenizer)
-    index = torch.tensor([2, 3, 0, -1])
-    in_batch = {k: v for k, v in batch.items() if k != "partner_image"}
-    in_batch.update(partner_index=index, has_partner=index >= 0)
-    extra = {**batch, "partner_image": batch["image"][index.clamp(min=0)], "has_partner": index >= 0}
-    torch.testing.assert_close(model(in_batch)["mask"], model(extra)["mask"])
+    assert_partners_in_the_batch_equal_extra_images(model, tokenizer)
 
 
 def test_official_mask_form_needs_the_learned_grouping(tokenizer):
