@@ -70,26 +70,33 @@ def _pretrained_run_state(tmp_path, record: bool):
     return model, state, bert, dino
 
 
-@pytest.mark.parametrize("record", [True, False], ids=["text-config-recorded", "older-checkpoint"])
-def test_a_checkpoint_loads_without_its_text_pretrained_and_vision_init(tmp_path, monkeypatch, record):
-    """The weights come from the checkpoint: loading it on another machine (no BERT folder, no
-    DINO file, no hub) builds the text encoder from the recorded config (or, for checkpoints
-    written before it was recorded, from the weights' shapes) and gives the same outputs."""
+def _remove_sources_and_refuse_initialisations(monkeypatch, bert, dino) -> None:
+    """Delete the BERT folder and the DINO file, and make any attempt to initialise from a
+    pretrained source fail the test."""
     import shutil
 
     import ovseg.training.model.image_encoder as image_encoder
     import ovseg.training.model.text_encoder as text_encoder
 
-    model, state, bert, dino = _pretrained_run_state(tmp_path, record)
-    torch.save(state, tmp_path / "last.pt")
     shutil.rmtree(bert)
     dino.unlink()
 
     def refuse(*args, **kwargs):
-        raise AssertionError("loading a checkpoint re-ran an initialisation")
+        raise AssertionError("an initialisation was re-run")
 
     monkeypatch.setattr(text_encoder, "_from_pretrained", refuse)
+    monkeypatch.setattr(text_encoder, "load_text_tokenizer", refuse)
     monkeypatch.setattr(image_encoder, "load_dino", refuse)
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["text-config-recorded", "older-checkpoint"])
+def test_a_checkpoint_loads_without_its_text_pretrained_and_vision_init(tmp_path, monkeypatch, record):
+    """The weights come from the checkpoint: loading it on another machine (no BERT folder, no
+    DINO file, no hub) builds the text encoder from the recorded config (or, for checkpoints
+    written before it was recorded, from the weights' shapes) and gives the same outputs."""
+    model, state, bert, dino = _pretrained_run_state(tmp_path, record)
+    torch.save(state, tmp_path / "last.pt")
+    _remove_sources_and_refuse_initialisations(monkeypatch, bert, dino)
     loaded = ckpt.load_model(tmp_path / "last.pt")
     assert loaded.tokenizer.cls_token == "[CLS]"
     texts = ["a photo of a dog", "a cat"]
@@ -102,12 +109,8 @@ def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebu
     """`ovseg train` from a local BERT folder and a DINO file records the text encoder's config
     and tokenizer in its checkpoints; with both gone, stage 2 starts from stage 1's checkpoint
     and its own checkpoint loads, neither re-running an initialisation."""
-    import shutil
-
     from typer.testing import CliRunner
 
-    import ovseg.training.model.image_encoder as image_encoder
-    import ovseg.training.model.text_encoder as text_encoder
     from ovseg.cli.main import app
     from tests.training.conftest import make_contract
     from tests.training.test_model import write_dino_checkpoint
@@ -125,15 +128,7 @@ def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebu
     assert state["config"]["model"]["text_config"]["hidden_size"] == 64
     assert state["tokenizer"] and state["tokenizer_special_tokens"]["mask_token"] == "[MASK]"
 
-    shutil.rmtree(bert)
-    dino.unlink()
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an initialisation was re-run")
-
-    monkeypatch.setattr(text_encoder, "_from_pretrained", refuse)
-    monkeypatch.setattr(text_encoder, "load_text_tokenizer", refuse)
-    monkeypatch.setattr(image_encoder, "load_dino", refuse)
+    _remove_sources_and_refuse_initialisations(monkeypatch, bert, dino)
     result = CliRunner().invoke(app, [*common, "--run", str(run / "stage2"), "--stage", "2",
                                       "--init", str(run / "stage1" / "last.pt"), "train.stage2_steps=1"])
     assert result.exit_code == 0, result.output
