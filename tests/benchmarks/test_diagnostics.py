@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ovseg.evaluation.datasets import SegmentationDataset
-from ovseg.evaluation.diagnostics import group_diagnostics, group_probe
+from ovseg.benchmarks.diagnostics import group_diagnostics, group_probe
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from ovseg.cli.main import app
-from ovseg.evaluation.mask_targets import LabelledPair, Setting, mask_target_quality, settings_of
+from ovseg.benchmarks.mask_targets import LabelledPair, Setting, mask_target_quality, settings_of
 
 
 @pytest.fixture(scope="module")
