@@ -488,8 +488,8 @@ def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test",
     """`group_diagnostics` of each named checkpoint on the synthetic split, and `group_probe`
     fitted on the val split of `fit_dir` (a `probe_world`; default: this world's val split)
     and scored on `split`."""
-    from ovseg.evaluation.datasets import load_synthetic
     from ovseg.benchmarks.diagnostics import group_diagnostics, group_probe
+    from ovseg.evaluation.datasets import load_synthetic
     from ovseg.training.checkpoint import load_model
 
     data = load_synthetic(world_dir / "voc", split=split)

@@ -173,8 +173,8 @@ def bench_synthetic(
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
     from ovseg.benchmarks.synthetic import check_recipe, kept_rows, report, run_parallel
+    from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
 

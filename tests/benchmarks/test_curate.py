@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ovseg.curation import stage
 from ovseg.benchmarks.curate import benchmark_curate, generate_parsed
+from ovseg.curation import stage
 from ovseg.curation.parse import PARSED_SCHEMA
 
 
