@@ -30,7 +30,7 @@ def world_difficulty(out: Path, styles: tuple[str, ...] = ("standard", "textured
                      n_val: int = 100, n_test: int = 300) -> list[Difficulty]:
     """The random-init scores of every preset on a world of every style (the world drawn once
     under OUT/world-STYLE, with `ovseg bench synthetic`'s val and test sizes)."""
-    from ovseg.cli.quality import patch_grid_ceiling, random_init
+    from ovseg.benchmarks.synthetic import patch_grid_ceiling, random_init
     from ovseg.curation.synthetic import WorldConfig, generate
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid

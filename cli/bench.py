@@ -73,7 +73,7 @@ def bench_download(
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ) -> None:
     """Images/s from the loopback server: `ovseg curate download` against plain img2dataset."""
-    from ovseg.curation._download_bench import benchmark_download
+    from ovseg.benchmarks.download import benchmark_download
 
     md, numbers = benchmark_download(n_images=images, processes=processes, threads=threads,
                                      shard_size=shard_size, repeats=repeats, machine=machine_line())
@@ -94,7 +94,7 @@ def bench_model(
 ) -> None:
     """Model cost: training-step time and memory of the CPU presets, the grouping image encoder
     against a plain timm ViT, and the paper preset's FLOPs and parameters."""
-    from ovseg.training.model.benchmark import benchmark_model
+    from ovseg.benchmarks.model import benchmark_model
 
     from ovseg.training.presets import list_presets
 
@@ -126,7 +126,7 @@ def bench_eval(
 ) -> None:
     """Evaluation speed: images/s of the whole `ovseg eval` loop at the paper's and the
     training-free protocols and at the synthetic world's, per preset."""
-    from ovseg.evaluation.benchmark import benchmark_eval
+    from ovseg.benchmarks.eval import benchmark_eval
     from ovseg.evaluation.segmenter import PROTOCOLS
     from ovseg.training.presets import list_presets
 
@@ -173,8 +173,8 @@ def bench_synthetic(
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from ovseg.benchmarks.synthetic import check_recipe, kept_rows, report, run_parallel
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
-    from ovseg.cli.quality import check_recipe, kept_rows, report, run_parallel
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
 
@@ -333,8 +333,7 @@ def bench_mask_targets(
     loss (dice matching on the assignment grid, 4 groups kept)."""
     import torch
 
-    from ovseg.cli.mask_targets import report, synthetic_pairs
-    from ovseg.evaluation.mask_targets import mask_target_quality
+    from ovseg.benchmarks.mask_targets import mask_target_quality, report, synthetic_pairs
     from ovseg.training.checkpoint import load_model
 
     named = {}
@@ -369,7 +368,7 @@ def bench_train(
     doc: Path = typer.Option(DEFAULT_DOC, help="Markdown file to write the results into."),
 ) -> None:
     """Loader samples/s per core and training steps/s (and peak memory) of presets."""
-    from ovseg.training.bench import loader_throughput, report, train_throughput
+    from ovseg.benchmarks.train import loader_throughput, report, train_throughput
 
     load = loader_throughput() if loader else None
     runs = [(p, device, train_throughput(p, device, batch_size, steps, overrides=tuple(overrides or ())))
@@ -390,7 +389,7 @@ def bench_curate(
     doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
 ) -> None:
     """Curation speed: parse captions/s against spaCy's full pipeline, select..pairs time and peak memory, CC12M extrapolation."""
-    from ovseg.curation._curate_bench import benchmark_curate
+    from ovseg.benchmarks.curate import benchmark_curate
 
     md, _ = benchmark_curate(rows=rows, parse_captions=parse_captions, threads=threads, memory_limit=memory_limit,
                              cores=cores, machine=machine_line())

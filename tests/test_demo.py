@@ -39,7 +39,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(demo_out):
 
 
 def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_two_stages(demo_out, tmp_path):
-    from ovseg.cli.quality import summarise, train_and_evaluate
+    from ovseg.benchmarks.synthetic import summarise, train_and_evaluate
 
     out, _ = demo_out
     rows = train_and_evaluate("+ mask (full)", out / "data", out / "world", tmp_path / "run", [0.03, 0.06], seed=0,
@@ -57,7 +57,7 @@ def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_t
 
 
 def test_quality_bench_goes_on_from_the_budgets_an_earlier_call_measured(demo_out, tmp_path):
-    from ovseg.cli.quality import train_and_evaluate
+    from ovseg.benchmarks.synthetic import train_and_evaluate
 
     out, _ = demo_out
     run = tmp_path / "run"
@@ -72,7 +72,7 @@ def test_quality_bench_goes_on_from_the_budgets_an_earlier_call_measured(demo_ou
 
 
 def test_grid_ceiling_is_perfect_at_pixel_cells_and_falls_with_coarser_maps(demo_out):
-    from ovseg.cli.quality import patch_grid_ceiling
+    from ovseg.benchmarks.synthetic import patch_grid_ceiling
 
     world = demo_out[0] / "world"
     coarse, fine, pixels = (patch_grid_ceiling(world, cells) for cells in (8, 16, 64))  # 64 px labels
@@ -84,7 +84,7 @@ def test_the_probe_is_fitted_on_another_draw_of_the_world_and_scored_on_test(dem
     import numpy as np
     from PIL import Image
 
-    from ovseg.cli.quality import PROBE_IMAGES, diagnose, probe_world
+    from ovseg.benchmarks.synthetic import PROBE_IMAGES, diagnose, probe_world
 
     out, _ = demo_out
     world = out / "world"

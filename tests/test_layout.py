@@ -6,7 +6,8 @@
 | `ovseg.training` | `ovseg.curation.contract` only |
 | `ovseg.evaluation` | `ovseg.training`, `ovseg.curation.contract` |
 
-and no library package imports `ovseg.benchmarks` or `ovseg.cli`. Every import statement counts,
+and no library package imports `ovseg.benchmarks` or `ovseg.cli`; `ovseg.benchmarks` imports the
+library (and itself) but never `ovseg.cli`. Every import statement counts,
 module level or inside a function, absolute or relative, and so does a module name in
 `importlib.import_module("...")` or a `python -m ...` argument list.
 """
@@ -80,6 +81,20 @@ def test_no_library_package_imports_benchmarks_or_cli():
     bad = sorted((f, m) for f, m in violations() | KNOWN_VIOLATIONS
                  if _within(m, ("ovseg.benchmarks", "ovseg.cli")))
     assert not bad, bad
+
+
+def test_benchmarks_never_import_the_cli():
+    bad = sorted((str(path.relative_to(ROOT)), name) for path in sorted((ROOT / "benchmarks").rglob("*.py"))
+                 for name in imported_modules(path, "benchmarks") if _within(name, ("ovseg.cli",)))
+    assert not bad, bad
+
+
+def test_benchmark_and_diagnostic_drivers_live_in_benchmarks_not_the_library():
+    """Issue 27: every benchmark, diagnostic and experiment driver moved to `benchmarks/`."""
+    moved = ["curation/_curate_bench.py", "curation/_download_bench.py", "training/bench.py",
+             "training/model/benchmark.py", "evaluation/benchmark.py", "evaluation/mask_targets.py",
+             "evaluation/diagnostics.py", "cli/quality.py", "cli/mask_targets.py"]
+    assert not [m for m in moved if (ROOT / m).exists()]
 
 
 @pytest.mark.parametrize("package,source,ok", [

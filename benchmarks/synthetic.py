@@ -307,7 +307,7 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
             job, slot = pending.pop(0), slot_free.pop(0)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             result_file = log_dir / f"{job['name']}.json"
-            args = [sys.executable, "-m", "ovseg.cli.quality", json.dumps({**job, "result": str(result_file)})]
+            args = [sys.executable, "-m", "ovseg.benchmarks.synthetic", json.dumps({**job, "result": str(result_file)})]
             if hasattr(os, "sched_setaffinity") and cores >= first_core + parallel * threads:
                 first = first_core + slot * threads
                 args = ["taskset", "-c", ",".join(str(first + i) for i in range(threads)), *args]
@@ -488,8 +488,8 @@ def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test",
     """`group_diagnostics` of each named checkpoint on the synthetic split, and `group_probe`
     fitted on the val split of `fit_dir` (a `probe_world`; default: this world's val split)
     and scored on `split`."""
+    from ovseg.benchmarks.diagnostics import group_diagnostics, group_probe
     from ovseg.evaluation.datasets import load_synthetic
-    from ovseg.evaluation.diagnostics import group_diagnostics, group_probe
     from ovseg.training.checkpoint import load_model
 
     data = load_synthetic(world_dir / "voc", split=split)

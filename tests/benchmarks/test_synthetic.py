@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ovseg.cli.quality import diagnostics_table, final_checkpoint, run_parallel, summarise
+from ovseg.benchmarks.synthetic import diagnostics_table, final_checkpoint, run_parallel, summarise
 
 
 def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
@@ -58,7 +58,7 @@ def test_the_table_says_when_its_results_were_evaluated(tmp_path):
 
 
 def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_path):
-    from ovseg.cli.quality import _pictures
+    from ovseg.benchmarks.synthetic import _pictures
 
     rows = [{"variant": v, "seed": s, "minutes": 15.0} for v in ("contrastive", "+ mask (full)") for s in (1, 0)]
     for name, seed in (("full", 0), ("full", 1), ("contrastive", 0)):
@@ -75,7 +75,7 @@ def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_p
 
 
 def test_a_folder_keeps_the_recipe_its_runs_were_trained_with(tmp_path):
-    from ovseg.cli.quality import check_recipe
+    from ovseg.benchmarks.synthetic import check_recipe
     from ovseg.training.config import ConfigError
 
     default = {"preset": "synthetic-small", "overrides": []}
@@ -127,7 +127,7 @@ Synthetic world, test split. Measured 2026-12-03 20:35 UTC on x86_64, 2 logical 
 
 
 def test_rows_of_variants_not_rerun_are_kept_with_the_date_of_their_section():
-    from ovseg.cli.quality import kept_rows
+    from ovseg.benchmarks.synthetic import kept_rows
 
     kept = kept_rows(SECTION, ["contrastive", "+ entity"])
     assert kept["cells"] == {"contrastive": {5.0: "10.6 ± 0.4 [87.2] (797 steps)", 30.0: "10.5 ± 0.2 [87.4] (4664 steps)"},
@@ -201,7 +201,7 @@ def test_step_budget_tables_read_n_steps_and_give_each_cells_minutes_and_the_cpu
 
 
 def test_rows_name_the_model_each_preset_trains():
-    from ovseg.cli.quality import model_label, variant_stages
+    from ovseg.benchmarks.synthetic import model_label, variant_stages
     from ovseg.training.config import resolve
 
     small, paper = resolve("synthetic-small"), resolve("synthetic-paper")
@@ -228,7 +228,7 @@ def test_a_finished_step_budget_is_read_back_and_a_new_one_runs(tmp_path):
 
 
 def test_kept_rows_of_a_step_section_keep_their_model_names():
-    from ovseg.cli.quality import kept_rows
+    from ovseg.benchmarks.synthetic import kept_rows
 
     section = ("Recipe. Measured 2026-12-07 10:00 UTC on x86_64.\n\n| variant | 1000 steps | 2000 steps |\n|---|---:|---:|\n"
                "| contrastive: learned grouping; contrastive | 10.0 ± 1.0 [40.0] (3.0 min) | - |\n")
@@ -241,7 +241,7 @@ def test_kept_rows_of_a_step_section_keep_their_model_names():
 
 
 def test_a_folder_keeps_the_world_style_its_runs_were_trained_on(tmp_path):
-    from ovseg.cli.quality import check_recipe
+    from ovseg.benchmarks.synthetic import check_recipe
     from ovseg.training.config import ConfigError
 
     check_recipe(tmp_path / "a", {"preset": "synthetic-paper", "overrides": []})  # a record without a style: standard
@@ -270,7 +270,7 @@ def test_bad_step_budget_arguments_are_refused_before_any_work(tmp_path, args, m
 def test_a_step_budget_trains_to_its_steps_times_them_and_is_not_retrained(tmp_path):
     import os
 
-    from ovseg.cli.quality import train_steps_and_evaluate
+    from ovseg.benchmarks.synthetic import train_steps_and_evaluate
     from ovseg.curation.synthetic import WorldConfig, generate
     from tests.training.conftest import make_contract
 

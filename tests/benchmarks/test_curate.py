@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ovseg.benchmarks.curate import benchmark_curate, generate_parsed
 from ovseg.curation import stage
-from ovseg.curation._curate_bench import benchmark_curate, generate_parsed
 from ovseg.curation.parse import PARSED_SCHEMA
 
 
@@ -43,7 +43,7 @@ def test_a_query_child_that_dies_without_reporting_is_an_error_not_a_hang():
 
     import pytest
 
-    from ovseg.curation._curate_bench import _result_of
+    from ovseg.benchmarks.curate import _result_of
 
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

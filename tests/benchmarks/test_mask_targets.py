@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ovseg.benchmarks.mask_targets import LabelledPair, Setting, mask_target_quality, settings_of
 from ovseg.cli.main import app
-from ovseg.evaluation.mask_targets import LabelledPair, Setting, mask_target_quality, settings_of
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ovseg.training.model.benchmark import measure_encoder_vs_vit, measure_train_step  # noqa: E402
+from ovseg.benchmarks.model import measure_encoder_vs_vit, measure_train_step  # noqa: E402
 
 
 def test_train_step_measurement_reports_time_and_memory():
@@ -23,7 +23,7 @@ def test_encoder_comparison_times_both_encoders_of_the_same_width_and_depth():
 
 
 def test_only_presets_with_a_plain_vit_of_the_same_shape_are_compared():
-    from ovseg.training.model.benchmark import _has_vit_twin
+    from ovseg.benchmarks.model import _has_vit_twin
 
     assert _has_vit_twin("test") and _has_vit_twin("paper")
     assert not _has_vit_twin("synthetic-small")  # a CNN embedding and no transformer block

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ovseg.benchmarks.diagnostics import group_diagnostics, group_probe
 from ovseg.evaluation.datasets import SegmentationDataset
-from ovseg.evaluation.diagnostics import group_diagnostics, group_probe
 
 
 @dataclass

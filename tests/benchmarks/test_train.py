@@ -1,6 +1,6 @@
 """The training benchmark measures real work and reports it as Markdown."""
 
-from ovseg.training.bench import loader_throughput, report, train_throughput
+from ovseg.benchmarks.train import loader_throughput, report, train_throughput
 
 
 def test_training_benchmark_measures_the_loader_and_steps_and_reports_them():
