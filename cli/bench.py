@@ -245,6 +245,7 @@ def bench_synthetic(
 @app.command("grouping-probe")
 def bench_grouping_probe(
     steps: int = typer.Option(1000, "--steps", min=1, help="Training steps of each probe (batch 64)."),
+    n_train: int = typer.Option(2000, "--n-train", min=64, help="Training images drawn from the world."),
     depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
     grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
@@ -272,12 +273,14 @@ def bench_grouping_probe(
         before, after = (int(v) for v in depth.split("+"))
         for seed in (int(v) for v in seeds.split(",")):
             cfg = ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=before, depth_after=after,
-                              steps=steps, seed=seed, style=style, eval_every=eval_every, target=target)
+                              steps=steps, seed=seed, style=style, eval_every=eval_every, target=target,
+                              n_train=n_train)
             result = run_probe(cfg)
             typer.echo(f"{grouping} {depth} seed {seed}: {result}")
             rows.append((grouping, cfg, result))
     world = "" if style == "standard" else f", {style} world"
-    md = (f"## Supervised grouping probe{world} (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s).\n\n"
+    md = (f"## Supervised grouping probe{world} (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s); "
+          f"{rows[0][1].n_train:,} training images, {rows[0][1].n_val} val images.\n\n"
           + probe_table(rows) + "\n" + (curve_table(rows) + "\n" if eval_every else ""))
     write_section(f"grouping-probe-{grouping}-{'hard' if hard else 'soft'}" + ("" if target == "image" else f"-{target}")
                   + ("" if style == "standard" else f"-{style}"), md, doc)
