@@ -195,7 +195,8 @@ def compression_of(head: bytes) -> str | None:
 
 
 class _Prefixed(io.RawIOBase):
-    """A read-only stream of `head` followed by the rest of `raw` (`head` was read to sniff it)."""
+    """A read-only stream of `head` followed by the rest of `raw`, any object with `read(n)`
+    (`head` was read to sniff it; empty to wrap a reader as a raw stream)."""
 
     def __init__(self, head: bytes, raw):
         super().__init__()
@@ -216,27 +217,6 @@ class _Prefixed(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.raw.close()
-        super().close()
-
-
-class _Stream(io.RawIOBase):
-    """Any object with `read(n)` as a raw stream (for io.BufferedReader and io.TextIOWrapper)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        chunk = self.inner.read(len(buffer))
-        buffer[:len(chunk)] = chunk
-        return len(chunk)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.inner.close()
         super().close()
 
 
@@ -272,7 +252,7 @@ def open_source(source) -> tuple[object, object, str | None]:
         return lzma.LZMAFile(stream, "rb"), raw, kind
     if kind == "zstd":  # pyarrow's own zstd: no extra package
         zstd = pa.CompressedInputStream(pa.PythonFile(stream, mode="r"), "zstd")
-        return io.BufferedReader(_Stream(zstd), 1 << 20), raw, kind
+        return io.BufferedReader(_Prefixed(b"", zstd), 1 << 20), raw, kind
     return io.BufferedReader(stream, 1 << 20), raw, None
 
 
