@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import logging
+import lzma
 import shutil
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -285,6 +287,10 @@ def _finish(data: Path, settings: dict, result: IngestResult) -> IngestResult:
     return result
 
 
+# a compressed source whose stream is corrupt: lzma and zlib raise their own errors, not OSError
+_CORRUPT = (lzma.LZMAError, zlib.error)
+
+
 def _read_error(source, error: Exception) -> stage.StageError:
     return stage.StageError(f"cannot read caption source {source}: {error}")
 
@@ -306,7 +312,7 @@ def ingest_tsv(source: str | Path, data: Path, cfg: IngestConfig = IngestConfig(
             while True:
                 try:
                     block = f.read(8 << 20)
-                except (OSError, EOFError, ValueError, pa.ArrowException) as error:
+                except (OSError, EOFError, ValueError, pa.ArrowException, *_CORRUPT) as error:
                     raise _read_error(source, error) from error
                 if not block:
                     break
@@ -394,7 +400,7 @@ def _text_rows(source, fmt: str, url_col: str, caption_col: str):
     reader = csv.reader(text, delimiter="\t" if fmt == "tsv" else ",")
     try:
         header = next(reader, None)
-    except (csv.Error, OSError, EOFError, ValueError) as error:
+    except (csv.Error, OSError, EOFError, ValueError, *_CORRUPT) as error:
         text.close()
         raise _read_error(source, error) from error
     if header is None:
@@ -422,7 +428,7 @@ def _text_rows(source, fmt: str, url_col: str, caption_col: str):
                     yield None, UNDECODABLE, raw
                 else:
                     yield row[at_url], row[at_caption], raw
-        except (OSError, EOFError, ValueError, pa.ArrowException) as error:
+        except (OSError, EOFError, ValueError, pa.ArrowException, *_CORRUPT) as error:
             raise _read_error(source, error) from error
         finally:
             text.close()

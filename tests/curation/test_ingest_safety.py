@@ -102,3 +102,14 @@ def test_a_zst_caption_table_is_read(tmp_path):
     src = tmp_path / "caps.csv.zst"
     src.write_bytes(out.getvalue().to_pybytes())
     assert ingest_table(src, tmp_path / "data").kept == 1
+
+
+@pytest.mark.parametrize("magic", [b"\xfd7zXZ\x00", b"\x1f\x8b\x08\x00"], ids=["xz", "gzip"])
+def test_a_corrupt_compressed_source_is_a_one_line_read_error_not_a_crash(tmp_path, magic):
+    """A source whose first bytes say xz or gzip but whose stream is corrupt: lzma and zlib
+    raise their own errors (not OSError), which once escaped as a traceback."""
+    src = tmp_path / "in.tsv"
+    src.write_bytes(magic + bytes(range(256)) * 4)
+    with pytest.raises(stage.StageError, match="cannot read caption source"):
+        ingest_tsv(src, tmp_path / "out", IngestConfig())
+    assert not (tmp_path / "out" / "captions").exists()
