@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 # The losses of each variant's stages: a list, or "preset" for the preset's own stage list
-# (train.stage1_losses / train.stage2_losses), so that "+ entity" is `synthetic-small`'s
+# (train.stages.1.losses / train.stages.2.losses), so that "+ entity" is `synthetic-small`'s
 # contrastive + entity + grounding and `synthetic-paper`'s contrastive + entity.
 VARIANTS = {
     "contrastive": {"stage1": ["contrastive"], "stage2": None},
@@ -35,8 +35,9 @@ STAGE2_SHARE = 0.3  # of the budget, for the full method
 def variant_stages(variant: str, cfg) -> tuple[list[str], list[str] | None]:
     """The losses of `variant`'s stage 1 and stage 2 (None: no stage 2) under the run config `cfg`."""
     spec = VARIANTS[variant]
-    first = cfg.train.stage1_losses if spec["stage1"] == "preset" else spec["stage1"]
-    second = None if spec["stage2"] is None else cfg.train.stage2_losses if spec["stage2"] == "preset" else spec["stage2"]
+    stages = cfg.train.stages
+    first = stages[0].losses if spec["stage1"] == "preset" else spec["stage1"]
+    second = None if spec["stage2"] is None else stages[1].losses if spec["stage2"] == "preset" else spec["stage2"]
     return list(first), None if second is None else list(second)
 
 
@@ -99,16 +100,15 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
 
     import torch
 
-    from ovseg.training.config import resolve
+    from ovseg.training.config import at_stage, resolve
     from ovseg.training.engine import train
 
     torch.set_num_threads(threads)
-    cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", "train.steps=1000000",
-                                     "train.stage2_steps=1000000", f"train.device={device}", *overrides])
+    cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", "train.stages.1.steps=1000000",
+                                     "train.stages.2.steps=1000000", f"train.device={device}", *overrides])
     stage1_losses, stage2_losses = variant_stages(variant, cfg)
     spec = {"stage1": stage1_losses, "stage2": stage2_losses}
     share = STAGE2_SHARE if spec["stage2"] else 0.0
-    t = cfg.train
     stage1_dir = run_dir / "stage1"
     results, trained = [], 0.0
     measured = {r["minutes"]: r for r in done}
@@ -120,7 +120,7 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
         if results:  # going on from a budget measured earlier: its stage-1 checkpoint must be that point
             _check_resumes_at(stage1_dir / "last.pt", results[-1]["steps"]["stage1"])
         minutes = budget * (1 - share) - trained
-        first = replace(cfg, train=replace(t, stage=1, stage1_losses=spec["stage1"], max_minutes=minutes))
+        first = at_stage(cfg, 1, losses=spec["stage1"], train_max_minutes=minutes)
         s1 = train(first, stage1_dir, progress=False)  # resumes from where the last budget stopped
         trained += minutes
         steps = {"stage1": s1["step"]}
@@ -128,7 +128,7 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
         snapshot = checkpoint = run_dir / f"stage1-at-{budget:g}min.pt"
         shutil.copyfile(stage1_dir / "last.pt", snapshot)
         if spec["stage2"]:
-            second = replace(cfg, train=replace(t, stage=2, stage2_losses=spec["stage2"], max_minutes=budget * share))
+            second = at_stage(cfg, 2, losses=spec["stage2"], train_max_minutes=budget * share)
             s2 = train(second, run_dir / f"stage2-{budget:g}min", init=snapshot, progress=False)
             steps["stage2"] = s2["step"]
             checkpoint = run_dir / f"stage2-{budget:g}min" / "last.pt"
@@ -163,12 +163,12 @@ def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_
     budgets measured before, which are kept."""
     import torch
 
-    from ovseg.training.config import resolve
+    from ovseg.training.config import at_stage, resolve
     from ovseg.training.engine import train
 
     torch.set_num_threads(threads)
     cfg = resolve(preset, overrides=[f"data.data_dir={data_dir}", f"train.seed={seed}", f"train.device={device}",
-                                     "train.max_minutes=null", "train.epochs=null", "train.stage2_epochs=null",
+                                     "train.max_minutes=null", "train.stages.1.epochs=null", "train.stages.2.epochs=null",
                                      *overrides])  # the budget is in steps, not epochs
     stage1_losses, stage2_losses = variant_stages(variant, cfg)
     measured = {budget_of(r): r for r in done}
@@ -180,19 +180,19 @@ def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_
         second_steps = round(budget * STAGE2_SHARE) if stage2_losses else 0
         steps = {"stage1": budget - second_steps}
         folder = run_dir / f"{budget}steps"
-        t = cfg.train
-        first = replace(cfg, train=replace(t, stage=1, stage1_losses=stage1_losses, steps=steps["stage1"]))
+        first = at_stage(cfg, 1, losses=stage1_losses, steps=steps["stage1"])
         minutes, resumed = _timed_train(train, first, folder / "stage1")
         checkpoint = folder / "stage1" / "last.pt"
         if stage2_losses:
             steps["stage2"] = second_steps
-            second = replace(cfg, train=replace(t, stage=2, stage2_losses=stage2_losses, stage2_steps=second_steps))
+            second = at_stage(cfg, 2, losses=stage2_losses, steps=second_steps)
             more, resumed_too = _timed_train(train, second, folder / "stage2", init=checkpoint)
             minutes, resumed = minutes + more, resumed or resumed_too
             checkpoint = folder / "stage2" / "last.pt"
         scores = _evaluate(world_dir, checkpoint, folder / "eval", device)
         results.append({"variant": variant, "seed": seed, "budget_steps": budget, "steps": steps,
-                        "batch_size": t.batch_size, "stage2_batch_size": t.stage2_batch_size or t.batch_size,
+                        "batch_size": cfg.train.stages[0].batch_size or cfg.train.batch_size,
+                        "stage2_batch_size": cfg.train.stages[1].batch_size or cfg.train.batch_size,
                         "train_minutes": minutes, "resumed": resumed, "cpu": cpu_name(), "threads": threads,
                         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                         **scores, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})

@@ -68,7 +68,7 @@ def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 25
 
 
 def _loader_passes(n: int, image_size: int, source_size: int, repeats: int) -> dict[str, float]:
-    from ovseg.training.config import DataConfig
+    from ovseg.training.config import DataConfig, RunConfig
     from ovseg.training.data import CaptionImageDataset, collate, load_samples
     from ovseg.training.tokenizer import train_wordpiece
 
@@ -79,7 +79,8 @@ def _loader_passes(n: int, image_size: int, source_size: int, repeats: int) -> d
         _write_jpeg_contract(root, n, source_size)
         for stage in (1, 2):
             table = load_samples(str(root), with_pairs=stage == 2)
-            dataset = CaptionImageDataset(table, tokenizer, image_size, stage, DataConfig(), seed=0)
+            spec = RunConfig().train.stages[stage - 1]  # the default stages: DeiT-style, then crop and flip with partners
+            dataset = CaptionImageDataset(table, tokenizer, image_size, spec, DataConfig(), seed=0)
             cpu, wall = [], []
             for _ in range(repeats):
                 start, cpu_start = time.perf_counter(), time.process_time()

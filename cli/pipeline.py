@@ -141,16 +141,16 @@ def _selected_entities(data_dir: Path) -> list[str]:
 
 
 def _train(cfg: DemoConfig, data_dir: Path, run_dir: Path) -> dict:
-    from ovseg.training.config import resolve
+    from ovseg.training.config import at_stage, resolve
     from ovseg.training.engine import train
 
-    overrides = [f"data.data_dir={data_dir}", f"train.seed={cfg.seed}", f"train.steps={cfg.stage1_steps}",
-                 f"train.stage2_steps={cfg.stage2_steps}", f"model.image_size={cfg.image_size}", *cfg.overrides]
+    overrides = [f"data.data_dir={data_dir}", f"train.seed={cfg.seed}", f"train.stages.1.steps={cfg.stage1_steps}",
+                 f"train.stages.2.steps={cfg.stage2_steps}", f"model.image_size={cfg.image_size}", *cfg.overrides]
     run_cfg = resolve(cfg.preset, overrides=overrides)
     # each stage has its own time budget (the steps only bound it)
-    first = replace(run_cfg, train=replace(run_cfg.train, stage=1, max_minutes=cfg.stage1_minutes))
+    first = at_stage(run_cfg, 1, train_max_minutes=cfg.stage1_minutes)
     s1 = train(first, run_dir / "stage1")
-    second = replace(run_cfg, train=replace(run_cfg.train, stage=2, max_minutes=cfg.stage2_minutes))
+    second = at_stage(run_cfg, 2, train_max_minutes=cfg.stage2_minutes)
     s2 = train(second, run_dir / "stage2", init=run_dir / "stage1" / "last.pt")
     return {"stage1": s1, "stage2": s2}
 

@@ -11,17 +11,15 @@ from typing import List, Optional
 
 import typer
 
-STAGES = ("1", "2", "both")
-
 
 def train(
-    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key.sub=value, e.g. train.steps=200 model.num_groups=8."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key.sub=value, e.g. train.stages.1.steps=200 model.num_groups=8 (stages are numbered from 1)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The curated DATA folder (manifest, downloads, images, pairs); sets data.data_dir."),
     run: Path = typer.Option(Path("runs/ovseg"), "--run-dir", "--run", "-r", help="Run folder: config, metrics.jsonl, checkpoints. A folder that holds a checkpoint is resumed. (--run is an alias, but torchrun takes it for its own --run-path: under torchrun write --run-dir.)"),
     preset: str = typer.Option("synthetic-small", "--preset", "-p", help="Named preset (see `ovseg train --list-presets`)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset, before the overrides."),
-    stage: str = typer.Option("both", "--stage", help="1: contrastive + masked entity; 2: adds mask consistency from --init; both: stage 1 then stage 2 into RUN/stage1 and RUN/stage2."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Stage 2: stage 1's checkpoint (RUN/stage1/last.pt after --stage both; RUN/last.pt after --stage 1)."),
+    stage: str = typer.Option("both", "--stage", help="N: train the N-th stage of train.stages into RUN (stage 1: contrastive + masked entity; stage 2: adds mask consistency, from --init); both: every stage in order into RUN/stage1, RUN/stage2, ..."),
+    init: Optional[Path] = typer.Option(None, "--init", help="A later stage: the previous stage's checkpoint (RUN/stage1/last.pt after --stage both; RUN/last.pt after --stage 1)."),
     nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun (one per GPU); 0 runs in this process."),
     nnodes: int = typer.Option(1, "--nnodes", help="With --nproc-per-node: number of machines."),
     node_rank: int = typer.Option(0, "--node-rank", help="With --nnodes > 1: this machine's rank."),
@@ -32,7 +30,7 @@ def train(
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs only)."),
 ) -> None:
-    """Train OVSegmentor (stage 1, stage 2 or both) from the curated data contract."""
+    """Train OVSegmentor (one stage, or every stage in order) from the curated data contract."""
     from ovseg.training.config import ConfigError, resolve
 
     if list_presets:
@@ -41,8 +39,8 @@ def train(
         for name in names():
             typer.echo(name)
         return
-    if stage not in STAGES:
-        typer.echo(f"ovseg train: --stage must be one of {', '.join(STAGES)}", err=True)
+    if stage != "both" and not (stage.isdigit() and int(stage) >= 1):
+        typer.echo(f"ovseg train: --stage must be a stage number (1, 2, ...) or both, not {stage!r}", err=True)
         raise typer.Exit(2)
     if nproc_per_node > 0:
         _launch_torchrun(nproc_per_node, nnodes, node_rank, master_addr, master_port)
@@ -63,8 +61,13 @@ def train(
     if not data_dir_exists(cfg.data.data_dir):
         typer.echo(f"ovseg train: {cfg.data.data_dir} has no manifest/ and downloads.parquet: run `ovseg curate` first", err=True)
         raise typer.Exit(2)
-    if stage == "2" and init is None and not (run / "ckpt").exists():
-        typer.echo("ovseg train: stage 2 needs --init RUN/stage1/last.pt (or a run folder to resume)", err=True)
+    if stage != "both" and int(stage) > len(cfg.train.stages):
+        typer.echo(f"ovseg train: --stage {stage}: the config has {len(cfg.train.stages)} stages (train.stages)", err=True)
+        raise typer.Exit(2)
+    if stage not in ("both", "1") and init is None and not (run / "ckpt").exists():
+        previous = int(stage) - 1
+        typer.echo(f"ovseg train: stage {stage} needs --init RUN/stage{previous}/last.pt (stage {previous}'s "
+                   "checkpoint) or a run folder to resume", err=True)
         raise typer.Exit(2)
     if init is not None and not init.is_file():
         typer.echo(f"ovseg train: --init {init} does not exist (stage 1 with --run-dir R --stage 1 writes R/last.pt)", err=True)
@@ -79,7 +82,7 @@ def train(
     from dataclasses import replace
 
     from ovseg.training.checkpoint import CheckpointError
-    from ovseg.training.engine import TrainingError, train as train_stage, train_both
+    from ovseg.training.engine import TrainingError, train as train_stage, train_stages
     from ovseg.training.model.image_encoder import VisionInitError
 
     eval_fn = _validation(val, val_images) if val else None
@@ -87,7 +90,7 @@ def train(
         cfg = replace(cfg, train=replace(cfg.train, eval_every=cfg.train.ckpt_every))
     try:
         if stage == "both":
-            summary = train_both(cfg, run, eval_fn=eval_fn, progress=not no_progress)
+            summary = train_stages(cfg, run, eval_fn=eval_fn, progress=not no_progress)
         else:
             cfg = replace(cfg, train=replace(cfg.train, stage=int(stage)))
             summary = train_stage(cfg, run, init=init, eval_fn=eval_fn, progress=not no_progress)

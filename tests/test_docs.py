@@ -177,7 +177,7 @@ def test_the_parser_check_can_fail():
 RUNNABLE_BLOCKS = [b for path in DOC_FILES for b in fenced_blocks(path) if RUNNABLE in b.info.split()[1:]]
 # A runnable training line trains the tiny `test` preset for 2 steps a stage: the test proves that
 # the line's options, files and stages chain as written, not what the training learns.
-CHEAP_TRAINING = ["--preset", "test", "--no-progress", "train.steps=2", "train.stage2_steps=2"]
+CHEAP_TRAINING = ["--preset", "test", "--no-progress", "train.stages.1.steps=2", "train.stages.2.steps=2"]
 
 
 def _load_training_contract():

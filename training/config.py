@@ -28,9 +28,8 @@ class DataConfig:
     max_entities: int = 3  # masked entities per caption given a prompt of their own (grounding loss)
     tokenizer: str | None = None  # a tokenizer directory; None: train WordPiece on the captions
     tokenizer_vocab_size: int = 4000
-    # stage 1 (DeiT-style) and stage 2 augmentations, as the public code's configs have them
-    crop_scale_min: float = 0.08
-    stage2_crop_scale_min: float = 0.4
+    # the "deit" augmentations (a stage's `augment`), as the public code's configs have them;
+    # the crop scale is the stage's own (`train.stages[i].crop`)
     hflip: float = 0.5
     randaugment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.4
@@ -62,38 +61,59 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     clip_grad: float = 5.0
-    accum_steps: int = 1
-    # stage 2's own learning rates and warm-up (None: stage 1's; its peak then lr x train.stage2_lr_factor)
-    stage2_lr: float | None = None
-    stage2_warmup_lr: float | None = None
-    stage2_min_lr: float | None = None
-    stage2_warmup_steps: int | None = None
-    stage2_warmup_epochs: float | None = None
+    accum_steps: int = 1  # micro-batches per optimiser step
+
+
+STAGE_PARTNERS = ("none", "extra", "in_batch")
+STAGE_AUGMENTS = ("deit", "crop_flip")
+
+
+@dataclass
+class StageConfig:
+    """One training stage. Fields left None take the run's own setting (`train.batch_size`,
+    `optim.lr` x `lr_factor`, `optim.warmup_*`, `optim.min_lr`)."""
+
+    losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
+    steps: int = 1000
+    epochs: float | None = None  # when set, the stage's length in epochs of the run's data (replaces steps)
+    batch_size: int | None = None  # per process
+    lr: float | None = None  # peak learning rate at a global batch of 4096 (scaled as optim.lr is)
+    lr_factor: float = 1.0  # with lr None: optim.lr times this
+    warmup_lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    # in epochs of the run's data; None: optim.warmup_epochs unless the stage gives warmup_steps
+    warmup_epochs: float | None = None
+    crop: float = 0.08  # smallest scale of the random resized crop
+    # "deit": crop, flip, RandAugment, colour jitter and erasing (the `data` settings);
+    # "crop_flip": crop and flip only (the public code's stage 2)
+    augment: str = "deit"
+    freeze_text: bool = False  # train the image side only (the paper's stage 2)
+    # the image that shares an entity, which the mask loss reads. "none"; "extra": each sample
+    # brings a partner image that only the mask loss sees (the public code); "in_batch": half
+    # the batch are images and half their partners, every one trained on by every loss, so a
+    # step costs about what a stage without partners costs
+    partners: str = "none"
+
+
+def _default_stages() -> list[StageConfig]:
+    return [StageConfig(losses=["contrastive", "entity", "grounding"], steps=1000),
+            StageConfig(losses=["contrastive", "entity", "grounding", "mask"], steps=500, lr_factor=0.1, crop=0.4,
+                        augment="crop_flip", freeze_text=True, partners="extra")]
 
 
 @dataclass
 class TrainConfig:
-    stage: int = 1  # 1: contrastive + entity (+ grounding); 2: adds mask consistency, text encoder frozen
-    stage1_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding"])
-    stage2_losses: list[str] = field(default_factory=lambda: ["contrastive", "entity", "grounding", "mask"])
-    batch_size: int = 32  # per process
-    stage2_batch_size: int | None = None  # per process in stage 2 (None: batch_size)
-    steps: int = 1000
-    stage2_steps: int = 500
-    # when set, a stage's length in epochs of the run's data (replaces steps / stage2_steps)
-    epochs: float | None = None
-    stage2_epochs: float | None = None
-    stage2_lr_factor: float = 0.1  # stage 2's learning rate relative to stage 1's (unless optim.stage2_lr)
-    # stage 2 with the partners in the batch: batch_size / 2 images and their partners, every
-    # one trained on by every loss, so a stage-2 step costs about what a stage-1 step does.
-    # False: batch_size images, each with an extra partner that only the mask loss sees
-    stage2_pairs_in_batch: bool = False
-    stage2_freeze_text: bool = True  # the paper's stage 2 trains the image side only
+    # the stages, trained in order (`ovseg train --stage both` runs them all; `--stage N` the
+    # N-th, counted from 1); overrides name one by number: train.stages.2.steps=300
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    stage: int = 1  # the stage this process trains (set by `ovseg train --stage`)
+    batch_size: int = 32  # per process, for stages that do not set their own
     max_minutes: float | None = None  # stop (and checkpoint) after this much training time
     # decay per step of a moving average of the weights (timm's ModelEmaV3, with warm-up), kept
-    # beside the model and saved in every checkpoint; evaluation, `segment` and stage 2's init
-    # use it. 0: none. It averages out the noise of a constant learning rate, which runs
-    # stopped by the clock (train.max_minutes) have
+    # beside the model and saved in every checkpoint; evaluation, `segment` and the next
+    # stage's init use it. 0: none. It averages out the noise of a constant learning rate, which
+    # runs stopped by the clock (train.max_minutes) have
     ema_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -104,6 +124,12 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0: no periodic validation
     tensorboard: bool = False
+
+    def current(self) -> StageConfig:
+        """The stage this process trains."""
+        if not 1 <= self.stage <= len(self.stages):
+            raise ConfigError(f"train.stage {self.stage} is not one of the {len(self.stages)} stages in train.stages")
+        return self.stages[self.stage - 1]
 
 
 @dataclass
@@ -146,6 +172,8 @@ def _typed(hint, value, key: str):
             return None
         options = [a for a in args if a is not type(None)]
         return _typed(options[0], value, key) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _from_dict(hint, value, f"{key}.")
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         items = args[:1] * len(value) if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
         if len(items) != len(value):
@@ -190,14 +218,76 @@ def to_dict(config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict, where: str = "") -> dict:
+    """`update` over `base`, dicts merged key by key. A list in `base` takes a dict whose keys
+    are item numbers counted from 1 (`train.stages.2.steps=300` sets the second stage's steps;
+    one past the end appends an item)."""
     out = dict(base)
     for key, value in (update or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value, f"{where}{key}.")
+        elif isinstance(value, dict) and isinstance(out.get(key), list):
+            out[key] = _merge_items(out[key], value, f"{where}{key}")
         else:
             out[key] = value
     return out
+
+
+def _merge_items(items: list, update: dict, key: str) -> list:
+    out = list(items)
+    for number, value in sorted(update.items(), key=lambda kv: str(kv[0])):
+        index = int(number) if str(number).isdigit() else 0
+        if not 1 <= index <= len(out) + 1:
+            raise ConfigError(f"config key '{key}.{number}': {key} has {len(out)} items, numbered from 1")
+        if index == len(out) + 1:
+            out.append({})
+        current = out[index - 1]
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[index - 1] = deep_merge(current, value, f"{key}.{number}.")
+        else:
+            out[index - 1] = value
+    return out
+
+
+# the keys that the stage list replaced, as the key that now says it; a saved config (a run
+# folder or checkpoint from before the list) is read through `_migrate_stages`
+LEGACY_STAGE_KEYS = {
+    "train.stage1_losses": "train.stages.1.losses", "train.stage2_losses": "train.stages.2.losses",
+    "train.steps": "train.stages.1.steps", "train.stage2_steps": "train.stages.2.steps",
+    "train.epochs": "train.stages.1.epochs", "train.stage2_epochs": "train.stages.2.epochs",
+    "train.stage2_batch_size": "train.stages.2.batch_size", "train.stage2_lr_factor": "train.stages.2.lr_factor",
+    "train.stage2_pairs_in_batch": "train.stages.2.partners=in_batch",
+    "train.stage2_freeze_text": "train.stages.2.freeze_text",
+    "optim.stage2_lr": "train.stages.2.lr", "optim.stage2_warmup_lr": "train.stages.2.warmup_lr",
+    "optim.stage2_min_lr": "train.stages.2.min_lr", "optim.stage2_warmup_steps": "train.stages.2.warmup_steps",
+    "optim.stage2_warmup_epochs": "train.stages.2.warmup_epochs",
+    "data.crop_scale_min": "train.stages.1.crop", "data.stage2_crop_scale_min": "train.stages.2.crop",
+}
+
+
+def _legacy_keys(values: dict) -> list[str]:
+    return [key for key in LEGACY_STAGE_KEYS
+            if key.split(".")[1] in (values.get(key.split(".")[0]) or {})]
+
+
+def _migrate_stages(values: dict) -> dict:
+    """A saved config from before `train.stages`: its paired stage fields as the stage list."""
+    found = _legacy_keys(values)
+    if not found:
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    stages = [dataclasses.asdict(s) for s in _default_stages()]
+    for key in found:
+        section, name = key.split(".")
+        value = values[section].pop(name)
+        target = LEGACY_STAGE_KEYS[key].split("=")[0].split(".")
+        stage = stages[int(target[2]) - 1]
+        if name == "stage2_pairs_in_batch":
+            stage["partners"] = "in_batch" if value else "extra"
+        else:
+            stage[target[3]] = value
+    values["train"]["stages"] = stages
+    return values
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -230,13 +320,18 @@ def resolve(preset: str | None = None, config_file: Path | None = None,
     (used when resuming: the saved config is the base)."""
     from ovseg.training.presets import get_preset
 
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = _migrate_stages(dict(base or {}))
     if preset and base is None:
         values = deep_merge(get_preset(preset), {"preset": preset})
+    layers = []
     if config_file is not None:
-        values = deep_merge(values, yaml.safe_load(Path(config_file).read_text()) or {})
-    for text in overrides:
-        values = deep_merge(values, parse_override(text))
+        layers.append((str(config_file), yaml.safe_load(Path(config_file).read_text()) or {}))
+    layers += [(text, parse_override(text)) for text in overrides]
+    for where, layer in layers:
+        _check_user_keys(layer, where)
+        values = deep_merge(values, layer)
+    if "stages" not in values.get("train", {}):  # the defaults' list, so that overrides can name its items
+        values = deep_merge({"train": {"stages": [dataclasses.asdict(s) for s in _default_stages()]}}, values)
     values.pop("git_sha", None)
     config = _from_dict(RunConfig, values)
     for key, value, choices in (("optim.schedule", config.optim.schedule, ("official", "ovseg")),
@@ -245,10 +340,50 @@ def resolve(preset: str | None = None, config_file: Path | None = None,
                                 ("model.mask_form", config.model.mask_form, ("official", "ovseg"))):
         if value not in choices:
             raise ConfigError(f"config key '{key}' wants one of {', '.join(choices)}, got {value!r}")
+    _check_stages(config.train.stages)
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' wants a decay in [0, 1), got {config.train.ema_decay}")
     config.git_sha = git_sha()
     return config
+
+
+def at_stage(config: RunConfig, number: int, **changes) -> RunConfig:
+    """`config` set to train stage `number` (from 1), with `changes` made to that stage, and
+    train-level fields given as `train_<name>` (e.g. `train_max_minutes=5`)."""
+    stages = list(config.train.stages)
+    stage_changes = {k: v for k, v in changes.items() if not k.startswith("train_")}
+    train_changes = {k[len("train_"):]: v for k, v in changes.items() if k.startswith("train_")}
+    stages[number - 1] = dataclasses.replace(stages[number - 1], **stage_changes)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, stages=stages, stage=number, **train_changes))
+
+
+def _check_user_keys(layer: dict, where: str) -> None:
+    """A key the stage list replaced, or `model.losses` (which each stage sets), is an error
+    that names the key to use."""
+    for key in _legacy_keys(layer):
+        raise ConfigError(f"{where}: '{key}' is now '{LEGACY_STAGE_KEYS[key]}' (each stage is an item of train.stages)")
+    if "losses" in (layer.get("model") or {}):
+        raise ConfigError(f"{where}: each stage sets its losses: use train.stages.N.losses, not model.losses")
+
+
+def _check_stages(stages: list[StageConfig]) -> None:
+    from ovseg.training.model.ovsegmentor import LOSS_NAMES
+
+    if not stages:
+        raise ConfigError("train.stages is empty: a run needs at least one stage")
+    for number, stage in enumerate(stages, 1):
+        key = f"train.stages.{number}"
+        if stage.partners not in STAGE_PARTNERS:
+            raise ConfigError(f"config key '{key}.partners' wants one of {', '.join(STAGE_PARTNERS)}, got {stage.partners!r}")
+        if stage.augment not in STAGE_AUGMENTS:
+            raise ConfigError(f"config key '{key}.augment' wants one of {', '.join(STAGE_AUGMENTS)}, got {stage.augment!r}")
+        unknown = sorted(set(stage.losses) - set(LOSS_NAMES))
+        if unknown or not stage.losses:
+            raise ConfigError(f"config key '{key}.losses' wants some of {', '.join(LOSS_NAMES)}, got {stage.losses!r}")
+        if "mask" in stage.losses and stage.partners == "none":
+            raise ConfigError(f"{key}: the mask loss needs partner images: set {key}.partners to extra or in_batch")
+        if not 0 < stage.crop <= 1:
+            raise ConfigError(f"config key '{key}.crop' wants a scale in (0, 1], got {stage.crop}")
 
 
 def write_config(config: RunConfig, path: Path) -> None:

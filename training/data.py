@@ -19,7 +19,7 @@ import logging
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
 import numpy as np
@@ -28,6 +28,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+
+
+if TYPE_CHECKING:
+    from ovseg.training.config import StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,22 +117,23 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
     )
 
 
-def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def build_transform(image_size: int, stage: "StageConfig", cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Augmentations that end in a uint8 (3, H, W) tensor; `normalize_images` turns a batch of
     them into the model's float input on its device (timm's prefetcher split: a quarter of the
     bytes between processes and to the GPU, and the float work done once per batch).
-    Stage 1: DeiT-style (random resized crop, flip, RandAugment, colour jitter) through timm's
-    factory, then random erasing; stage 2: random resized crop and flip only. The public code's
-    configs resize bilinearly and erase with per-pixel noise (`cfg.interpolation`,
+    The stage's `augment` "deit": DeiT-style (random resized crop, flip, RandAugment, colour
+    jitter) through timm's factory, then random erasing; "crop_flip": random resized crop and
+    flip only (the public code's stage 2). The crop's smallest scale is the stage's `crop`. The
+    public code's configs resize bilinearly and erase with per-pixel noise (`cfg.interpolation`,
     `cfg.erasing_mode`)."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
     if cfg.interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"data.interpolation must be bilinear or bicubic, not {cfg.interpolation!r}")
-    if stage == 1:
+    if stage.augment == "deit":
         steps = create_transform(
-            image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+            image_size, is_training=True, scale=(stage.crop, 1.0), hflip=cfg.hflip,
             auto_augment=cfg.randaugment, color_jitter=cfg.color_jitter, use_prefetcher=True,
             interpolation=cfg.interpolation, mean=mean,  # RandAugment fills with the mean colour too
         ).transforms
@@ -138,7 +143,7 @@ def build_transform(image_size: int, stage: int, cfg, mean=IMAGENET_MEAN, std=IM
             steps.append(UInt8Erasing(cfg.random_erasing, cfg.erasing_mode, mean, std))
         return T.Compose(steps)
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(cfg.stage2_crop_scale_min, 1.0),
+        T.RandomResizedCrop(image_size, scale=(stage.crop, 1.0),
                             interpolation=T.InterpolationMode(cfg.interpolation)),
         T.RandomHorizontalFlip(cfg.hflip),
         T.PILToTensor(),
@@ -273,16 +278,16 @@ def _cached(cache: dict, key, build):
 class CaptionImageDataset(torch.utils.data.Dataset):
     """One training sample per downloaded manifest row; None when the image cannot be read."""
 
-    def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: int, cfg, seed: int,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, pairs_in_batch: bool = False):
-        """`pairs_in_batch` (stage 2): a sample is its image and its partner as two full
-        samples, both trained on by every loss (`collate` puts the partners in the batch), instead
-        of an image with a partner that only the mask-consistency loss sees."""
+    def __init__(self, table: SampleTable, tokenizer, image_size: int, stage: "StageConfig", cfg, seed: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        """`stage` gives the augmentations (`crop`, `augment`) and the partners: "extra", each
+        sample brings a partner image that only the mask-consistency loss sees; "in_batch", a
+        sample is its image and its partner as two full samples, both trained on by every loss
+        (`collate` puts the partners in the batch)."""
         self.table = table
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.stage = stage
-        self.pairs_in_batch = pairs_in_batch and stage == 2
+        self.partners = stage.partners
         self.seed = seed
         self.epoch = 0
         self.transform = build_transform(image_size, stage, cfg, mean, std)  # uint8 out: see normalize_images
@@ -326,7 +331,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any] | list[dict[str, Any]] | None:
-        """The sample (None when its image cannot be read); with `pairs_in_batch`, a list of the
+        """The sample (None when its image cannot be read); with partners "in_batch", a list of the
         sample and its partner (the sample alone when it has none that can be read)."""
         sid = int(self.table.sample_id[index])
         try:
@@ -335,9 +340,9 @@ class CaptionImageDataset(torch.utils.data.Dataset):
             log.debug("sample %d skipped: %s", sid, error)
             return None
         item = self._sample(index, self._image(decoded, [self.seed, self.epoch, sid, 0]))
-        if self.pairs_in_batch:
+        if self.partners == "in_batch":
             return self._pair(item)
-        if self.stage == 2:
+        if self.partners == "extra":
             item.update(self._partner(sid))
         return item
 

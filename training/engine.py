@@ -1,7 +1,10 @@
 """The training loop: one code path for one CPU process and for N GPUs on M nodes (torchrun).
 
-Read top to bottom: set-up (processes, tokenizer, model, optimiser, schedule, resume), then the
-loop in sections (data, forward, backward and step, logging, checkpoints and stopping).
+Read top to bottom: helpers, then the loop in parts: `setup_run` builds a `RunState` (model,
+data, optimiser, schedule, moving average, resume), `step_batches` yields each optimiser step's
+micro-batches (epochs, resume, unreadable samples), `train_step` takes one step, `log_step`,
+`evaluate` and `save` record it, and `train` strings them together for one stage;
+`train_stages` runs every stage of `train.stages` in order.
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from ovseg.training import checkpoint as ckpt
 from ovseg.training import distributed as dist_utils
-from ovseg.training.config import RunConfig, to_dict, write_config
+from ovseg.training.config import RunConfig, StageConfig, to_dict, write_config
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, captions_for_tokenizer, load_samples, make_loader, normalize_images,
 )
@@ -117,33 +120,27 @@ def _schedule(optimizer, total_steps: int, warmup: int, base: float, min_lr: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, official if form == "official" else ovseg)
 
 
-def stage_rates(cfg: RunConfig, stage: int, global_batch: int) -> dict[str, float]:
-    """Stage `stage`'s peak, warm-up start and final learning rates. Stage 2 takes its own
-    (`optim.stage2_*`) where set, else stage 1's peak times `train.stage2_lr_factor` and stage
-    1's warm-up and final rates. With `optim.scale_lr` each is scaled by global batch / 4096."""
+def stage_rates(cfg: RunConfig, stage: StageConfig, global_batch: int) -> dict[str, float]:
+    """A stage's peak, warm-up start and final learning rates: its own where it sets them, else
+    `optim.lr` times its `lr_factor` and the optimiser's warm-up and final rates. With
+    `optim.scale_lr` each is scaled by global batch / 4096."""
     o = cfg.optim
-    base, warmup_lr, min_lr = o.lr, o.warmup_lr, o.min_lr
-    if stage == 2:
-        base = o.stage2_lr if o.stage2_lr is not None else o.lr * cfg.train.stage2_lr_factor
-        warmup_lr = o.stage2_warmup_lr if o.stage2_warmup_lr is not None else warmup_lr
-        min_lr = o.stage2_min_lr if o.stage2_min_lr is not None else min_lr
+    base = stage.lr if stage.lr is not None else o.lr * stage.lr_factor
+    warmup_lr = stage.warmup_lr if stage.warmup_lr is not None else o.warmup_lr
+    min_lr = stage.min_lr if stage.min_lr is not None else o.min_lr
     scale = global_batch / 4096 if o.scale_lr else 1.0
     return {"lr": base * scale, "warmup_lr": warmup_lr * scale, "min_lr": min_lr * scale}
 
 
-def stage_lengths(cfg: RunConfig, stage: int, steps_per_epoch: int) -> tuple[int, int]:
-    """Stage `stage`'s optimiser steps and warm-up steps: from epochs of the run's data where
-    the config gives them (`train.epochs`, `optim.warmup_epochs`, and their `stage2_` forms),
-    else from the step counts."""
-    t, o = cfg.train, cfg.optim
-    if stage == 1:
-        epochs, steps, warm_epochs, warm_steps = t.epochs, t.steps, o.warmup_epochs, o.warmup_steps
-    else:
-        epochs, steps = t.stage2_epochs, t.stage2_steps
-        warm_epochs = o.stage2_warmup_epochs if o.stage2_warmup_epochs is not None else (
-            o.warmup_epochs if o.stage2_warmup_steps is None else None)
-        warm_steps = o.stage2_warmup_steps if o.stage2_warmup_steps is not None else o.warmup_steps
-    total = int(epochs * steps_per_epoch) if epochs is not None else steps
+def stage_lengths(cfg: RunConfig, stage: StageConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """A stage's optimiser steps and warm-up steps: in epochs of the run's data where the stage
+    (or, for the warm-up, the optimiser) gives them, else in steps. A stage that sets
+    `warmup_steps` and no `warmup_epochs` takes its steps over the optimiser's epochs."""
+    o = cfg.optim
+    warm_epochs = stage.warmup_epochs if stage.warmup_epochs is not None else (
+        o.warmup_epochs if stage.warmup_steps is None else None)
+    warm_steps = stage.warmup_steps if stage.warmup_steps is not None else o.warmup_steps
+    total = int(stage.epochs * steps_per_epoch) if stage.epochs is not None else stage.steps
     warmup = int(warm_epochs * steps_per_epoch) if warm_epochs is not None else warm_steps
     return total, warmup
 
@@ -235,20 +232,22 @@ def _too_many_skipped(seen: int, skipped: int, data_cfg) -> bool:
 
 def _check_settings(cfg: RunConfig) -> None:
     """One-line errors for settings no run can use (before anything is written)."""
-    import math
-
     t, o = cfg.train, cfg.optim
-    steps = t.steps if t.stage == 1 else t.stage2_steps
-    name = "train.steps" if t.stage == 1 else "train.stage2_steps"
+    stage = t.current()
+    key = f"train.stages.{t.stage}"
     problems = []
-    if steps < 1:
-        problems.append(f"{name} must be at least 1, not {steps}")
+    if stage.epochs is None and stage.steps < 1:
+        problems.append(f"{key}.steps must be at least 1, not {stage.steps}")
     if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
         problems.append(f"optim.lr must be a finite number above 0, not {o.lr}")
     if not (isinstance(o.min_lr, (int, float)) and math.isfinite(o.min_lr) and o.min_lr >= 0):
         problems.append(f"optim.min_lr must be a finite number of 0 or more, not {o.min_lr}")
     if t.batch_size < 1:
         problems.append(f"train.batch_size must be at least 1, not {t.batch_size}")
+    if stage.batch_size is not None and stage.batch_size < 1:
+        problems.append(f"{key}.batch_size must be at least 1, not {stage.batch_size}")
+    if o.accum_steps < 1:
+        problems.append(f"optim.accum_steps must be at least 1, not {o.accum_steps}")
     if t.max_minutes is not None and not (math.isfinite(t.max_minutes) and t.max_minutes > 0):
         problems.append(f"train.max_minutes must be above 0, not {t.max_minutes}")
     if problems:
@@ -273,248 +272,297 @@ def _advance(bar, step: int, total_steps: int, started: float, max_minutes) -> N
     bar.set_postfix_str(f"step {step}/{total_steps}", refresh=False)
 
 
-def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: EvalFn | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Train one stage (`cfg.train.stage`) into `run_dir`; resume if it holds a checkpoint.
-    Stage 2 starts from `init` (stage 1's checkpoint) unless it resumes. Returns a summary."""
+@dataclass
+class RunState:
+    """Everything a stage's loop reads and advances: built by `setup_run`, saved by `save`."""
+
+    cfg: RunConfig
+    info: Any  # dist_utils.DistInfo
+    stage: StageConfig
+    run_dir: Path
+    model: torch.nn.Module  # the OVSegmentor itself (saved, evaluated)
+    train_model: torch.nn.Module  # what the forward runs through: the model, or its DDP / compiled wrapper
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any  # timm ModelEmaV3 or None
+    dataset: CaptionImageDataset
+    sampler: ResumableSampler
+    loader: Any
+    drawn: int  # samples drawn per micro-batch (half the batch with partners in the batch)
+    total_steps: int
+    use_bf16: bool
+    metrics_path: Path
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already drawn
+    seen: int = 0
+    skipped: int = 0
+    data_wait: float = 0.0  # seconds spent waiting for data since the last log line
+
+    @property
+    def number(self) -> int:
+        return self.cfg.train.stage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+            "sampler": {"batch_in_epoch": self.batch_in_epoch, "seed": self.cfg.train.seed},
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(), "config": to_dict(self.cfg),
+            **ckpt.tokenizer_state(self.model.tokenizer),
+            "stage": self.number,
+        }
+
+
+def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> RunState:
+    """For this process (`info`, from `dist_utils.setup`): the tokenizer, model, data, optimiser, schedule and moving average of the stage
+    `cfg.train.stage`, resumed from the newest checkpoint in `run_dir` if it holds one, else
+    initialised from `init` (the previous stage's checkpoint) when given."""
     from ovseg.training.model import build_model
 
+    t = cfg.train
+    stage = t.current()
+    torch.manual_seed(t.seed + info.rank)
+
+    resume_path = ckpt.latest(run_dir)
+    state = ckpt.load(resume_path) if resume_path else None
+    init_state = ckpt.load(init) if (init is not None and state is None) else None
+    tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
+    cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses)))  # the model builds the stage's losses
+    if info.is_main:
+        write_config(cfg, run_dir / "config.yaml")
+
+    weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
+    model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model
+    model = build_model(model_cfg, tokenizer=tokenizer)
+    if cfg.model.text_pretrained and not cfg.model.text_config:  # checkpoints rebuild the text encoder offline
+        cfg = replace(cfg, model=replace(cfg.model, text_config=model.text_encoder.config_dict()))
+    if init_state is not None:  # the weights the previous stage is evaluated with: its moving average if it kept one
+        missing, unexpected = model.load_state_dict(ckpt.model_weights(init_state), strict=False)
+        if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
+            model.reset_momentum()  # the previous stage had none: it starts as a copy of its encoder
+        log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
+    if stage.freeze_text:
+        for p in model.text_encoder.parameters():
+            p.requires_grad_(False)
+    model.to(info.device)
+
+    table = load_samples(cfg.data.data_dir, with_pairs=stage.partners != "none")
+    dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
+                                  mean=model.image_mean, std=model.image_std)
+    sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
+    batch_size = stage.batch_size or t.batch_size  # per process
+    drawn = batch_size // 2 if stage.partners == "in_batch" else batch_size
+    if drawn == 0:
+        raise TrainingError(f"train.stages.{t.stage}.partners=in_batch needs a batch of at least 2")
+    loader = make_loader(dataset, sampler, drawn, cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+    batches_per_epoch = len(sampler) // drawn
+    if batches_per_epoch == 0:
+        raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {drawn}")
+
+    global_batch = batch_size * info.world_size * cfg.optim.accum_steps
+    rates = stage_rates(cfg, stage, global_batch)
+    total_steps, warmup = stage_lengths(cfg, stage, max(1, batches_per_epoch // cfg.optim.accum_steps))
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=rates["lr"],
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = _schedule(optimizer, total_steps, warmup, rates["lr"], rates["min_lr"], rates["warmup_lr"],
+                          cfg.optim.schedule)
+    ema = _moving_average(model, t.ema_decay)
+
+    train_model = ddp_model = model
+    if info.distributed:
+        train_model = ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=True)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    run = RunState(cfg=cfg, info=info, stage=stage, run_dir=run_dir, model=model, train_model=train_model,
+                   ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, ema=ema, dataset=dataset,
+                   sampler=sampler, loader=loader, drawn=drawn, total_steps=total_steps,
+                   use_bf16=info.device.type == "cuda" and t.precision == "bf16", metrics_path=run_dir / "metrics.jsonl")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state.get("ema") or state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["sampler"]["batch_in_epoch"]
+        _set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", resume_path, run.step)
+    if info.is_main:
+        _truncate_metrics(run.metrics_path, run.step)
+    return run
+
+
+def step_batches(run: RunState) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of each optimiser step (`optim.accum_steps` of them), on the device and
+    normalised, from where the run stands (epoch and batch, so a resumed run sees what it would
+    have seen). Counts unreadable samples, stops the run when too many are, and skips a batch
+    that some rank could not read at all (on every rank, so no rank waits in a collective)."""
+    cfg, info, k = run.cfg, run.info, run.cfg.optim.accum_steps
+    pending: list[dict[str, Any]] = []
+    while True:
+        run.dataset.set_epoch(run.epoch)
+        run.sampler.set_epoch(run.epoch, start=run.batch_in_epoch * run.drawn)
+        fetch_start = time.perf_counter()
+        for batch in run.loader:
+            run.data_wait += time.perf_counter() - fetch_start
+            run.batch_in_epoch += 1
+            run.seen += batch["n_items"]
+            run.skipped += batch["n_skipped"]
+            too_many = _too_many_skipped(run.seen, run.skipped, cfg.data)
+            too_many, empty = dist_utils.any_rank_each([too_many, "image" not in batch], info.device)
+            if too_many:
+                raise TrainingError(
+                    f"{run.skipped} of {run.seen} samples could not be read ({100 * run.skipped / run.seen:.1f}% > "
+                    f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards")
+            if not empty:
+                pending.append(normalize_images(_to_device(batch, info.device), run.model.image_mean,
+                                                run.model.image_std))
+            if len(pending) == k:
+                yield pending
+                pending = []
+            fetch_start = time.perf_counter()
+        run.epoch += 1
+        run.batch_in_epoch = 0
+
+
+def train_step(run: RunState, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimiser step over `micro_batches` (forward, backward, clip, step, schedule, momentum
+    encoder, moving average). Returns each loss over the whole step: the mean over its
+    micro-batches and ranks."""
+    info, k = run.info, len(micro_batches)
+    totals: dict[str, torch.Tensor] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.use_bf16 else nullcontext()
+    for index, batch in enumerate(micro_batches):
+        # DDP all-reduces gradients only on the micro-batch that ends the step
+        sync = run.ddp_model.no_sync if (info.distributed and index < k - 1) else nullcontext
+        with sync():
+            with autocast:
+                parts = run.train_model(batch)
+            # the mean over ranks: a non-finite loss on any rank stops every rank
+            if not torch.isfinite(dist_utils.all_reduce_mean(parts["loss"].detach().float())).all():
+                named = ", ".join(f"{name}={value.item():.4g}" for name, value in parts.items())
+                raise TrainingError(f"non-finite loss at step {run.step}: {named}")
+            (parts["loss"] / k).backward()
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / k
+    if run.cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.model.momentum_update()
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    run.step += 1
+    return {name: float(dist_utils.all_reduce_mean(value).item()) for name, value in totals.items()}
+
+
+def log_step(run: RunState, losses: dict[str, float], samples_per_s: float, bar, writer) -> None:
+    """One line of metrics.jsonl (main process), the console line and TensorBoard's scalars."""
+    if not run.info.is_main:
+        return
+    record = {"step": run.step, "epoch": run.epoch, "stage": run.number, "lr": run.scheduler.get_last_lr()[0],
+              "samples_per_s": samples_per_s, "data_wait_s": run.data_wait, "skipped": run.skipped,
+              **{f"loss/{name}": value for name, value in losses.items()}}
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{losses['loss']:.3f}", sps=f"{samples_per_s:.0f}", lr=f"{record['lr']:.2e}")
+    parts = " ".join(f"{name}={value:.4f}" for name, value in losses.items())
+    tqdm.write(f"stage {run.number} step {run.step}/{run.total_steps} {samples_per_s:.1f} samples/s "
+               f"lr {record['lr']:.3e} {parts} data wait {run.data_wait:.2f}s skipped {run.skipped}")
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ("step", "stage"):
+                writer.add_scalar(f"stage{run.number}/{key}", value, run.step)
+
+
+def evaluate(run: RunState, eval_fn: EvalFn) -> None:
+    """Validation of the weights that evaluation uses (the moving average when kept), logged."""
+    evaluated = run.ema.module if run.ema is not None else run.model
+    evaluated.eval()
+    result = eval_fn(evaluated, run.step)
+    run.model.train()
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps({"step": run.step, "stage": run.number, **{f"val/{k}": v for k, v in result.items()}}) + "\n")
+
+
+def save(run: RunState) -> Path | None:
+    """A checkpoint of the run as it stands (main process; None on the others)."""
+    if run.info.is_main:
+        return ckpt.save(run.state_dict(), run.run_dir, run.step, keep_last=run.cfg.train.keep_last)
+    return None
+
+
+def train(cfg: RunConfig, run_dir: Path, init: Path | None = None, eval_fn: EvalFn | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train the stage `cfg.train.stage` into `run_dir`; resume if it holds a checkpoint. A
+    later stage starts from `init` (the previous stage's checkpoint) unless it resumes. Returns
+    a summary."""
     run_dir = Path(run_dir)
     info = dist_utils.setup(cfg.train.device)
-    t = cfg.train
-    stage = t.stage
-    if stage not in (1, 2):
-        raise ValueError(f"train.stage must be 1 or 2, not {stage}")
     _check_settings(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(t.seed + info.rank)
-
-        # ---- resume or start ----
-        resume_path = ckpt.latest(run_dir)
-        state = ckpt.load(resume_path) if resume_path else None
-        init_state = ckpt.load(init) if (init is not None and state is None) else None
-        tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
-        losses = t.stage1_losses if stage == 1 else t.stage2_losses
-        cfg = replace(cfg, model=replace(cfg.model, losses=list(losses)))
-        if info.is_main:
-            write_config(cfg, run_dir / "config.yaml")
-
-        weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
-        model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model
-        model = build_model(model_cfg, tokenizer=tokenizer)
-        if cfg.model.text_pretrained and not cfg.model.text_config:  # checkpoints rebuild the text encoder offline
-            cfg = replace(cfg, model=replace(cfg.model, text_config=model.text_encoder.config_dict()))
-        if init_state is not None:  # the weights stage 1 is evaluated with: its moving average if it kept one
-            missing, unexpected = model.load_state_dict(ckpt.model_weights(init_state), strict=False)
-            if not any(k.startswith("momentum_encoder.") for k in init_state["model"]):
-                model.reset_momentum()  # stage 1 had none: it starts as a copy of stage 1's encoder
-            log.info("initialised from %s (missing %d keys, unexpected %d)", init, len(missing), len(unexpected))
-        if stage == 2 and t.stage2_freeze_text:
-            for p in model.text_encoder.parameters():
-                p.requires_grad_(False)
-        model.to(info.device)
-
-        # ---- data ----
-        table = load_samples(cfg.data.data_dir, with_pairs=stage == 2)
-        in_batch = stage == 2 and t.stage2_pairs_in_batch
-        dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
-                                      mean=model.image_mean, std=model.image_std, pairs_in_batch=in_batch)
-        sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
-        batch_size = t.stage2_batch_size if (stage == 2 and t.stage2_batch_size) else t.batch_size  # per process
-        drawn = batch_size // 2 if in_batch else batch_size  # samples drawn per batch
-        if drawn == 0:
-            raise TrainingError("train.stage2_pairs_in_batch needs train.batch_size of at least 2")
-        loader = make_loader(dataset, sampler, drawn, cfg.data.num_workers, pin_memory=info.device.type == "cuda")
-        batches_per_epoch = len(sampler) // drawn
-        if batches_per_epoch == 0:
-            raise TrainingError(f"{len(dataset)} samples over {info.world_size} processes is less than one batch of {drawn}")
-
-        # ---- optimiser and schedule ----
-        global_batch = batch_size * info.world_size * cfg.optim.accum_steps
-        rates = stage_rates(cfg, stage, global_batch)
-        total_steps, warmup = stage_lengths(cfg, stage, max(1, batches_per_epoch // cfg.optim.accum_steps))
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay), lr=rates["lr"],
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        scheduler = _schedule(optimizer, total_steps, warmup, rates["lr"], rates["min_lr"], rates["warmup_lr"],
-                              cfg.optim.schedule)
-
-        ema = _moving_average(model, t.ema_decay)
-        step, epoch, batch_in_epoch = 0, 0, 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            if ema is not None:
-                ema.module.load_state_dict(state.get("ema") or state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["sampler"]["batch_in_epoch"]
-            _set_rng_state(state["rng"])
-            log.info("resumed %s at step %d", resume_path, step)
-        metrics_path = run_dir / "metrics.jsonl"
-        if info.is_main:
-            _truncate_metrics(metrics_path, step)
-
-        train_model = ddp_model = model
-        if info.distributed:
-            train_model = ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                find_unused_parameters=True)
-        if t.compile:
-            train_model = torch.compile(train_model)
-        use_bf16 = info.device.type == "cuda" and t.precision == "bf16"
-
-        def state_dict() -> dict[str, Any]:
-            return {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                "sampler": {"batch_in_epoch": batch_in_epoch, "seed": t.seed},
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "rng": _rng_state(), "config": to_dict(cfg),
-                **ckpt.tokenizer_state(model.tokenizer),
-                "stage": stage,
-            }
-
-        def save() -> Path | None:
-            if info.is_main:
-                return ckpt.save(state_dict(), run_dir, step, keep_last=t.keep_last)
-            return None
-
-        # ---- the loop ----
-        seen = skipped = 0
+        run = setup_run(cfg, run_dir, info, init)
+        t = run.cfg.train
         started = time.perf_counter()
-        window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        bar = _progress_bar(t.max_minutes, total_steps, step, stage, enabled=progress and info.is_main)
+        window_start, window_samples = time.perf_counter(), 0
+        bar = _progress_bar(t.max_minutes, run.total_steps, run.step, run.number,
+                            enabled=progress and run.info.is_main)
         stop_reason = "steps"
-        last_parts: dict[str, float] = {}
-        writer = _tensorboard(run_dir) if (t.tensorboard and info.is_main) else None
-        model.train()
-        micro = 0  # micro-batches since the last optimizer step (gradient accumulation)
+        losses: dict[str, float] = {}
+        writer = _tensorboard(run_dir) if (t.tensorboard and run.info.is_main) else None
+        run.model.train()
         with _StopFlag() as stop:
-            while step < total_steps:
-                dataset.set_epoch(epoch)
-                sampler.set_epoch(epoch, start=batch_in_epoch * drawn)
-                fetch_start = time.perf_counter()
-                for batch in loader:
-                    data_wait += time.perf_counter() - fetch_start
-                    batch_in_epoch += 1
-                    # -- data: count what could not be read --
-                    seen += batch["n_items"]
-                    skipped += batch["n_skipped"]
-                    too_many = _too_many_skipped(seen, skipped, cfg.data)
-                    # decided on all ranks together, so that no rank is left waiting in a collective
-                    too_many, empty = dist_utils.any_rank_each([too_many, "image" not in batch], info.device)
-                    if too_many:
-                        raise TrainingError(
-                            f"{skipped} of {seen} samples could not be read ({100 * skipped / seen:.1f}% > "
-                            f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards")
-                    if empty:  # every sample of a batch (on some rank) unreadable: all ranks skip it
-                        fetch_start = time.perf_counter()
-                        continue
-                    batch = normalize_images(_to_device(batch, info.device), model.image_mean, model.image_std)
-
-                    # -- forward --
-                    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-                    # DDP all-reduces gradients only on the micro-batch that ends an accumulation
-                    accumulating = info.distributed and (micro + 1) % cfg.optim.accum_steps != 0
-                    sync = ddp_model.no_sync if accumulating else nullcontext
-                    with sync(), autocast:
-                        parts = train_model(batch)
-                    loss = parts["loss"]
-                    # the mean over ranks: a non-finite loss on any rank stops every rank
-                    if not torch.isfinite(dist_utils.all_reduce_mean(loss.detach().float())).all():
-                        named = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                        raise TrainingError(f"non-finite loss at step {step}: {named}")
-
-                    # -- backward and step --
-                    with sync():
-                        (loss / cfg.optim.accum_steps).backward()
-                    micro += 1
-                    window_samples += batch["image"].shape[0] * info.world_size
-                    if micro % cfg.optim.accum_steps:
-                        fetch_start = time.perf_counter()
-                        continue
-                    if cfg.optim.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    model.momentum_update()
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    step += 1
-                    _advance(bar, step, total_steps, started, t.max_minutes)
-                    last_parts = {k: float(dist_utils.all_reduce_mean(v.detach().float()).item())
-                                  for k, v in parts.items()}
-
-                    # -- logging --
-                    if step % t.log_every == 0 or step == total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        record = {"step": step, "epoch": epoch, "stage": stage,
-                                  "lr": scheduler.get_last_lr()[0],
-                                  "samples_per_s": window_samples / max(elapsed, 1e-9),
-                                  "data_wait_s": data_wait, "skipped": skipped,
-                                  **{f"loss/{k}": v for k, v in last_parts.items()}}
-                        if info.is_main:
-                            with open(metrics_path, "a") as f:
-                                f.write(json.dumps(record) + "\n")
-                            bar.set_postfix(loss=f"{last_parts['loss']:.3f}",
-                                            sps=f"{record['samples_per_s']:.0f}", lr=f"{record['lr']:.2e}")
-                            parts_text = " ".join(f"{k}={v:.4f}" for k, v in last_parts.items())
-                            tqdm.write(f"stage {stage} step {step}/{total_steps} {record['samples_per_s']:.1f} samples/s "
-                                       f"lr {record['lr']:.3e} {parts_text} data wait {record['data_wait_s']:.2f}s "
-                                       f"skipped {skipped}")
-                            if writer is not None:
-                                for key, value in record.items():
-                                    if key not in ("step", "stage"):
-                                        writer.add_scalar(f"stage{stage}/{key}", value, step)
-                        window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-                    if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and info.is_main:
-                        evaluated = ema.module if ema is not None else model
-                        evaluated.eval()
-                        result = eval_fn(evaluated, step)
-                        model.train()
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps({"step": step, "stage": stage, **{f"val/{k}": v for k, v in result.items()}}) + "\n")
-
-                    # -- checkpoints and stopping --
-                    out_of_time = t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes
-                    if dist_utils.any_rank(stop.raised or out_of_time, info.device):
-                        stop_reason = "signal" if stop.raised else "time"
-                        break
-                    if step % t.ckpt_every == 0 and step < total_steps:
-                        save()
-                    if step >= total_steps:
-                        break
-                    fetch_start = time.perf_counter()
-                else:
-                    epoch += 1
-                    batch_in_epoch = 0
-                    continue
-                break
+            batches = step_batches(run)
+            while run.step < run.total_steps:
+                micro_batches = next(batches)
+                losses = train_step(run, micro_batches)
+                window_samples += sum(b["image"].shape[0] for b in micro_batches) * run.info.world_size
+                _advance(bar, run.step, run.total_steps, started, t.max_minutes)
+                if run.step % t.log_every == 0 or run.step == run.total_steps:
+                    log_step(run, losses, window_samples / max(time.perf_counter() - window_start, 1e-9), bar, writer)
+                    window_start, window_samples, run.data_wait = time.perf_counter(), 0, 0.0
+                if eval_fn is not None and t.eval_every and run.step % t.eval_every == 0 and run.info.is_main:
+                    evaluate(run, eval_fn)
+                out_of_time = t.max_minutes is not None and (time.perf_counter() - started) / 60 >= t.max_minutes
+                if dist_utils.any_rank(stop.raised or out_of_time, run.info.device):
+                    stop_reason = "signal" if stop.raised else "time"
+                    break
+                if run.step % t.ckpt_every == 0 and run.step < run.total_steps:
+                    save(run)
         bar.close()
         if writer is not None:
             writer.close()
-        final = save()
+        final = save(run)
         dist_utils.barrier()
         # the end of the run decides on every sample seen, however few (a short run never reached the check)
-        if dist_utils.any_rank(seen > 0 and skipped / seen > cfg.data.max_skip_rate, info.device):
+        if dist_utils.any_rank(run.seen > 0 and run.skipped / run.seen > cfg.data.max_skip_rate, run.info.device):
             raise TrainingError(
-                f"{skipped} of {seen} samples could not be read ({100 * skipped / max(seen, 1):.1f}% > "
+                f"{run.skipped} of {run.seen} samples could not be read ({100 * run.skipped / max(run.seen, 1):.1f}% > "
                 f"{100 * cfg.data.max_skip_rate:.1f}%): check {cfg.data.data_dir}/downloads.parquet and the shards "
                 f"(the run's last checkpoint is {final})")
-        return {"step": step, "epoch": epoch, "stop": stop_reason, "skipped": skipped, "seen": seen,
-                "losses": last_parts, "checkpoint": str(final) if final else None,
+        return {"step": run.step, "epoch": run.epoch, "stop": stop_reason, "skipped": run.skipped, "seen": run.seen,
+                "losses": losses, "checkpoint": str(final) if final else None,
                 "minutes": (time.perf_counter() - started) / 60}
     finally:
         dist_utils.teardown()
 
 
-def train_both(cfg: RunConfig, run_dir: Path, eval_fn: EvalFn | None = None, progress: bool = True) -> dict[str, Any]:
-    """Stage 1 into RUN/stage1, then stage 2 into RUN/stage2 from stage 1's last checkpoint."""
+def train_stages(cfg: RunConfig, run_dir: Path, eval_fn: EvalFn | None = None, progress: bool = True) -> dict[str, Any]:
+    """Every stage of `train.stages` in order, stage N into RUN/stageN from stage N-1's last
+    checkpoint. Stops after a stage that did not finish its steps (time budget, signal)."""
     run_dir = Path(run_dir)
-    first = train(replace(cfg, train=replace(cfg.train, stage=1)), run_dir / "stage1", eval_fn=eval_fn, progress=progress)
-    if first["stop"] != "steps":
-        return {"stage1": first}
-    second = train(replace(cfg, train=replace(cfg.train, stage=2)), run_dir / "stage2",
-                   init=run_dir / "stage1" / "last.pt", eval_fn=eval_fn, progress=progress)
-    return {"stage1": first, "stage2": second}
+    summary: dict[str, Any] = {}
+    for number in range(1, len(cfg.train.stages) + 1):
+        init = run_dir / f"stage{number - 1}" / "last.pt" if number > 1 else None
+        result = train(replace(cfg, train=replace(cfg.train, stage=number)), run_dir / f"stage{number}",
+                       init=init, eval_fn=eval_fn, progress=progress)
+        summary[f"stage{number}"] = result
+        if result["stop"] != "steps":
+            break
+    return summary

@@ -278,7 +278,7 @@ def test_a_step_budget_trains_to_its_steps_times_them_and_is_not_retrained(tmp_p
     data = make_contract(tmp_path / "DATA")
     world = generate(tmp_path / "world", WorldConfig(n_train=0, n_val=2, n_test=2, image_size=32, style="textured"))
     run = tmp_path / "run"
-    overrides = ("train.batch_size=4", "train.stage2_batch_size=4", "train.log_every=1", "train.ckpt_every=100")
+    overrides = ("train.batch_size=4", "train.stages.2.batch_size=4", "train.log_every=1", "train.ckpt_every=100")
     [result] = train_steps_and_evaluate("+ mask (full)", data, world, run, [4], 0, "test", overrides, threads=1)
     assert result["budget_steps"] == 4 and result["steps"] == {"stage1": 3, "stage2": 1}
     assert result["train_minutes"] > 0 and not result["resumed"] and result["cpu"]

@@ -122,7 +122,7 @@ def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebu
     run = tmp_path / "run"
     common = ["train", "--preset", "test", "--no-progress", "--data", str(data), "train.batch_size=4",
               f"model.text_pretrained={bert}", f"model.vision_init={dino}"]
-    result = CliRunner().invoke(app, [*common, "--run", str(run / "stage1"), "--stage", "1", "train.steps=1"])
+    result = CliRunner().invoke(app, [*common, "--run", str(run / "stage1"), "--stage", "1", "train.stages.1.steps=1"])
     assert result.exit_code == 0, result.output
     state = ckpt.load(run / "stage1" / "last.pt")
     assert state["config"]["model"]["text_config"]["hidden_size"] == 64
@@ -130,7 +130,7 @@ def test_a_run_from_pretrained_weights_checkpoints_what_stage_2_and_loading_rebu
 
     _remove_sources_and_refuse_initialisations(monkeypatch, bert, dino)
     result = CliRunner().invoke(app, [*common, "--run", str(run / "stage2"), "--stage", "2",
-                                      "--init", str(run / "stage1" / "last.pt"), "train.stage2_steps=1"])
+                                      "--init", str(run / "stage1" / "last.pt"), "train.stages.2.steps=1"])
     assert result.exit_code == 0, result.output
     model = ckpt.load_model(run / "stage2" / "last.pt")
     assert model.encode_text(["a photo of a dog"]).shape[0] == 1

@@ -564,7 +564,7 @@ def test_stage_2_continues_from_a_converted_official_checkpoint(hf_one_stage, ti
     data = make_contract(tmp_path / "D", n=8)
     result = CliRunner().invoke(app, [
         "train", "--preset", "test", "--no-progress", "--data", str(data), "--run", str(tmp_path / "run"),
-        "--stage", "2", "--init", str(tmp_path / "ovsegmentor.pt"), "train.stage2_steps=1",
+        "--stage", "2", "--init", str(tmp_path / "ovsegmentor.pt"), "train.stages.2.steps=1",
         f"model.text_pretrained={folder}", "model.embed_dim=16", "model.proj_hidden=24", "model.decoder=official",
         "model.decoder_heads=8", "model.decoder_padding_mask=false"])
     assert result.exit_code == 0, result.output

@@ -1,10 +1,12 @@
 """The data set over the on-disk contract: reading by offset, masking, pairs, skipping, order."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from ovseg.training.config import DataConfig
+from ovseg.training.config import DataConfig, RunConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
@@ -20,6 +22,11 @@ WORDS = ["a", "photo", "of", "red", "circle", "square", "star", "on", "striped",
 def tokenizer():
     captions = [" ".join(WORDS)] * 3 + ["a photo of a red circle on a striped background"] * 3
     return train_wordpiece(captions, vocab_size=100, min_frequency=1)
+
+
+STAGES = RunConfig().train.stages  # the default stages: DeiT-style, then crop and flip with a partner
+STAGE1, STAGE2 = STAGES
+IN_BATCH = replace(STAGE2, partners="in_batch")
 
 
 def _cfg(**kw):
@@ -65,7 +72,7 @@ def test_fixed_length_encoder_gives_what_the_tokenizer_call_gives(tokenizer, tex
 
 
 def test_sample_has_the_batch_keys_of_the_contract(contract, tokenizer):
-    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, STAGE1, _cfg(), seed=0)
     batch = collate([ds[0], ds[1]])
     assert batch["image"].shape == (2, 3, 32, 32)
     for key in ("input_ids", "attention_mask", "question_ids", "question_mask", "answer_ids", "answer_mask"):
@@ -87,7 +94,7 @@ def test_cached_prompts_are_the_uncached_ones_and_the_cache_stays_bounded(contra
     from ovseg.training import data
 
     monkeypatch.setattr(data, "CACHE_ROWS", 2)
-    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, STAGE1, _cfg(), seed=0)
     lists = [["circle"], ["square", "star"], ["star"], ["circle"]]
     for masked in lists:
         direct = ds._encoder.encode(entity_prompt(masked, ds.cfg.prompt_template))
@@ -101,7 +108,7 @@ def test_cached_prompts_are_the_uncached_ones_and_the_cache_stays_bounded(contra
 
 
 def test_collate_trims_only_padding(contract, tokenizer):
-    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(max_text_length=32), seed=0)
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, STAGE1, _cfg(max_text_length=32), seed=0)
     items = [ds[0], ds[1], ds[2]]
     batch = collate(items)
     fields = [(ids, mask) for ids, mask in TEXT_FIELDS if ids in items[0]]
@@ -118,7 +125,7 @@ def test_collate_trims_only_padding(contract, tokenizer):
 
 def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):
     root = make_contract(tmp_path / "D", n=6, corrupt=(2,))
-    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, STAGE1, _cfg(), seed=0)
     batch = collate([ds[i] for i in range(len(ds))])
     assert batch["n_skipped"] == 1 and batch["image"].shape[0] == 5
     assert 2 not in batch["sample_id"].tolist()
@@ -126,12 +133,12 @@ def test_corrupt_member_is_skipped_and_counted(tmp_path, tokenizer):
 
 def test_truncated_jpeg_is_skipped_and_counted(tmp_path, tokenizer):
     root = make_contract(tmp_path / "D", n=4, truncated=(1,))
-    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, STAGE1, _cfg(), seed=0)
     assert ds[1] is None and ds[0] is not None
 
 
 def test_augmentation_errors_are_raised_not_counted_as_unreadable_images(contract, tokenizer):
-    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(contract)), tokenizer, 32, STAGE1, _cfg(), seed=0)
 
     def broken(image):
         raise RuntimeError("a bug in an augmentation")
@@ -145,7 +152,7 @@ def test_posterize_at_the_clipped_magnitude_gives_black_not_an_error():
     """timm asks for 0 bits at magnitude 10, which Pillow 13 refuses; older Pillow gave black."""
     from PIL import Image
 
-    transform = build_transform(32, 1, DataConfig(randaugment="rand-n1-m10-mstd0-inc1", color_jitter=0.0,
+    transform = build_transform(32, STAGE1, DataConfig(randaugment="rand-n1-m10-mstd0-inc1", color_jitter=0.0,
                                                   random_erasing=0.0))
     augment = next(step for step in transform.transforms if hasattr(step, "ops"))
     posterize = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
@@ -157,8 +164,8 @@ def test_posterize_at_the_clipped_magnitude_gives_black_not_an_error():
 
 def test_augmentation_depends_only_on_seed_epoch_and_sample(contract, tokenizer):
     table = load_samples(str(contract))
-    a = CaptionImageDataset(table, tokenizer, 32, 1, _cfg(), seed=3)
-    b = CaptionImageDataset(table, tokenizer, 32, 1, _cfg(), seed=3)
+    a = CaptionImageDataset(table, tokenizer, 32, STAGE1, _cfg(), seed=3)
+    b = CaptionImageDataset(table, tokenizer, 32, STAGE1, _cfg(), seed=3)
     torch.rand(5)  # disturbing the global RNG changes nothing
     assert torch.equal(a[4]["image"], b[4]["image"])
     a.set_epoch(1)
@@ -170,7 +177,7 @@ def test_images_leave_the_loader_as_uint8_and_normalise_as_torchvision_would(con
     from torchvision.transforms import functional as TF
 
     for stage in (1, 2):
-        ds = CaptionImageDataset(load_samples(str(contract), with_pairs=stage == 2), tokenizer, 32, stage, _cfg(), seed=0)
+        ds = CaptionImageDataset(load_samples(str(contract), with_pairs=stage == 2), tokenizer, 32, STAGES[stage - 1], _cfg(), seed=0)
         batch = collate([ds[0], ds[1]])
         keys = ["image"] + (["partner_image"] if stage == 2 else [])
         raw = {k: batch[k].clone() for k in keys}
@@ -186,7 +193,7 @@ def _erased(mode: str):
     from PIL import Image
 
     torch.manual_seed(0)
-    transform = build_transform(64, 1, _cfg(random_erasing=1.0, erasing_mode=mode))
+    transform = build_transform(64, STAGE1, _cfg(random_erasing=1.0, erasing_mode=mode))
     out = transform(Image.new("RGB", (64, 64), (255, 255, 255)))
     erased = (out != 255).any(dim=0)
     assert out.dtype == torch.uint8 and 0 < erased.sum() < 64 * 64  # a box, the rest still white
@@ -209,18 +216,18 @@ def test_pixel_erasing_paints_noise_that_normalises_to_a_standard_normal():
 def test_the_public_code_s_resize_is_the_default_and_bad_modes_are_refused():
     from torchvision.transforms import InterpolationMode
 
-    stage1, stage2 = (build_transform(32, s, DataConfig()).transforms[0] for s in (1, 2))
+    stage1, stage2 = (build_transform(32, s, DataConfig()).transforms[0] for s in (STAGE1, STAGE2))
     assert stage1.interpolation == InterpolationMode.BILINEAR and stage2.interpolation == InterpolationMode.BILINEAR
-    assert build_transform(32, 2, _cfg(interpolation="bicubic")).transforms[0].interpolation == InterpolationMode.BICUBIC
+    assert build_transform(32, STAGE2, _cfg(interpolation="bicubic")).transforms[0].interpolation == InterpolationMode.BICUBIC
     with pytest.raises(ValueError, match="data.interpolation"):
-        build_transform(32, 1, _cfg(interpolation="nearest"))
+        build_transform(32, STAGE1, _cfg(interpolation="nearest"))
     with pytest.raises(ValueError, match="data.erasing_mode"):
-        build_transform(32, 1, _cfg(random_erasing=0.5, erasing_mode="rand"))
+        build_transform(32, STAGE1, _cfg(random_erasing=0.5, erasing_mode="rand"))
 
 
 def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokenizer):
     table = load_samples(str(contract), with_pairs=True)
-    ds = CaptionImageDataset(table, tokenizer, 32, 2, _cfg(), seed=0)
+    ds = CaptionImageDataset(table, tokenizer, 32, STAGE2, _cfg(), seed=0)
     item = ds[0]
     assert item["has_partner"] and item["partner_image"].shape == (3, 32, 32)
     words = tokenizer.convert_ids_to_tokens(item["shared_ids"])
@@ -235,7 +242,7 @@ def test_stage2_partner_shares_an_entity_and_redraws_each_epoch(contract, tokeni
 def test_stage2_pairs_in_batch_put_each_partner_in_the_batch_as_a_full_sample(tmp_path, tokenizer):
     root = make_contract(tmp_path / "D", n=24, corrupt=(23,))
     table = load_samples(str(root), with_pairs=True)
-    ds = CaptionImageDataset(table, tokenizer, 32, 2, _cfg(), seed=0, pairs_in_batch=True)
+    ds = CaptionImageDataset(table, tokenizer, 32, IN_BATCH, _cfg(), seed=0)
     unpaired = next(i for i in range(len(ds)) if int(table.sample_id[i]) not in table.partners and i != 23)
     items = [ds[0], ds[1], ds[unpaired], ds[23]]
     assert [len(x) for x in items[:3]] == [2, 2, 1] and items[3] is None  # 23 cannot be read

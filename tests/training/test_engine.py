@@ -32,7 +32,7 @@ def _cli(*args):
 def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
     data = make_contract(tmp_path / "D", n=16)
     run = tmp_path / "run"
-    result = _cli("--data", str(data), "--run", str(run), "train.steps=3", "train.stage2_steps=2")
+    result = _cli("--data", str(data), "--run", str(run), "train.stages.1.steps=3", "train.stages.2.steps=2")
     assert result.exit_code == 0, result.output
     assert len(_losses(run / "stage1")) == 3 and len(_losses(run / "stage2")) == 2
     printed = [line for line in result.output.splitlines() if line.startswith("stage 2 step 2/2")]
@@ -53,7 +53,7 @@ def test_both_stages_train_and_checkpoints_hold_the_contract(tmp_path):
 
 @pytest.mark.slow
 def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_and_resumes_exactly(tmp_path):
-    """train.stage2_pairs_in_batch with model.momentum=0 and the text encoder left to train: the
+    """train.stages.2.partners=in_batch with model.momentum=0 and the text encoder left to train: the
     batch is batch_size / 2 samples and their partners, stage 2 keeps no momentum encoder, the
     text encoder moves, and a run resumed from a mid-epoch checkpoint repeats the losses of the
     run straight through (the sampler resumes by samples drawn, half a batch of rows)."""
@@ -61,9 +61,9 @@ def test_stage2_with_the_partners_in_the_batch_trains_without_a_momentum_copy_an
 
     data = make_contract(tmp_path / "D", n=16)
     run = tmp_path / "run"
-    args = ("--data", str(data), "train.steps=2", "train.stage2_steps=5", "train.batch_size=4",
+    args = ("--data", str(data), "train.stages.1.steps=2", "train.stages.2.steps=5", "train.batch_size=4",
             "train.ckpt_every=1", "train.keep_last=10", "train.log_every=1",
-            "train.stage2_pairs_in_batch=true", "model.momentum=0", "train.stage2_freeze_text=false")
+            "train.stages.2.partners=in_batch", "model.momentum=0", "train.stages.2.freeze_text=false")
     result = _cli("--run", str(run), *args)
     assert result.exit_code == 0, result.output
     stage2 = run / "stage2"
@@ -94,9 +94,9 @@ def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resu
     data = make_contract(tmp_path / "D", n=16)
     ema = ("train.ema_decay=0.9", "train.ckpt_every=2", "train.batch_size=4")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _cli("--data", str(data), "--run", str(straight), "--stage", "1", "train.steps=4", *ema).exit_code == 0
-    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.steps=2", *ema).exit_code == 0
-    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.steps=4", *ema).exit_code == 0
+    assert _cli("--data", str(data), "--run", str(straight), "--stage", "1", "train.stages.1.steps=4", *ema).exit_code == 0
+    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.stages.1.steps=2", *ema).exit_code == 0
+    assert _cli("--data", str(data), "--run", str(resumed), "--stage", "1", "train.stages.1.steps=4", *ema).exit_code == 0
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (straight, resumed))
     assert a["ema"] is not None and set(a["ema"]) == set(a["model"])
     moved = [k for k, v in a["model"].items() if v.is_floating_point() and not torch.equal(v, a["ema"][k])]
@@ -107,7 +107,7 @@ def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resu
     # stage 2 starts from the average
     second = tmp_path / "second"
     assert _cli("--data", str(data), "--run", str(second), "--stage", "2", "--init", str(straight / "last.pt"),
-                "train.stage2_steps=1").exit_code == 0
+                "train.stages.2.steps=1").exit_code == 0
     text = [k for k in moved if k.startswith("text_encoder.")]  # frozen in stage 2: still the average
     s2 = torch.load(second / "last.pt", weights_only=True)["model"]
     assert text and all(torch.equal(s2[k], a["ema"][k]) for k in text)
@@ -116,7 +116,7 @@ def test_the_moving_average_of_the_weights_is_saved_used_for_evaluation_and_resu
 def test_without_a_decay_no_average_is_kept(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1").exit_code == 0
+    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=1").exit_code == 0
     assert torch.load(run / "last.pt", weights_only=True)["ema"] is None
     result = _cli("--data", str(data), "--run", str(tmp_path / "bad"), "--stage", "1", "train.ema_decay=1.5")
     assert result.exit_code == 2 and "train.ema_decay" in result.output and "Traceback" not in result.output
@@ -126,7 +126,7 @@ def test_without_a_decay_no_average_is_kept(tmp_path):
 def test_checkpoint_loads_into_a_fresh_process(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=2").exit_code == 0
+    assert _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=2").exit_code == 0
     code = (
         "import sys, torch; from ovseg.training.checkpoint import load_model; "
         f"m = load_model(r'{run / 'last.pt'}'); "
@@ -141,7 +141,7 @@ def test_checkpoint_loads_into_a_fresh_process(tmp_path):
 def test_overrides_reach_the_model(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1", "model.num_groups=3")
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=1", "model.num_groups=3")
     assert result.exit_code == 0, result.output
     from ovseg.training.checkpoint import load_model
 
@@ -152,7 +152,7 @@ def test_overrides_reach_the_model(tmp_path):
 def test_tensorboard_is_optional(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=1", "train.tensorboard=true")
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=1", "train.tensorboard=true")
     assert result.exit_code == 0, result.output
     try:
         import tensorboard  # noqa: F401
@@ -188,20 +188,20 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_unreadable_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path):
     data = make_contract(tmp_path / "D", n=12, corrupt=(1, 5))
     run = tmp_path / "run"
-    ok = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=4",
+    ok = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=4",
               "data.max_skip_rate=0.5", "data.min_samples_for_skip_check=4")
     assert ok.exit_code == 0, ok.output
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["skipped"] >= 1
     bad = make_contract(tmp_path / "B", n=12, corrupt=tuple(range(0, 12, 2)))
-    stopped = _cli("--data", str(bad), "--run", str(tmp_path / "run2"), "--stage", "1", "train.steps=6",
+    stopped = _cli("--data", str(bad), "--run", str(tmp_path / "run2"), "--stage", "1", "train.stages.1.steps=6",
                    "data.max_skip_rate=0.2", "data.min_samples_for_skip_check=4")
     assert stopped.exit_code == 1 and "could not be read" in stopped.output
 
 
 def test_non_finite_loss_stops_naming_step_and_parts(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
-    result = _cli("--data", str(data), "--run", str(tmp_path / "r"), "--stage", "1", "train.steps=2",
+    result = _cli("--data", str(data), "--run", str(tmp_path / "r"), "--stage", "1", "train.stages.1.steps=2",
                   "model.logit_scale_init=.inf", "model.logit_scale_max=.inf")
     assert result.exit_code == 1
     assert "non-finite loss at step 0" in result.output and "contrastive=" in result.output
@@ -210,7 +210,7 @@ def test_non_finite_loss_stops_naming_step_and_parts(tmp_path):
 def _train_process(data, run, steps, extra=()):
     return subprocess.Popen(
         [sys.executable, "-m", "ovseg.cli.main", "train", "--preset", "test", "--no-progress", "--stage", "1",
-         "--data", str(data), "--run", str(run), f"train.steps={steps}", "train.ckpt_every=2",
+         "--data", str(data), "--run", str(run), f"train.stages.1.steps={steps}", "train.ckpt_every=2",
          "train.batch_size=2", "train.keep_last=10", *extra],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -257,7 +257,7 @@ def test_torchrun_two_gloo_processes_train_together_with_accumulation(tmp_path):
     run = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "ovseg.cli.main", "train", "--preset", "test", "--no-progress", "--stage", "1",
-         "--data", str(data), "--run", str(run), "train.steps=2", "optim.accum_steps=2", "--nproc-per-node", "2",
+         "--data", str(data), "--run", str(run), "train.stages.1.steps=2", "optim.accum_steps=2", "--nproc-per-node", "2",
          "--master-port", "29531"],
         env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -274,7 +274,7 @@ def test_periodic_validation_logs_val_miou(tmp_path):
     world = generate(tmp_path / "world", WorldConfig(n_train=2, n_val=3, n_test=1, image_size=32))
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=2", "train.eval_every=1",
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=2", "train.eval_every=1",
                   "--val", f"synthetic:{world / 'voc'}", "--val-images", "2")
     assert result.exit_code == 0, result.output
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -348,19 +348,21 @@ def test_the_paper_rates_are_the_official_ones_scaled_by_global_batch_over_4096_
     from ovseg.training.engine import stage_lengths, stage_rates
 
     cfg = resolve("paper")
-    one = stage_rates(cfg, 1, 8 * 256)  # run.sh: 8 GPUs x 256
+    first, second = cfg.train.stages
+    one = stage_rates(cfg, first, 8 * 256)  # run.sh: 8 GPUs x 256
     assert one == pytest.approx({"lr": 3.2e-4, "warmup_lr": 8e-6, "min_lr": 8e-5})
-    two = stage_rates(cfg, 2, 8 * 128)  # run_stage2.sh: 8 GPUs x 128
+    two = stage_rates(cfg, second, 8 * 128)  # run_stage2.sh: 8 GPUs x 128
     assert two == pytest.approx({"lr": 2.5e-6, "warmup_lr": 1e-6, "min_lr": 2.5e-7})
     # the stage-2 rate does not move with stage 1's
     moved = resolve("paper", overrides=["optim.lr=1e-3"])
-    assert stage_rates(moved, 2, 1024) == two
+    assert stage_rates(moved, moved.train.stages[1], 1024) == two
     # lengths in epochs: 30 with 2 of warm-up, then 10 without
-    assert stage_lengths(cfg, 1, 100) == (3000, 200)
-    assert stage_lengths(cfg, 2, 100) == (1000, 0)
-    steps = resolve("paper", overrides=["train.epochs=null", "train.steps=77"])
-    assert stage_lengths(steps, 1, 100) == (77, 200)
+    assert stage_lengths(cfg, first, 100) == (3000, 200)
+    assert stage_lengths(cfg, second, 100) == (1000, 0)
+    steps = resolve("paper", overrides=["train.stages.1.epochs=null", "train.stages.1.steps=77"])
+    assert stage_lengths(steps, steps.train.stages[0], 100) == (77, 200)
     # presets without stage-2 rates keep stage 1's times the factor, and its warm-up
     test = resolve("test")
-    assert stage_rates(test, 2, 4)["lr"] == pytest.approx(test.optim.lr * test.train.stage2_lr_factor)
-    assert stage_lengths(test, 2, 10) == (test.train.stage2_steps, test.optim.warmup_steps)
+    test_second = test.train.stages[1]
+    assert stage_rates(test, test_second, 4)["lr"] == pytest.approx(test.optim.lr * test_second.lr_factor)
+    assert stage_lengths(test, test_second, 10) == (test_second.steps, test.optim.warmup_steps)

@@ -18,7 +18,7 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.steps=-5", "train.steps must be at least 1"),
+    ("train.stages.1.steps=-5", "train.stages.1.steps must be at least 1"),
     ("optim.lr=-1", "optim.lr must be a finite number above 0"),
     ("optim.lr=nan", "optim.lr must be a finite number above 0"),
 ])
@@ -35,7 +35,7 @@ def test_impossible_settings_are_one_line_errors_before_anything_is_saved(tmp_pa
 def test_a_short_run_with_half_its_images_unreadable_fails_at_its_end(tmp_path):
     data = make_contract(tmp_path / "D", n=12, corrupt=tuple(range(0, 12, 2)))
     run = tmp_path / "run"
-    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=2")
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=2")
     assert result.exit_code == 1 and "could not be read" in result.output
     assert "last checkpoint" in result.output and (run / "last.pt").exists()  # the work is kept
 
@@ -61,11 +61,11 @@ def test_a_time_bounded_run_shows_its_time_budget_not_its_steps():
 def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
-    first = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=4", "train.ckpt_every=2")
+    first = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=4", "train.ckpt_every=2")
     assert first.exit_code == 0, first.output
     newest = run / "ckpt" / "step-00000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk that filled up
-    again = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.steps=6", "train.ckpt_every=2")
+    again = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=6", "train.ckpt_every=2")
     assert again.exit_code == 0, again.output
     summary = json.loads(again.output[again.output.index("{"):])
     assert summary["step"] == 6

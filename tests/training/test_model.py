@@ -153,13 +153,13 @@ def test_training_merges_patches_by_a_gumbel_hard_assignment_and_eval_by_the_bes
 
     assign.train()
     torch.manual_seed(1)
-    out_train, soft = assign(queries, x)
+    out_train, soft = assign(queries, x)[:2]
     torch.manual_seed(1)  # the same Gumbel noise
     one_hot = gumbel_softmax_over_groups(raw, assign.tau, hard=True)
     assert set(one_hot.unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(out_train, merged(one_hot))
     assign.eval()
-    out_eval, soft_eval = assign(queries, x)
+    out_eval, soft_eval = assign(queries, x)[:2]
     # GroupViT and OVSegmentor pool with the one-hot of the best group at eval too
     best = torch.zeros_like(raw).scatter_(1, raw.argmax(dim=1, keepdim=True), 1.0)
     torch.testing.assert_close(out_eval, merged(best))

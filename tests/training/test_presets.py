@@ -92,15 +92,16 @@ def test_paper_preset_is_the_official_configuration():
     assert (m.drop_path, m.patch_norm, m.grouping, m.hard_assignment) == (0.1, False, "learned", True)
     assert (m.mask_form, m.mask_group_ratio, m.mask_relative_threshold, m.momentum) == ("official", 0.5, 0.6, 0.99)
     assert (m.loss_weights["contrastive"], m.loss_weights["entity"], m.loss_weights["mask"]) == (1.0, 1.0, 0.1)
-    assert (t.stage1_losses, t.stage2_losses) == (["contrastive", "entity"], ["contrastive", "entity", "mask"])
+    one, two = t.stages
+    assert (one.losses, two.losses) == (["contrastive", "entity"], ["contrastive", "entity", "mask"])
     assert (o.lr, o.warmup_lr, o.min_lr, o.warmup_epochs, o.schedule) == (6.4e-4, 1.6e-5, 1.6e-4, 2, "official")
-    assert (o.stage2_lr, o.stage2_min_lr, o.stage2_warmup_epochs) == (1e-5, 1e-6, 0)
+    assert (two.lr, two.min_lr, two.warmup_epochs) == (1e-5, 1e-6, 0)
     assert (o.betas, o.eps, o.weight_decay, o.no_decay, o.clip_grad, o.scale_lr) == (
         (0.9, 0.999), 1e-8, 0.05, "official", 5.0, True)
-    assert (t.batch_size, t.stage2_batch_size, t.epochs, t.stage2_epochs) == (256, 128, 30, 10)
-    assert (t.stage2_freeze_text, t.stage2_pairs_in_batch, t.ema_decay) == (True, False, 0.0)
-    assert (d.crop_scale_min, d.stage2_crop_scale_min, d.randaugment, d.color_jitter, d.random_erasing) == (
-        0.08, 0.4, "rand-m9-mstd0.5-inc1", 0.4, 0.25)
+    assert (one.batch_size, two.batch_size, one.epochs, two.epochs) == (256, 128, 30, 10)
+    assert (two.freeze_text, two.partners, t.ema_decay) == (True, "extra", 0.0)
+    assert (one.crop, one.augment, two.crop, two.augment) == (0.08, "deit", 0.4, "crop_flip")
+    assert (d.randaugment, d.color_jitter, d.random_erasing) == ("rand-m9-mstd0.5-inc1", 0.4, 0.25)
 
 
 def test_every_paper_preset_field_says_what_the_official_files_say():

@@ -20,11 +20,11 @@ def test_the_preset_is_the_papers_model_with_ovsegs_additions_off():
     assert (m.grouping, m.hard_assignment, m.patch_embed) == ("learned", True, "linear")
     assert m.depth_before > 0 and m.depth_after > 0
     assert (m.decoder, m.mask_form) == ("official", "official") and m.momentum > 0
-    assert t.stage1_losses == ["contrastive", "entity"] and t.stage2_losses == ["contrastive", "entity", "mask"]
-    assert t.ema_decay == 0 and not t.stage2_pairs_in_batch and cfg.optim.schedule == "official"
+    assert [s.losses for s in t.stages] == [["contrastive", "entity"], ["contrastive", "entity", "mask"]]
+    assert t.ema_decay == 0 and t.stages[1].partners == "extra" and cfg.optim.schedule == "official"
     # each addition is one override away
-    on = resolve("synthetic-paper", overrides=["model.patch_embed=cnn", "train.stage1_losses=[contrastive,entity,grounding]"])
-    assert on.model.patch_embed == "cnn" and "grounding" in on.train.stage1_losses
+    on = resolve("synthetic-paper", overrides=["model.patch_embed=cnn", "train.stages.1.losses=[contrastive,entity,grounding]"])
+    assert on.model.patch_embed == "cnn" and "grounding" in on.train.stages[0].losses
 
 
 @pytest.mark.slow  # builds and trains two stages: tens of seconds on a loaded 2-core machine
@@ -32,8 +32,8 @@ def test_both_stages_train_through_the_cli(tmp_path):
     data = make_contract(tmp_path / "DATA")
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--preset", "synthetic-paper", "--no-progress", "--data", str(data),
-                                      "--run", str(run), "train.steps=2", "train.stage2_steps=2",
-                                      "train.batch_size=4", "train.stage2_batch_size=4", "train.device=cpu",
+                                      "--run", str(run), "train.stages.1.steps=2", "train.stages.2.steps=2",
+                                      "train.batch_size=4", "train.stages.2.batch_size=4", "train.device=cpu",
                                       "train.log_every=1"])
     assert result.exit_code == 0, result.output
     records = {stage: [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]

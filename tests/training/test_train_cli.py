@@ -49,7 +49,7 @@ def _records(run):
 
 def test_both_stages_train_on_curated_and_downloaded_data(curated, tmp_path):
     run = tmp_path / "run"
-    result = _train("--data", str(curated), "--run", str(run), "train.steps=3", "train.stage2_steps=2")
+    result = _train("--data", str(curated), "--run", str(run), "train.stages.1.steps=3", "train.stages.2.steps=2")
     assert result.exit_code == 0, result.output
     stage1, stage2 = _records(run / "stage1"), _records(run / "stage2")
     assert [r["step"] for r in stage1] == [1, 2, 3] and [r["step"] for r in stage2] == [1, 2]
@@ -61,12 +61,12 @@ def test_both_stages_train_on_curated_and_downloaded_data(curated, tmp_path):
 
 def test_stage2_from_init_then_resumes_its_own_run(curated, tmp_path):
     first = tmp_path / "s1"
-    assert _train("--data", str(curated), "--run", str(first), "--stage", "1", "train.steps=2").exit_code == 0
+    assert _train("--data", str(curated), "--run", str(first), "--stage", "1", "train.stages.1.steps=2").exit_code == 0
     second = tmp_path / "s2"
     ok = _train("--data", str(curated), "--run", str(second), "--stage", "2", "--init", str(first / "last.pt"),
-                "train.stage2_steps=2")
+                "train.stages.2.steps=2")
     assert ok.exit_code == 0, ok.output
-    more = _train("--data", str(curated), "--run", str(second), "--stage", "2", "train.stage2_steps=3")
+    more = _train("--data", str(curated), "--run", str(second), "--stage", "2", "train.stages.2.steps=3")
     assert more.exit_code == 0, more.output
     assert [r["step"] for r in _records(second)] == [1, 2, 3]  # resumed at 2, not started over
 
@@ -86,14 +86,14 @@ def test_a_corrupt_member_of_a_downloaded_shard_is_skipped_and_counted(curated, 
 
     cfg = resolve("test")
     tokenizer = train_wordpiece(captions_for_tokenizer(str(data)), vocab_size=300)
-    dataset = CaptionImageDataset(load_samples(str(data)), tokenizer, 32, 1, cfg.data, seed=0)
+    dataset = CaptionImageDataset(load_samples(str(data)), tokenizer, 32, cfg.train.stages[0], cfg.data, seed=0)
     items = [dataset[i] for i in range(len(dataset))]
     batch = collate(items)
     assert batch["n_skipped"] == 1 and batch["image"].shape[0] == len(ok) - 1
     assert victim["sample_id"] not in batch["sample_id"].tolist()
     # and through the CLI the run goes on, counting it in metrics.jsonl
     run = tmp_path / "run"
-    result = _train("--data", str(data), "--run", str(run), "--stage", "1", f"train.steps={len(ok) // 4}")
+    result = _train("--data", str(data), "--run", str(run), "--stage", "1", f"train.stages.1.steps={len(ok) // 4}")
     assert result.exit_code == 0, result.output
     last = _records(run)[-1]
     assert last["epoch"] == 0 and last["skipped"] <= 1 and last["step"] == len(ok) // 4

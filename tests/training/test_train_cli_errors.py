@@ -45,19 +45,19 @@ def test_damaged_init_checkpoint_is_a_one_line_error_naming_it(contract, tmp_pat
 
 def test_missing_vision_init_file_is_a_one_line_error(contract, tmp_path):
     missing = tmp_path / "dino.pth"
-    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.steps=1",
+    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.stages.1.steps=1",
                     f"model.vision_init={missing}")
     _one_line_error(result, "model.vision_init", "does not exist")
 
 
 def test_offline_timm_dino_name_is_a_one_line_error(contract, tmp_path):
-    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.steps=1",
+    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.stages.1.steps=1",
                     "model.vision_init=vit_small_patch16_224.dino")
     _one_line_error(result, "vit_small_patch16_224.dino", "local DINO checkpoint")
 
 
 def test_offline_hub_text_encoder_is_a_one_line_error(contract, tmp_path):
-    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.steps=1",
+    result = _train("--data", str(contract), "--run-dir", str(tmp_path / "r"), "--stage", "1", "train.stages.1.steps=1",
                     "model.text_pretrained=bert-base-uncased")
     _one_line_error(result, "model.text_pretrained=bert-base-uncased", "local directory")
     assert not (tmp_path / "r").exists()  # checked before the run folder is made
@@ -66,9 +66,9 @@ def test_offline_hub_text_encoder_is_a_one_line_error(contract, tmp_path):
 def test_documented_stage_lines_chain(contract, tmp_path):
     """docs/training.md: `--stage 1` into R/stage1, then `--stage 2 --init R/stage1/last.pt`."""
     first, second = tmp_path / "small" / "stage1", tmp_path / "small" / "stage2"
-    assert _train("--data", str(contract), "--run-dir", str(first), "--stage", "1", "train.steps=1").exit_code == 0
+    assert _train("--data", str(contract), "--run-dir", str(first), "--stage", "1", "train.stages.1.steps=1").exit_code == 0
     assert (first / "last.pt").is_file()
     result = _train("--data", str(contract), "--run-dir", str(second), "--stage", "2", "--init", str(first / "last.pt"),
-                    "train.stage2_steps=1")
+                    "train.stages.2.steps=1")
     assert result.exit_code == 0, result.output
     assert (second / "last.pt").is_file()

@@ -1,11 +1,16 @@
 """The grouping block: learnable group tokens become K output groups, and every patch is
 assigned to one of them by a softmax over the groups (GroupViT's grouping block, as
-OVSegmentor uses it)."""
+OVSegmentor uses it).
+
+The block asks an assigner to assign the patches to its group queries. Two assigners share one
+interface (`Assigner`): GroupViT's learned assignment (`AssignAttention`) and ovseg's soft
+k-means (`ClusterAssign`)."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -13,6 +18,37 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ovseg.training.model.attention import CrossAttentionBlock
+
+
+class Assignment(NamedTuple):
+    merged: torch.Tensor  # (B, K, C) each group's pooled patches, projected
+    soft: torch.Tensor  # (B, K, N') the soft patch-to-group assignment, on `grid`
+    # (B, K, C') each group's anchor: what `Assigner.masks` compares another image's patches
+    # with (the learned assignment's group queries; the clustering's key-space centres)
+    anchors: torch.Tensor
+    grid: tuple[int, int]  # the assignment's grid (finer than the tokens' when clustered over a finer map)
+
+
+class Assigner(Protocol):
+    """What the grouping block needs of an assignment of patches to groups."""
+
+    # groups = queries + merged (GroupViT), or the merged patches alone (clustering: the queries
+    # only seed it)
+    residual: bool
+    # the queries cross-attend to the normalised patch tokens (GroupViT's post-norm block), or
+    # to the group tokens themselves in a pre-norm block (the clustering recipe, as measured)
+    queries_see_patches: bool
+
+    def __call__(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
+                 low: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> Assignment:
+        """Group queries (B, K, C) and normalised patch tokens (B, N, C) on `grid`, with the
+        image's low-level map and pooled pixels where the stem gives them."""
+
+    def masks(self, anchors: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None = None,
+              pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
+        """Soft assignment (B, K, N') of another image's normalised patch tokens `x` to this
+        image's groups (`anchors`), with gradient: on the grid `__call__` draws its assignment
+        on, or on `grid` unless `fine`."""
 
 
 def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool) -> torch.Tensor:
@@ -41,6 +77,9 @@ class AssignAttention(nn.Module):
     straight-through sample in training, the best group at eval; otherwise the softmax over
     the groups, in training and at eval. Each group then takes the mean of its patches."""
 
+    residual = True
+    queries_see_patches = True
+
     def __init__(self, dim: int, tau: float = 1.0, hard: bool = True):
         super().__init__()
         self.q_proj = nn.Linear(dim, dim)
@@ -61,7 +100,8 @@ class AssignAttention(nn.Module):
         """Group queries (B, K, C) against normalised patch tokens (B, N, C) -> (B, K, N)."""
         return self.project_q(queries) @ self.project_k(x).transpose(1, 2) * self.scale
 
-    def forward(self, queries: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                low: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> Assignment:
         raw = self.logits(queries, x)  # (B, K, N)
         soft = raw.softmax(dim=1)  # each patch's distribution over the groups
         if not self.hard:
@@ -73,7 +113,11 @@ class AssignAttention(nn.Module):
         # each group takes the mean of the patches assigned to it
         attn_norm = attn / (attn.sum(dim=-1, keepdim=True) + 1.0)
         out = self.proj(attn_norm @ self.v_proj(x))  # (B, K, C)
-        return out, soft
+        return Assignment(out, soft, queries, grid)
+
+    def masks(self, anchors: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None = None,
+              pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
+        return self.logits(anchors, x).softmax(dim=1)  # (B, K, N): the token grid is the only one
 
 
 def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
@@ -129,6 +173,9 @@ class ClusterAssign(nn.Module):
     assignment showed on the synthetic world (docs/quality.md); the groups still pool the
     patch tokens with gradient, and the centres keep a gradient path through the token part of
     the keys for cross-image mask consistency, whose masks compare token parts only."""
+
+    residual = False
+    queries_see_patches = False
 
     def __init__(self, dim: int, low_dim: int, settings: ClusterSettings):
         super().__init__()
@@ -200,10 +247,10 @@ class ClusterAssign(nn.Module):
         logits = 2 * dots - centres.pow(2).sum(-1)[:, :, None]
         return (logits / st.tau).softmax(dim=1)
 
-    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
-                pixels: torch.Tensor | None = None):
+    def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None = None,
+                pixels: torch.Tensor | None = None) -> Assignment:
         """queries (B, K, C), x (B, N, C) normalised patch tokens -> merged groups (B, K, C),
-        soft assignment (B, K, N'), centres (B, K, Dk) and the assignment's grid."""
+        soft assignment (B, K, N'), centres (B, K, Dk: the anchors) and the assignment's grid."""
         keys, out_grid = self.keys(x, grid, low, pixels)
         free = keys.detach()
         with torch.no_grad():
@@ -227,13 +274,13 @@ class ClusterAssign(nn.Module):
             # values with the assignment pulled back through the (linear) upsampling
             attn = attn @ _upsampling(tuple(grid), out_grid, attn.device, attn.dtype)
         merged = self.proj(attn @ self.v_proj(x))  # (B, K, C)
-        return merged, soft, centres, out_grid
+        return Assignment(merged, soft, centres, out_grid)
 
     @staticmethod
     def _finer(pixels: torch.Tensor | None, grid: tuple[int, int]) -> bool:
         return pixels is not None and tuple(pixels.shape[-2:]) != tuple(grid)
 
-    def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None,
+    def masks(self, centres: torch.Tensor, x: torch.Tensor, grid: tuple[int, int], low: torch.Tensor | None = None,
               pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's cells to `centres`, with gradient, on
         the grid `forward` draws its assignment on (on the token grid unless `fine`), by the
@@ -266,9 +313,9 @@ class GroupingBlock(nn.Module):
 
     GroupViT's block, as OVSegmentor uses it: the normalised group tokens are mixed along the
     token axis into K queries, which cross-attend to the normalised patch tokens (a post-norm
-    block) and then assign every patch to one of them. With `cluster` the queries only seed a
-    soft k-means (ovseg's CPU recipe); its seeds attend to the group tokens, in a pre-norm
-    block, as that recipe was measured (docs/model.md, deviations)."""
+    block); the assigner then assigns every patch to one of them. With `cluster` the assigner
+    is a soft k-means that the queries only seed (ovseg's CPU recipe); its queries attend to the
+    group tokens, in a pre-norm block, as that recipe was measured (docs/model.md, deviations)."""
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_groups: int,
                  mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True,
@@ -279,46 +326,37 @@ class GroupingBlock(nn.Module):
         self.mlp_inter = Mlp(num_group_tokens, int(0.5 * dim), num_groups)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
-        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=cluster is None)
         # GroupViT's learned assignment, or soft k-means over gradient-free keys
-        self.assign = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
+        assigner: Assigner = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
+        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=assigner.queries_see_patches)
+        self.assign = assigner  # registered after pre_assign: parameter order (and optimiser state) as before
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 
     def queries(self, group_tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, G, C) group tokens and (B, N, C) normalised patch tokens -> (B, K, C) group
-        queries: the mixed group tokens after cross-attending to the patches (to the group
-        tokens themselves when clustered)."""
+        queries: the mixed group tokens after cross-attending to the patches (or to the group
+        tokens themselves, as the assigner asks)."""
         tokens = self.norm_tokens(group_tokens)
         queries = self.mlp_inter(tokens.transpose(1, 2)).transpose(1, 2)  # (B, K, C)
         queries = self.norm_post_tokens(queries)
-        return self.pre_assign(queries, tokens if self.clustered else x)
+        return self.pre_assign(queries, x if self.assign.queries_see_patches else tokens)
 
-    @property
-    def clustered(self) -> bool:
-        return isinstance(self.assign, ClusterAssign)
-
-    def masks(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
+    def masks(self, anchors: torch.Tensor, x: torch.Tensor, grid: tuple[int, int],
               low: torch.Tensor | None = None, pixels: torch.Tensor | None = None, fine: bool = True) -> torch.Tensor:
         """Soft assignment (B, K, N') of another image's patch tokens `x` (on `grid`, with its
-        low-level map and pooled pixels) to this image's group `queries` (the centres, when
-        clustered), on the grid the groups are drawn on, or on `grid` unless `fine`."""
-        if self.clustered:
-            return self.assign.masks(queries, self.norm_x(x), grid, low, pixels, fine)
-        return self.assign.logits(queries, self.norm_x(x)).softmax(dim=1)
+        low-level map and pooled pixels) to this image's groups (their `anchors`), on the grid
+        the groups are drawn on, or on `grid` unless `fine`."""
+        return self.assign.masks(anchors, self.norm_x(x), grid, low, pixels, fine)
 
     def forward(self, x: torch.Tensor, group_tokens: torch.Tensor, grid: tuple[int, int],
                 low: torch.Tensor | None = None, pixels: torch.Tensor | None = None):
         """x (B, N, C) patches on `grid`, group_tokens (B, G, C) -> groups (B, K, C), soft
-        assignment (B, K, N'), the group queries (B, K, C; the key-space centres when
-        clustered) and the assignment's grid (the low-level map's when clustered over one)."""
+        assignment (B, K, N'), the groups' anchors (B, K, C'; see `Assignment`) and the
+        assignment's grid."""
         x = self.norm_x(x)
         queries = self.queries(group_tokens, x)
-        if self.clustered:
-            # the queries only seed the clustering: a group is what it pools
-            merged, soft, centres, grid = self.assign(queries, x, grid, low, pixels)
-            return merged + self.mlp_channels(self.norm_new_x(merged)), soft, centres, grid
-        merged, soft = self.assign(queries, x)
-        groups = queries + merged
+        out = self.assign(queries, x, grid, low, pixels)
+        groups = queries + out.merged if self.assign.residual else out.merged
         groups = groups + self.mlp_channels(self.norm_new_x(groups))
-        return groups, soft, queries, grid
+        return groups, out.soft, out.anchors, out.grid
