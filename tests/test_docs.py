@@ -390,9 +390,7 @@ NOT_MEASURED = {
     "2301.09121": "the paper's arXiv id",
     "53.8": "the paper's own VOC mIoU", "20.4": "the paper's own Context mIoU", "25.1": "the paper's own COCO-Object mIoU",
     "16": "ViT-B/16, the paper's backbone",
-    "12": "the synthetic world's 12 shape classes",
     "3.10": "the Python version required", "3.8.0": "the spaCy model's version",
-    "4096": "the paper's global batch",
     "10": "the demo's stage-1 minutes (cli/pipeline.py)", "4": "the demo's stage-2 minutes (cli/pipeline.py)",
     "17": "the Java version Spark needs",
 }
