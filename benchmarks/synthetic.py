@@ -562,8 +562,8 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
             + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")),
                                 (kept or {}).get("diagnostics", ()))
             + _pictures(out, results, last, images, unit=unit, prefix=section)
-            + "\nWhat these numbers mean and what was measured while looking for the cause: "
-            "[quality.md](quality.md).\n")
+            + "\nWhat each preset's choices are and why: [recipes.md](recipes.md); what was measured while "
+            "looking for them: [notes/quality-log.md](notes/quality-log.md).\n")
 
 
 def _pictures(out: Path, results: list[dict], budget: float, images: Path | None, n: int = 2, unit: str = "min",

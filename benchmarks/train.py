@@ -58,7 +58,7 @@ def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 25
     Per core is samples over the process's CPU seconds (one thread), so other processes do not
     lower it; the wall-clock rate is reported beside it. Each rate is the median of `repeats`
     passes, with the lowest and highest (`*_min`, `*_max`): on a shared virtual machine single
-    passes were seen to differ by 40%."""
+    passes differ too much to compare one with another."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

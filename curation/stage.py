@@ -82,8 +82,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 # pyarrow write options of the large tables the query stages write (manifest, entity_index,
-# pairs): snappy writes and reads fastest (zstd is 10-30% smaller for 20-30% more time), and
-# batches larger than pyarrow's default 1024 values save as much time again per column.
+# pairs): snappy writes and reads fastest (zstd trades write time for smaller files), and
+# batches larger than pyarrow's default 1024 values save time again per column.
 FAST_PARQUET = {"compression": "snappy", "write_batch_size": 1 << 17}
 # The entity strings of parsed and manifest parts, as Parquet column paths (for `read_dictionary`).
 ENTITIES_STRINGS, CHUNKS_ENTITY = "entities.list.element", "chunks.list.element.entity"

@@ -316,7 +316,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             seed = int(np.random.SeedSequence(rng_seed).generate_state(1)[0])
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA and costs ~1 ms
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, a cost paid per sample
             random.seed(seed)
             try:
                 return self.transform(image)

@@ -603,7 +603,7 @@ def test_a_finer_cluster_stride_draws_the_group_maps_on_that_grid_and_equals_ups
 
 @pytest.mark.slow
 def test_a_loss_that_rewards_one_big_group_collapses_the_learned_grouping_but_cannot_move_the_cluster_one(tokenizer):
-    """The failure the cluster grouping exists for (docs/quality.md): gradient through a learned
+    """The failure the cluster grouping exists for (docs/recipes.md): gradient through a learned
     assignment can fold every patch into one group; without a path to the assignment, the
     same pressure changes nothing."""
     def largest_share(model, images):  # in training mode: batch norm uses these images' statistics

@@ -17,9 +17,9 @@ Two forms (`model.mask_form`):
 
 `matching="entity"` (ovseg's change) matches those groups only to the partner's groups most
 related to the shared entity, instead of to whichever of all its groups their masks overlap
-most. On the synthetic world, in the paper's form, 26% of the targets were the shared object;
-with one group kept, entity matching and the token grid (`model.mask_grid`), 67%
-(`ovseg bench mask-targets`, docs/quality.md section 11)."""
+most: the paper's form keeps several groups, most of them background, whose partner targets a
+group's mask on another image cannot draw. `ovseg bench mask-targets` measures how much of
+the kept groups and of their targets lies on the shared object, under either setting."""
 
 from __future__ import annotations
 

@@ -169,8 +169,8 @@ class ClusterAssign(nn.Module):
     final assignment is drawn on that grid: every fine cell goes to the centres by the same
     distance, each part read on its own grid (a dot product with a centre commutes with
     bilinear resampling, so it is taken on the coarse grid and resampled). No loss reaches the
-    assignment, so none can fold every patch into one group, the collapse GroupViT's learned
-    assignment showed on the synthetic world (docs/quality.md); the groups still pool the
+    assignment, so none can fold every patch into one group, the collapse a learned assignment
+    trained from scratch can fall into (docs/recipes.md); the groups still pool the
     patch tokens with gradient, and the centres keep a gradient path through the token part of
     the keys for cross-image mask consistency, whose masks compare token parts only."""
 
