@@ -62,6 +62,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 5.0
     accum_steps: int = 1  # micro-batches per optimiser step
+    # a stage with a global_batch: samples per micro-batch (None: the largest that fits on CUDA,
+    # the whole per-process batch elsewhere)
+    micro_batch: int | None = None
 
 
 STAGE_PARTNERS = ("none", "extra", "in_batch")
@@ -77,6 +80,10 @@ class StageConfig:
     steps: int = 1000
     epochs: float | None = None  # when set, the stage's length in epochs of the run's data (replaces steps)
     batch_size: int | None = None  # per process
+    # when set, the stage's batch over every process and micro-batch (replaces batch_size and
+    # optim.accum_steps): global_batch / processes per process, in micro-batches of
+    # optim.micro_batch, or of the largest size a memory probe finds to fit on CUDA
+    global_batch: int | None = None
     lr: float | None = None  # peak learning rate at a global batch of 4096 (scaled as optim.lr is)
     lr_factor: float = 1.0  # with lr None: optim.lr times this
     warmup_lr: float | None = None

@@ -26,7 +26,7 @@ from ovseg.training import checkpoint as ckpt
 from ovseg.training import distributed as dist_utils
 from ovseg.training.config import RunConfig, StageConfig, to_dict, write_config
 from ovseg.training.data import (
-    CaptionImageDataset, ResumableSampler, captions_for_tokenizer, load_samples, make_loader, normalize_images,
+    CaptionImageDataset, ResumableSampler, captions_for_tokenizer, collate, load_samples, make_loader, normalize_images,
 )
 
 log = logging.getLogger(__name__)
@@ -331,8 +331,6 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     init_state = ckpt.load(init) if (init is not None and state is None) else None
     tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
     cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses)))  # the model builds the stage's losses
-    if info.is_main:
-        write_config(cfg, run_dir / "config.yaml")
 
     weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
     model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model
@@ -354,6 +352,15 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
                                   mean=model.image_mean, std=model.image_std)
     sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
     batch_size = stage.batch_size or t.batch_size  # per process
+    if stage.global_batch:
+        plan = _batch_plan(cfg, stage, dataset, model, info)
+        batch_size = plan.micro_batch
+        stages = list(t.stages)
+        stages[t.stage - 1] = stage = replace(stage, batch_size=plan.micro_batch)
+        cfg = replace(cfg, train=replace(t, stages=stages), optim=replace(cfg.optim, accum_steps=plan.accum_steps))
+        t = cfg.train
+        if info.is_main:
+            tqdm.write(f"stage {t.stage}: {plan.describe()}")
     drawn = batch_size // 2 if stage.partners == "in_batch" else batch_size
     if drawn == 0:
         raise TrainingError(f"train.stages.{t.stage}.partners=in_batch needs a batch of at least 2")
@@ -392,8 +399,31 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
         _set_rng_state(state["rng"])
         log.info("resumed %s at step %d", resume_path, run.step)
     if info.is_main:
+        write_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(run.metrics_path, run.step)
     return run
+
+
+def _batch_plan(cfg: RunConfig, stage: StageConfig, dataset: CaptionImageDataset, model, info):
+    """The split of the stage's global batch over the processes and micro-batches: a memory
+    probe on the stage's own samples picks the micro-batch on CUDA unless optim.micro_batch
+    gives it."""
+    from ovseg.training.batching import BatchError, cuda_fits, plan_batch
+
+    fits = None
+    if info.device.type == "cuda" and cfg.optim.micro_batch is None:
+        def batch_of(size: int) -> dict[str, Any]:
+            drawn = max(1, size // 2) if stage.partners == "in_batch" else size
+            items = [dataset[i % len(dataset)] for i in range(drawn)]
+            return normalize_images(_to_device(collate(items), info.device), model.image_mean, model.image_std)
+
+        fits = cuda_fits(model, batch_of, info.device.type == "cuda" and cfg.train.precision == "bf16",
+                         agree=lambda ok: not dist_utils.any_rank(not ok, info.device))
+    try:
+        return plan_batch(stage.global_batch, info.world_size, cfg.optim.micro_batch, fits,
+                          key=f"train.stages.{cfg.train.stage}.global_batch")
+    except BatchError as error:
+        raise TrainingError(str(error)) from error
 
 
 def step_batches(run: RunState) -> Iterator[list[dict[str, Any]]]:

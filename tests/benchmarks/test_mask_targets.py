@@ -20,7 +20,8 @@ def built(tmp_path_factory):
     from ovseg.training.model import build_model
     from ovseg.training.tokenizer import tokenizer_to_json, train_wordpiece
 
-    cfg = resolve("test", overrides=["model.losses=[contrastive,mask]", "model.mask_keep_groups=2"])
+    cfg = resolve("test", overrides=["model.mask_keep_groups=2"])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, losses=["contrastive", "mask"]))  # a stage-2 model
     tokenizer = train_wordpiece(["a photo of a red circle and a blue star on a striped background"] * 3, vocab_size=200)
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer).eval()

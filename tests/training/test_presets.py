@@ -98,7 +98,7 @@ def test_paper_preset_is_the_official_configuration():
     assert (two.lr, two.min_lr, two.warmup_epochs) == (1e-5, 1e-6, 0)
     assert (o.betas, o.eps, o.weight_decay, o.no_decay, o.clip_grad, o.scale_lr) == (
         (0.9, 0.999), 1e-8, 0.05, "official", 5.0, True)
-    assert (one.batch_size, two.batch_size, one.epochs, two.epochs) == (256, 128, 30, 10)
+    assert (one.global_batch, two.global_batch, one.epochs, two.epochs) == (2048, 1024, 30, 10)
     assert (two.freeze_text, two.partners, t.ema_decay) == (True, "extra", 0.0)
     assert (one.crop, one.augment, two.crop, two.augment) == (0.08, "deit", 0.4, "crop_flip")
     assert (d.randaugment, d.color_jitter, d.random_erasing) == ("rand-m9-mstd0.5-inc1", 0.4, 0.25)
