@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ovseg.curation import stage
-from ovseg.curation.ingest import CAPTIONS_SCHEMA, IngestConfig, ingest_tsv
-from ovseg.curation.parse import CHUNK, PARSED_SCHEMA, default_model, load_nlp, parse_with
+from ovseg.curation.contract import CAPTIONS_SCHEMA, CHUNK, PARSED_SCHEMA
+from ovseg.curation.ingest import IngestConfig, ingest_tsv
+from ovseg.curation.parse import default_model, load_nlp, parse_with
 
 CC12M_ROWS = 12_423_374  # rows of cc12m.tsv
 

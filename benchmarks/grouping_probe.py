@@ -21,14 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD
 from ovseg.curation.synthetic import WorldConfig, classes as world_classes, label_map, make_sample
 from ovseg.evaluation.metrics import ConfusionMatrix, group_majority_labels
 from ovseg.training.losses.grounding import pooled_similarity
 from ovseg.training.model.config import ModelConfig
 from ovseg.training.model.image_encoder import GroupingViT
 
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 @dataclasses.dataclass

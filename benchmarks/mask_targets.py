@@ -140,18 +140,19 @@ def synthetic_pairs(out: Path, n: int, seed: int = 0) -> Iterator:
     import polars as pl
 
     from ovseg.curation import synthetic as syn
+    from ovseg.curation.contract import MANIFEST_DIR, PAIRS_FILE
 
     world, data = out / "world", out / "data"
-    for needed in (world / "world.json", data / "pairs.parquet", data / "manifest"):
+    for needed in (world / "world.json", data / PAIRS_FILE, data / MANIFEST_DIR):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} is missing: run `ovseg bench synthetic --out {out}` first")
     cfg = syn.load_config(world)
     classes = syn.classes(cfg)
     # the manifest's URL names the world's image file, whose number is its index in the train split
-    manifest = pl.read_parquet(data / "manifest").select(
+    manifest = pl.read_parquet(data / MANIFEST_DIR).select(
         "sample_id", pl.col("url").str.extract(r"(\d+)\.\w+$").cast(pl.Int64).alias("index"))
     index = dict(zip(manifest["sample_id"].to_list(), manifest["index"].to_list()))
-    pairs = pl.read_parquet(data / "pairs.parquet")
+    pairs = pl.read_parquet(data / PAIRS_FILE)
     pairs = pairs.filter(pl.col("entity").is_in(classes[1:]))
     pairs = pairs.sample(min(n, pairs.height), seed=seed, shuffle=True)
 

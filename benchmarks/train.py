@@ -6,50 +6,31 @@ from __future__ import annotations
 import io
 import resource
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-CHUNK = pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("entity", pa.string())]))
+from ovseg.curation.contract import write_contract
 
 
 def _write_jpeg_contract(root: Path, n: int, size: int) -> None:
     """A DATA folder in the on-disk contract with n smooth random JPEGs of size x size."""
     rng = np.random.default_rng(0)
-    (root / "manifest").mkdir(parents=True)
-    (root / "images").mkdir()
-    captions, chunks, ids = [], [], list(range(n))
-    rows = []
-    with tarfile.open(root / "images" / "00000.tar", "w") as tar:
-        for i in ids:
-            small = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
-            image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=90)
-            info = tarfile.TarInfo(f"{i:09d}.jpg")
-            info.size = buf.tell()
-            buf.seek(0)
-            tar.addfile(info, buf)
-            captions.append("a photo of a dog and a person on a beach")
-            chunks.append([{"start": 11, "end": 16, "entity": "dog"}, {"start": 21, "end": 29, "entity": "person"}])
-    with tarfile.open(root / "images" / "00000.tar") as tar:
-        for member in tar.getmembers():
-            rows.append({"sample_id": int(member.name.split(".")[0]), "status": "success", "shard": "00000.tar",
-                         "offset": member.offset_data, "size": member.size})
-    pq.write_table(pa.table({"sample_id": pa.array(ids, pa.int64()), "url": [""] * n, "caption": captions,
-                             "entities": pa.array([["dog", "person"]] * n, pa.list_(pa.string())),
-                             "chunks": pa.array(chunks, CHUNK)}), root / "manifest" / "part-00000.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), root / "downloads.parquet")
-    pairs = [{"sample_id": i, "partner_id": (i + 1) % n, "entity": "dog"} for i in ids]
-    pq.write_table(pa.Table.from_pylist(pairs, schema=pa.schema([("sample_id", pa.int64()), ("partner_id", pa.int64()),
-                                                                 ("entity", pa.string())])), root / "pairs.parquet")
+    images = {}
+    for i in range(n):
+        small = rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        images[i] = buf.getvalue()
+    chunks = [{"start": 11, "end": 16, "entity": "dog"}, {"start": 21, "end": 29, "entity": "person"}]
+    samples = [{"sample_id": i, "url": "", "caption": "a photo of a dog and a person on a beach",
+                "entities": ["dog", "person"], "chunks": chunks} for i in range(n)]
+    pairs = [{"sample_id": i, "partner_id": (i + 1) % n, "entity": "dog"} for i in range(n)]
+    write_contract(root, samples, images, per_shard=n, pairs=pairs)
 
 
 def loader_throughput(n: int = 400, image_size: int = 224, source_size: int = 256, repeats: int = 5) -> dict[str, float]:

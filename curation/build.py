@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovseg.curation import pairs, stage
+from ovseg.curation.contract import CAPTIONS_DIR, ENTITIES_FILE, ENTITY_INDEX_FILE, MANIFEST_DIR, PAIRS_FILE, PARSED_DIR
 
 
 @dataclass
@@ -41,7 +42,7 @@ class BuildResult:
 
 
 def _selected(con, data: Path) -> list[str]:
-    rows = con.execute(f"SELECT entity FROM read_parquet({stage.sql_path(data / 'entities.parquet')}) "
+    rows = con.execute(f"SELECT entity FROM read_parquet({stage.sql_path(data / ENTITIES_FILE)}) "
                        "WHERE selected ORDER BY rank").fetchall()
     return [r[0] for r in rows]
 
@@ -69,13 +70,13 @@ def build_manifest(data: Path, force: bool = False, threads: int | None = None,
     settings = {"select": stage.require(data, "select", "manifest")["settings"]}
     if (done := _skip(data, "manifest", settings, force)) is not None:
         return done
-    out_dir = stage.reset_dir(data / "manifest")
+    out_dir = stage.reset_dir(data / MANIFEST_DIR)
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     selected = pa.array(_selected(con, data), pa.string())
     con.close()
 
     def write_part(captions: Path) -> int:
-        part = manifest_part(captions, data / "parsed" / captions.name, selected)
+        part = manifest_part(captions, data / PARSED_DIR / captions.name, selected)
         tmp = out_dir / (captions.name + ".tmp")
         pq.write_table(part, tmp, store_schema=False, use_dictionary=[stage.ENTITIES_STRINGS, stage.CHUNKS_ENTITY],
                        **stage.FAST_PARQUET)  # without the Arrow schema, entities read back as strings
@@ -83,7 +84,7 @@ def build_manifest(data: Path, force: bool = False, threads: int | None = None,
         return part.num_rows
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # parts are independent
-        rows = sum(pool.map(write_part, stage.parts(data / "captions")))
+        rows = sum(pool.map(write_part, stage.parts(data / CAPTIONS_DIR)))
     return _done(data, "manifest", settings, rows)
 
 
@@ -119,7 +120,7 @@ def build_entity_index(data: Path, force: bool = False, threads: int | None = No
     if (done := _skip(data, "entity_index", settings, force)) is not None:
         return done
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill", keep_order=True)
-    table = con.sql(f"SELECT sample_id, entities FROM read_parquet({stage.sql_path(data / 'manifest' / 'part-*.parquet')})"
+    table = con.sql(f"SELECT sample_id, entities FROM read_parquet({stage.sql_path(data / MANIFEST_DIR / 'part-*.parquet')})"
                     ).to_arrow_table()
     con.close()
     entities = table["entities"].combine_chunks()
@@ -136,7 +137,7 @@ def build_entity_index(data: Path, force: bool = False, threads: int | None = No
     index = pa.table({"entity": pa.DictionaryArray.from_arrays(entity[order].astype(np.int32),
                                                                encoded.dictionary.take(by_name)),
                       "sample_id": sample_id[order]})
-    out = data / "entity_index.parquet"
+    out = data / ENTITY_INDEX_FILE
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(index, tmp, store_schema=False, use_dictionary=["entity"],  # entity reads back as string
                    column_encoding={"sample_id": "DELTA_BINARY_PACKED"}, **stage.FAST_PARQUET)
@@ -156,9 +157,9 @@ def build_pairs(data: Path, pairs_per_sample: int = 10, seed: int = 0, force: bo
     if (done := _skip(data, "pairs", settings, force)) is not None:
         return done
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill", keep_order=True)
-    index = pairs.read_seeded_index(con, data / "entity_index.parquet", seed, int(pairs_per_sample))
+    index = pairs.read_seeded_index(con, data / ENTITY_INDEX_FILE, seed, int(pairs_per_sample))
     con.close()
-    out = data / "pairs.parquet"
+    out = data / PAIRS_FILE
     tmp = out.with_name(out.name + ".tmp")
     rows = pairs.write_pairs(index, int(pairs_per_sample), tmp, PAIR_CHUNK_ROWS, workers=threads or os.cpu_count() or 1)
     tmp.replace(out)

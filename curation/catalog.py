@@ -15,19 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-# view name -> path under DATA (a glob for sharded tables)
-TABLES = {
-    "captions": "captions/part-*.parquet",
-    "rejects": "rejects.parquet",
-    "parsed": "parsed/part-*.parquet",
-    "entities": "entities.parquet",
-    "manifest": "manifest/part-*.parquet",
-    "entity_index": "entity_index.parquet",
-    "pairs": "pairs.parquet",
-    "downloads": "downloads.parquet",
-    "images": "images/*.parquet",
-}
-CATALOG = "catalog.duckdb"
+from ovseg.curation.contract import CATALOG_FILE as CATALOG, DOWNLOADS_FILE, TABLES  # TABLES: view name -> path under DATA
 # The stage whose completion marker vouches for each table (the download keeps its own state).
 OWNER = {"captions": "ingest", "rejects": "ingest", "parsed": "parse", "entities": "select",
          "manifest": "manifest", "entity_index": "entity_index", "pairs": "pairs",
@@ -109,7 +97,7 @@ def _download_complete(data: Path) -> bool:
         complete = bool(json.loads((data / ".download" / "state.json").read_text()).get("complete"))
     except (OSError, ValueError):
         return False
-    manifest, downloads = data / "_markers" / "manifest.json", data / "downloads.parquet"
+    manifest, downloads = data / "_markers" / "manifest.json", data / DOWNLOADS_FILE
     if complete and manifest.exists() and downloads.exists():
         return downloads.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
     return complete

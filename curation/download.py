@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -40,26 +39,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ovseg.curation._download_worker import QUIET_ENV
+from ovseg.curation.contract import (CAPTIONS_SCHEMA, DOWNLOADS_FILE, DOWNLOADS_SCHEMA, IMAGES_DIR, MANIFEST_DIR,
+                                     STATUSES, decode_image, join, read_member, shard_name, shard_path)
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
-STATUSES = ("success", "failed_to_download", "failed_to_resize", "not_downloaded")
-
-DOWNLOADS_SCHEMA = pa.schema([
-    ("sample_id", pa.int64()),
-    ("status", pa.string()),
-    ("error_message", pa.string()),
-    ("shard", pa.string()),        # tar file name relative to DATA/images
-    ("key", pa.string()),          # img2dataset's sample key (member name without extension)
-    ("offset", pa.int64()),        # first byte of the image inside the tar
-    ("size", pa.int64()),          # image bytes
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-])
+# STATUSES, DOWNLOADS_SCHEMA (the columns of downloads.parquet), shard_name and read_member are
+# the contract's (ovseg.curation.contract), where training reads them; this stage's callers may
+# still import them from here.
 
 
 class DownloadError(RuntimeError):
@@ -144,7 +133,7 @@ def download(data_dir: str | os.PathLike, cfg: Optional[DownloadConfig] = None, 
 
 def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, progress: bool,
               start: float, new_manifest_restarts: bool = False) -> DownloadResult:
-    work, images, out = data / ".download", data / "images", data / "downloads.parquet"
+    work, images, out = data / ".download", data / IMAGES_DIR, data / DOWNLOADS_FILE
     fingerprint = _fingerprint(urls, cfg)
     state = _read_state(work)
     if new_manifest_restarts and state.get("fingerprint") not in (None, fingerprint):
@@ -193,12 +182,12 @@ def _download(data: Path, urls: pa.Table, cfg: DownloadConfig, force: bool, prog
 def read_manifest_urls(data: Path) -> pa.Table:
     """sample_id, url, caption of every manifest sample, sorted by sample_id (the order img2dataset
     shards in, so shard k always holds the same samples)."""
-    manifest = Path(data) / "manifest"
+    manifest = Path(data) / MANIFEST_DIR
     files = sorted(manifest.glob("part-*.parquet")) if manifest.is_dir() else []
     if not files:
         raise DownloadError(f"no manifest in {manifest} (run `ovseg curate manifest {data}` first)")
     table = ds.dataset([str(f) for f in files], format="parquet").to_table(columns=["sample_id", "url", "caption"])
-    table = table.cast(pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())]))
+    table = table.cast(CAPTIONS_SCHEMA)
     return table.sort_by("sample_id")
 
 
@@ -305,10 +294,6 @@ def _done_shards(images: Path) -> dict[int, Path]:
     if not images.is_dir():
         return {}
     return {int(p.name.split("_")[0]): p for p in images.glob("*_stats.json")}
-
-
-def shard_name(shard_id: int, cfg_oom: int = 5) -> str:
-    return f"{shard_id:0{cfg_oom}d}"
 
 
 def member_offsets(tar_path: str, extension: str) -> dict[str, tuple[int, int]]:
@@ -456,26 +441,12 @@ def join_downloads(urls: pa.Table, images: Path, cfg: DownloadConfig, cache: Opt
 # ---------------------------------------------------------------------------------------------
 
 
-def read_member(shard: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of a tar shard (a local path or any fsspec URL), in one seek."""
-    with fsspec.open(shard, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{shard}: short read at {offset} ({len(data)} of {size} bytes)")
-    return data
-
-
-def _join_url(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
-
-
 def lookup(data: str | os.PathLike, sample_id: int) -> dict:
     """The downloads.parquet row of one sample (data: DATA as a path or an fsspec URL)."""
-    with fsspec.open(_join_url(str(data), "downloads.parquet"), "rb") as f:
+    with fsspec.open(join(data, DOWNLOADS_FILE), "rb") as f:
         table = pq.read_table(f, filters=[("sample_id", "=", int(sample_id))])
     if table.num_rows == 0:
-        raise KeyError(f"sample {sample_id} is not in {data}/downloads.parquet")
+        raise KeyError(f"sample {sample_id} is not in {join(data, DOWNLOADS_FILE)}")
     return table.to_pylist()[0]
 
 
@@ -484,15 +455,12 @@ def read_image_bytes(data: str | os.PathLike, sample_id: int) -> bytes:
     row = lookup(data, sample_id)
     if row["status"] != "success":
         raise KeyError(f"sample {sample_id} did not download ({row['status']}: {row['error_message']})")
-    return read_member(_join_url(str(data), "images", row["shard"]), row["offset"], row["size"])
+    return read_member(shard_path(data, row["shard"]), row["offset"], row["size"])
 
 
 def read_image(data: str | os.PathLike, sample_id: int):
-    """The downloaded image of one sample as a PIL image (RGB)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(read_image_bytes(data, sample_id))) as image:
-        return image.convert("RGB")
+    """The downloaded image of one sample as a PIL image (8-bit RGB, as training decodes it)."""
+    return decode_image(read_image_bytes(data, sample_id))
 
 
 # ---------------------------------------------------------------------------------------------

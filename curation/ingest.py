@@ -27,13 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from ovseg.curation import stage
+from ovseg.curation.contract import CAPTIONS_DIR, CAPTIONS_SCHEMA, REJECTS_FILE, REJECTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
 CC12M_URL = "https://storage.googleapis.com/conceptual_12m/cc12m.tsv"
 
-CAPTIONS_SCHEMA = pa.schema([("sample_id", pa.int64()), ("url", pa.string()), ("caption", pa.string())])
-REJECTS_SCHEMA = pa.schema([("sample_id", pa.int64()), ("reason", pa.string()), ("raw", pa.string())])
 
 # Reasons a source row is rejected (the `reason` column of rejects.parquet).
 NO_TAB = "no_tab"
@@ -112,7 +111,7 @@ class _ShardWriter:
     """Accumulates kept rows into captions parts of `shard_size` rows, and rejects."""
 
     def __init__(self, data: Path, shard_size: int):
-        self.folder = stage.reset_dir(Path(data) / "captions.tmp")  # swapped in by commit()
+        self.folder = stage.reset_dir(Path(data) / f"{CAPTIONS_DIR}.tmp")  # swapped in by commit()
         self.data = Path(data)
         self.shard_size = shard_size
         self.ids: list[int] = []
@@ -151,7 +150,7 @@ class _ShardWriter:
             stage.write_parquet_atomic(CAPTIONS_SCHEMA.empty_table(), self.folder / stage.part_name(0))
             self.n_parts = 1
         rejects = pa.table(self.rejects, schema=REJECTS_SCHEMA)
-        stage.write_parquet_atomic(rejects, self.data / "rejects.parquet.new")
+        stage.write_parquet_atomic(rejects, self.data / f"{REJECTS_FILE}.new")
         reasons: dict[str, int] = {}
         for reason in self.rejects["reason"]:
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -168,20 +167,20 @@ class _ShardWriter:
             raise stage.StageError(f"no row of {source} was kept ({result.rows} rejected: {reasons}); "
                                    f"{self.data} is left as it was")
         stage.start(self.data, "ingest")  # later stages must rerun over the new captions
-        old, new, final = self.data / "captions.old", self.folder, self.data / "captions"
+        old, new, final = self.data / f"{CAPTIONS_DIR}.old", self.folder, self.data / CAPTIONS_DIR
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
             final.rename(old)
         new.rename(final)
-        (self.data / "rejects.parquet.new").replace(self.data / "rejects.parquet")
+        (self.data / f"{REJECTS_FILE}.new").replace(self.data / REJECTS_FILE)
         if old.exists():
             shutil.rmtree(old)
         return result
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-        (self.data / "rejects.parquet.new").unlink(missing_ok=True)
+        (self.data / f"{REJECTS_FILE}.new").unlink(missing_ok=True)
 
 
 # First bytes of the compressed formats a source may come in (whatever its name says).

@@ -33,10 +33,12 @@ import pyarrow.parquet as pq
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ovseg.curation import stage
+from ovseg.curation.contract import PAIRS_SCHEMA
 
-# The entity column is written from its dictionary (entity ids), and read back as string.
-WRITE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("partner_id", pa.int64()),
-                          ("entity", pa.dictionary(pa.int32(), pa.string()))])
+# The contract's pairs schema with the entity column written from its dictionary (entity ids);
+# it reads back as string.
+WRITE_SCHEMA = PAIRS_SCHEMA.set(PAIRS_SCHEMA.get_field_index("entity"),
+                                pa.field("entity", pa.dictionary(pa.int32(), pa.string())))
 ROW_GROUP_ROWS = 1 << 20
 # sample_id repeats and grows, partner_id is a random id: delta encoding stores each in about as
 # many bits as it varies by, in less time than dictionaries or a compressor would take.

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ovseg.curation import stage
+from ovseg.curation.contract import CAPTIONS_DIR, PARSED_DIR, PARSED_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ PERSON = "person"
 NOT_ENTITIES = {"PRON", "NUM", "PUNCT", "SYM", "X", "SPACE"}
 NEEDED_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler")
 
-CHUNK = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("entity", pa.string())])
-PARSED_SCHEMA = pa.schema([("sample_id", pa.int64()), ("entities", pa.list_(pa.string())),
-                           ("chunks", pa.list_(CHUNK))])
 
 
 def default_model() -> str:
@@ -271,13 +269,13 @@ def parse(data: Path, workers: int = 1, batch_size: int = 256, model: str | None
         stage.refresh_catalog(data)
         return ParseResult(counts["samples"], counts["parts"], 0, 0.0, skipped=True)
     previous = stage.read_marker(data, "parse_progress")
-    out_dir = Path(data) / "parsed"
+    out_dir = Path(data) / PARSED_DIR
     if force or previous is None or previous.get("settings") != settings:
         stage.reset_dir(out_dir)  # parts of other settings must not be mixed in
     stage.start(data, "parse")
     stage.write_text_atomic(stage.marker_path(data, "parse_progress"), json.dumps({"settings": settings}))
     stage.remove_temporaries(out_dir)
-    sources = stage.parts(data / "captions")
+    sources = stage.parts(data / CAPTIONS_DIR)
     todo = [(src, out_dir / src.name) for src in sources if not (out_dir / src.name).exists()]
     total = sum(pq.ParquetFile(src).metadata.num_rows for src, _ in todo)
 

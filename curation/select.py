@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ovseg.curation import stage
+from ovseg.curation.contract import ENTITIES_FILE, PARSED_DIR
 
 ENTITIES_SCHEMA_SQL = "entity VARCHAR, n_samples BIGINT, n_mentions BIGINT, rank BIGINT, selected BOOLEAN, excluded_reason VARCHAR"
 
@@ -105,7 +106,7 @@ def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, 
     con = stage.duckdb_connect(threads, memory_limit, data / "_spill")
     con.execute(f"CREATE TEMP TABLE stop AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.stoplist)])
     con.execute(f"CREATE TEMP TABLE vocab AS SELECT unnest($1::VARCHAR[]) AS entity", [list(cfg.vocabulary or [])])
-    samples, mentions = entity_counts(stage.parts(data / "parsed"))
+    samples, mentions = entity_counts(stage.parts(data / PARSED_DIR))
     con.register("samples", samples)
     con.register("mentions", mentions)
     con.execute(f"""
@@ -120,7 +121,7 @@ def select(data: Path, cfg: SelectConfig = SelectConfig(), force: bool = False, 
     else:
         rule = ("CASE WHEN stopped THEN 'stoplist' "
                 f"WHEN row_number() OVER (PARTITION BY stopped ORDER BY rank) > {int(cfg.top_k)} THEN 'below_top_k' END")
-    out = data / "entities.parquet"
+    out = data / ENTITIES_FILE
     tmp = out.with_name(out.name + ".tmp")
     con.execute(f"""
         COPY (SELECT entity, n_samples, n_mentions, rank, reason IS NULL AS selected, reason AS excluded_reason

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ovseg.curation.contract import part_name  # noqa: F401  (the stages name parts through stage)
+
 STAGES = ("ingest", "parse", "select", "manifest", "entity_index", "pairs")
 MARKERS = "_markers"
 
@@ -112,10 +114,6 @@ def reset_dir(path: Path) -> Path:
 def remove_temporaries(folder: Path) -> None:
     for tmp in folder.glob("*.tmp"):
         tmp.unlink()
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
 
 
 def parts(folder: Path) -> list[Path]:

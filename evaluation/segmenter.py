@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD
+
 PAPER_TEMPLATE = "a photo of a {}."
 ENSEMBLE_TEMPLATES = (
     "a photo of a {}.",
@@ -143,8 +145,8 @@ class ZeroShotSegmenter:
         self.batch_size = batch_size
         self.bf16 = bf16  # bf16 autocast of the model on CUDA
         self.patch_size = int(getattr(model, "patch_size", 16))
-        self.mean = torch.tensor(getattr(model, "image_mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-        self.std = torch.tensor(getattr(model, "image_std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+        self.mean = torch.tensor(getattr(model, "image_mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
+        self.std = torch.tensor(getattr(model, "image_std", IMAGENET_STD)).view(1, 3, 1, 1)
         self._class_cache: dict[tuple, torch.Tensor] = {}
 
     # -- text side ---------------------------------------------------------------------------

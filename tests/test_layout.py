@@ -83,6 +83,14 @@ def test_no_library_package_imports_benchmarks_or_cli():
     assert not bad, bad
 
 
+def test_the_contract_is_a_leaf_that_imports_nothing_else_of_ovseg():
+    """Training and evaluation may import `ovseg.curation.contract`: it must not bring the rest of
+    curation (or anything else of ovseg) in with it."""
+    path = ROOT / "curation" / "contract.py"
+    assert path.exists()
+    assert not sorted(n for n in imported_modules(path, "curation") if not _within(n, ("ovseg.curation.contract",)))
+
+
 def test_benchmarks_never_import_the_cli():
     bad = sorted((str(path.relative_to(ROOT)), name) for path in sorted((ROOT / "benchmarks").rglob("*.py"))
                  for name in imported_modules(path, "benchmarks") if _within(name, ("ovseg.cli",)))

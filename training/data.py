@@ -1,4 +1,5 @@
-"""Training samples from the on-disk contract (docs/schemas.md), never from curation code.
+"""Training samples from the on-disk contract (docs/schemas.md, `ovseg.curation.contract`), never
+from curation's stages.
 
 The samples are the manifest rows whose image downloaded (`downloads.status = 'success'`); each
 image is read from its webdataset shard by (shard, offset, size) with one seek, so nothing but
@@ -13,8 +14,6 @@ run sees exactly the batches an uninterrupted one would, whatever the number of 
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 import random
 import zlib
@@ -29,36 +28,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from ovseg.curation.contract import (DOWNLOADS_FILE, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_DIR, PAIRS_FILE,
+                                     decode_image, join, read_member, shard_path)
 
 if TYPE_CHECKING:
     from ovseg.training.config import StageConfig
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-@functools.lru_cache(maxsize=4096)
-def _filesystem(shard_url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The file system and path of a shard, resolved once per process (resolving a URL costs
-    more than the read of a small member from a local disk)."""
-    return fsspec.core.url_to_fs(shard_url)
-
-
-def read_member(shard_url: str, offset: int, size: int) -> bytes:
-    """The bytes of one tar member: one open, one seek, one read (local path or fsspec URL)."""
-    fs, path = _filesystem(shard_url)
-    with fs.open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{shard_url}: short read at {offset} ({len(data)} of {size} bytes)")
-    return data
 
 
 @dataclass
@@ -82,9 +58,9 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
     """Join the manifest with the successful downloads (and pairs among them)."""
     root = str(data_dir)
     fs, path = fsspec.core.url_to_fs(root)
-    manifest = pads.dataset(_join(path, "manifest"), format="parquet", filesystem=fs).to_table(
+    manifest = pads.dataset(join(path, MANIFEST_DIR), format="parquet", filesystem=fs).to_table(
         columns=["sample_id", "caption", "entities", "chunks"])
-    downloads = pq.read_table(_join(path, "downloads.parquet"), filesystem=fs,
+    downloads = pq.read_table(join(path, DOWNLOADS_FILE), filesystem=fs,
                               columns=["sample_id", "status", "shard", "offset", "size"])
     downloads = downloads.filter(pc.equal(downloads["status"], "success"))
     # an inner join on sample_id (Arrow's join cannot carry list columns, so: filter both, sort both)
@@ -100,7 +76,7 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
     ids = table["sample_id"].to_numpy()
     partners: dict[int, list[tuple[int, str]]] = {}
     if with_pairs:
-        pairs = pq.read_table(_join(path, "pairs.parquet"), filesystem=fs,
+        pairs = pq.read_table(join(path, PAIRS_FILE), filesystem=fs,
                               columns=["sample_id", "partner_id", "entity"])
         keep = pc.and_(pc.is_in(pairs["sample_id"], value_set=table["sample_id"]),
                        pc.is_in(pairs["partner_id"], value_set=table["sample_id"]))
@@ -108,8 +84,7 @@ def load_samples(data_dir: str, with_pairs: bool = False) -> SampleTable:
         for sid, pid, entity in zip(pairs["sample_id"].to_pylist(), pairs["partner_id"].to_pylist(),
                                     pairs["entity"].to_pylist()):
             partners.setdefault(sid, []).append((pid, entity))
-    shards = [s if "://" in s or s.startswith("/") else _join(root, "images", s)
-              for s in table["shard"].to_pylist()]
+    shards = [shard_path(root, s) for s in table["shard"].to_pylist()]
     return SampleTable(
         sample_id=ids, caption=table["caption"].to_pylist(), chunks=table["chunks"].to_pylist(),
         entities=table["entities"].to_pylist(), shard=shards,
@@ -306,10 +281,8 @@ class CaptionImageDataset(torch.utils.data.Dataset):
 
     def _decode(self, index: int) -> Image.Image:
         """The sample's image, read and decoded; any error here means the image is unreadable."""
-        data = read_member(self.table.shard[index], int(self.table.offset[index]), int(self.table.size[index]))
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now (Pillow is lazy), so a truncated file fails here
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return decode_image(read_member(self.table.shard[index], int(self.table.offset[index]),
+                                        int(self.table.size[index])))
 
     def _image(self, image: Image.Image, rng_seed: list[int]) -> torch.Tensor:
         """The augmented image; errors here are bugs, not bad data, so they are not caught."""
@@ -544,7 +517,7 @@ def make_loader(dataset: CaptionImageDataset, sampler: ResumableSampler, batch_s
 def captions_for_tokenizer(data_dir: str, limit: int = 200_000) -> Iterator[str]:
     """Captions of the manifest (at most `limit`), to train a WordPiece tokenizer on."""
     fs, path = fsspec.core.url_to_fs(str(data_dir))
-    dataset = pads.dataset(_join(path, "manifest"), format="parquet", filesystem=fs)
+    dataset = pads.dataset(join(path, MANIFEST_DIR), format="parquet", filesystem=fs)
     seen = 0
     for batch in dataset.to_batches(columns=["caption"]):
         for caption in batch.column(0).to_pylist():
@@ -556,5 +529,5 @@ def captions_for_tokenizer(data_dir: str, limit: int = 200_000) -> Iterator[str]
 
 def data_dir_exists(data_dir: str) -> bool:
     fs, path = fsspec.core.url_to_fs(str(data_dir))
-    return fs.exists(_join(path, "downloads.parquet")) and fs.exists(_join(path, "manifest"))
+    return fs.exists(join(path, DOWNLOADS_FILE)) and fs.exists(join(path, MANIFEST_DIR))
 

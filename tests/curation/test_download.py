@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from ovseg.cli.main import app
 from ovseg.curation import synthetic as syn
-from ovseg.curation.download import DownloadConfig, DownloadError, download, read_image, read_image_bytes, read_member
+from ovseg.curation.contract import MANIFEST_SCHEMA, read_member
+from ovseg.curation.download import DownloadConfig, DownloadError, download, read_image, read_image_bytes
 from ovseg.curation.serve import serve
 
 pytestmark = pytest.mark.slow
@@ -80,14 +81,10 @@ def write_manifest(data: Path, urls: list[str], first_id: int = 0, step: int = 3
     """A manifest as the curation stages write it (DESIGN.md section 2)."""
     (data / "manifest").mkdir(parents=True, exist_ok=True)
     ids = list(range(first_id, first_id + step * len(urls), step))
-    chunk = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("entity", pa.string())])
     table = pa.table({
-        "sample_id": pa.array(ids, pa.int64()),
-        "url": urls,
-        "caption": [f"a red circle number {i}" for i in ids],
-        "entities": pa.array([["circle"]] * len(ids), pa.list_(pa.string())),
-        "chunks": pa.array([[{"start": 0, "end": 12, "entity": "circle"}]] * len(ids), pa.list_(chunk)),
-    })
+        "sample_id": ids, "url": urls, "caption": [f"a red circle number {i}" for i in ids],
+        "entities": [["circle"]] * len(ids), "chunks": [[{"start": 0, "end": 12, "entity": "circle"}]] * len(ids),
+    }, schema=MANIFEST_SCHEMA)
     half = len(ids) // 2  # two parts, written out of order: the stage must sort by sample_id
     pq.write_table(table.slice(half), data / "manifest" / "part-00000.parquet")
     pq.write_table(table.slice(0, half), data / "manifest" / "part-00001.parquet")

@@ -8,10 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ovseg.curation import build, stage
+from ovseg.curation import build, contract, stage
 from ovseg.curation.catalog import TABLES, build_catalog
-from ovseg.curation.ingest import CAPTIONS_SCHEMA
-from ovseg.curation.parse import PARSED_SCHEMA
+from ovseg.curation.contract import CAPTIONS_SCHEMA, PARSED_SCHEMA
 from ovseg.curation.select import SelectConfig, default_stoplist, select
 
 # sample_id -> entities (chunks get one span per entity)
@@ -115,6 +114,17 @@ def test_manifest_keeps_samples_with_a_selected_entity_and_only_selected_entitie
         ({"entity": e, "sample_id": s} for s, es in zip(manifest.column("sample_id").to_pylist(),
                                                       manifest.column("entities").to_pylist()) for e in es),
         key=lambda r: (r["entity"], r["sample_id"]))
+
+
+def test_the_stages_tables_read_back_in_the_contracts_schemas(tmp_path):
+    """What select, manifest, entity_index and pairs write is what ovseg.curation.contract says
+    (the schemas training and the contract writer use), column for column and type for type."""
+    data = make_parsed(tmp_path / "D")
+    manifest, index, pairs = _built(data)
+    assert manifest.schema == contract.MANIFEST_SCHEMA
+    assert index.schema == contract.ENTITY_INDEX_SCHEMA and pairs.schema == contract.PAIRS_SCHEMA
+    entities = pq.read_table(data / contract.ENTITIES_FILE).schema  # DuckDB marks some columns not null
+    assert [(f.name, f.type) for f in entities] == [(f.name, f.type) for f in contract.ENTITIES_SCHEMA]
 
 
 def test_pairs_share_a_selected_entity_are_distinct_and_never_the_sample_itself(tmp_path):

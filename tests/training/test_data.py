@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD, read_member
 from ovseg.training.config import DataConfig, RunConfig
 from ovseg.training.tokenizer import train_wordpiece
 from ovseg.training.data import (
     CaptionImageDataset, ResumableSampler, collate, entity_key, entity_prompt, load_samples, masked_question,
-    IMAGENET_MEAN, IMAGENET_STD, TEXT_FIELDS, build_transform, fixed_length_encoder, normalize_images, read_member,
+    TEXT_FIELDS, build_transform, fixed_length_encoder, normalize_images,
 )
 
 from .conftest import make_contract
@@ -275,3 +276,22 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks():
     other = ResumableSampler(10, seed=1)
     other.set_epoch(1)
     assert list(other) != full and sorted(other) == list(range(10))
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_by_the_loader_not_clipped(tmp_path, tokenizer):
+    import io
+
+    from PIL import Image
+
+    from ovseg.curation.contract import write_contract
+
+    wide = np.full((32, 32), 32896, dtype=np.uint16)  # (H, W): mid-grey in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    caption = "a photo of a red circle on a striped background"
+    root = write_contract(tmp_path / "D", [{"sample_id": 0, "caption": caption, "entities": ["circle"],
+                                            "chunks": [{"start": 11, "end": 23, "entity": "circle"}]}],
+                          {0: buf.getvalue()})
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    image = ds._decode(0)
+    assert image.mode == "RGB" and set(np.asarray(image).ravel().tolist()) == {128}

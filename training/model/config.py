@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD
+
 
 @dataclass
 class ModelConfig:
@@ -52,8 +54,8 @@ class ModelConfig:
     # one, else the token grid); 1 draws the group maps at the input's own resolution
     cluster_stride: int = 0
     vision_init: str | None = None  # DINO checkpoint file (or timm model name, needs the hub)
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
     # text encoder: "bert" (OVSegmentor: BERT, the [CLS] token) or "clip" (GroupViT: a causal
     # transformer, the end-of-text token); from a hub name or directory, or random init
     text_arch: str = "bert"
