@@ -292,6 +292,6 @@ def test_a_16_bit_png_is_scaled_to_8_bits_by_the_loader_not_clipped(tmp_path, to
     root = write_contract(tmp_path / "D", [{"sample_id": 0, "caption": caption, "entities": ["circle"],
                                             "chunks": [{"start": 11, "end": 23, "entity": "circle"}]}],
                           {0: buf.getvalue()})
-    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, 1, _cfg(), seed=0)
+    ds = CaptionImageDataset(load_samples(str(root)), tokenizer, 32, STAGE1, _cfg(), seed=0)
     image = ds._decode(0)
     assert image.mode == "RGB" and set(np.asarray(image).ravel().tolist()) == {128}
