@@ -85,18 +85,19 @@ def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = 
     """Optimizer steps/s and images/s of a preset on random tensors (no data loading), with
     bf16 autocast on CUDA; peak memory of the device (CUDA) or of the process (CPU)."""
     from contextlib import nullcontext
+    from dataclasses import replace
 
     from ovseg.training.config import resolve
     from ovseg.training.model import build_model
     from ovseg.training.tokenizer import train_wordpiece
 
-    cfg = resolve(preset, overrides=[f"model.losses=[{','.join(losses)}]", *overrides])
+    cfg = resolve(preset, overrides=list(overrides))
     if cfg.model.text_pretrained or cfg.model.vision_init:
         # speed does not depend on the weights: the same architecture, randomly initialised, so
         # the benchmark runs offline (bert-base-uncased's default shape and vocabulary size)
-        cfg = resolve(preset, overrides=[f"model.losses=[{','.join(losses)}]", *overrides,
-                                         "model.text_pretrained=null", "model.vision_init=null",
+        cfg = resolve(preset, overrides=[*overrides, "model.text_pretrained=null", "model.vision_init=null",
                                          "model.text_vocab_size=30522"])
+    cfg = replace(cfg, model=replace(cfg.model, losses=list(losses)))
     b = batch_size or cfg.train.batch_size
     tokenizer = train_wordpiece(["a photo of a dog and a person on a beach"] * 4, vocab_size=cfg.data.tokenizer_vocab_size)
     torch.manual_seed(0)
