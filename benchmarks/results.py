@@ -1,0 +1,247 @@
+"""Benchmark results stored as data, and the one renderer of docs/benchmarks.md and README's
+results block.
+
+Layout: one JSON file per section, `benchmarks/results/<section>.json` (the section is the name
+`ovseg bench` writes it under, e.g. `train`, `model-cuda`, `synthetic`):
+
+    {
+      "section": "train",
+      "title": "Training throughput (`ovseg bench train --device cpu`)",
+      "command": "ovseg bench train --device cpu --steps 10",     # what produced it
+      "measured": "2026-12-03 16:35 UTC",
+      "machine": {"arch": "x86_64", "logical_cpus": 2, "python": "3.11.7", ...},
+      "notes": ["...", ...],                                   # caveats, after the header
+      "blocks": [                                              # the body, in order
+        {"text": "a paragraph of Markdown"},
+        {"heading": "a sub-heading"},
+        {"table": {"columns": [{"name": "steps/s", "align": "right", "format": ".2f"}, ...],
+                   "rows": [["test", 23.68, ...], ...]}},
+        {"image": {"alt": "...", "path": "images/x.png"}}
+      ]
+    }
+
+A table cell is a number (written with its column's `format`, a Python format spec), a string
+(written as is) or null (empty). `render_doc` writes every section in a fixed order between
+`<!-- bench:NAME -->` markers; `render_readme` rewrites README's block between
+`<!-- results:begin -->` and `<!-- results:end -->`. Both are pure functions of the JSON files,
+so rendering twice gives the same bytes, and nothing reads the Markdown back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ovseg.benchmarks.measure import describe, machine, now
+
+RESULTS = Path("benchmarks/results")
+DOC = Path("docs/benchmarks.md")
+README = Path("README.md")
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+README_SECTION = "synthetic"  # the section whose first table README shows
+
+HEADER = """# Benchmarks
+
+Generated: do not edit. Every section below is rendered from one JSON file of
+`benchmarks/results/` (the rows, the command that measured them, the machine and the date),
+which `ovseg bench NAME` writes; `ovseg bench render` renders this page again from those files.
+Each section describes the code and presets of the day it was measured.
+"""
+
+# sections in this order first, then any other by name
+ORDER = ("download", "curate", "train", "train-cuda", "model", "model-cuda", "eval", "eval-cuda", "synthetic",
+         "world", "mask-targets")
+
+
+@dataclass
+class Section:
+    """One section's results: the header fields and the body's blocks (see the module doc)."""
+
+    section: str
+    title: str
+    command: str
+    measured: str = field(default_factory=now)
+    machine: dict = field(default_factory=machine)
+    notes: list[str] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
+
+    def text(self, markdown: str) -> "Section":
+        self.blocks.append({"text": markdown.strip()})
+        return self
+
+    def heading(self, title: str) -> "Section":
+        self.blocks.append({"heading": title})
+        return self
+
+    def table(self, columns: Sequence[str | tuple], rows: Sequence[Sequence[Any]]) -> "Section":
+        """Add a table; a column is a name or (name, align, format) with align "right" or None."""
+        cols = []
+        for c in columns:
+            name, align, fmt = (c, None, None) if isinstance(c, str) else (tuple(c) + (None, None))[:3]
+            cols.append({"name": name, **({"align": align} if align else {}), **({"format": fmt} if fmt else {})})
+        if any(len(r) != len(cols) for r in rows):
+            raise ValueError(f"every row of a table needs {len(cols)} cells")
+        self.blocks.append({"table": {"columns": cols, "rows": [list(r) for r in rows]}})
+        return self
+
+    def image(self, alt: str, path: str) -> "Section":
+        self.blocks.append({"image": {"alt": alt, "path": path}})
+        return self
+
+    def tables(self) -> list[dict]:
+        return [b["table"] for b in self.blocks if "table" in b]
+
+    def to_json(self) -> dict:
+        return {"section": self.section, "title": self.title, "command": self.command, "measured": self.measured,
+                "machine": self.machine, "notes": self.notes, "blocks": self.blocks}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Section":
+        return cls(**{k: data[k] for k in ("section", "title", "command", "measured", "machine")},
+                   notes=list(data.get("notes", [])), blocks=list(data.get("blocks", [])))
+
+
+def path_of(name: str, results: Path = RESULTS) -> Path:
+    return results / f"{name}.json"
+
+
+def save(section: Section, results: Path = RESULTS) -> Path:
+    """Write `section` to its JSON file (atomically)."""
+    path = path_of(section.section, results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(section.to_json(), indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load(name: str, results: Path = RESULTS) -> Section | None:
+    """The stored section `name`, or None when it has none."""
+    path = path_of(name, results)
+    return Section.from_json(json.loads(path.read_text())) if path.exists() else None
+
+
+def load_all(results: Path = RESULTS) -> list[Section]:
+    """Every stored section, in the page's order."""
+    sections = [Section.from_json(json.loads(p.read_text())) for p in sorted(results.glob("*.json"))]
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(sections, key=lambda s: (rank.get(s.section, len(ORDER)), s.section))
+
+
+def cell(value: Any, fmt: str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and fmt:
+        return format(value, fmt)
+    return str(value)
+
+
+def render_table(table: dict) -> str:
+    cols = table["columns"]
+    lines = ["| " + " | ".join(c["name"] for c in cols) + " |",
+             "|" + "|".join("---:" if c.get("align") == "right" else "---" for c in cols) + "|"]
+    for row in table["rows"]:
+        lines.append("| " + " | ".join(cell(v, c.get("format")) for v, c in zip(row, cols)) + " |")
+    return "\n".join(lines)
+
+
+def render_block(block: dict) -> str:
+    if "text" in block:
+        return block["text"]
+    if "heading" in block:
+        return f"### {block['heading']}"
+    if "table" in block:
+        return render_table(block["table"])
+    if "image" in block:
+        return f"![{block['image']['alt']}]({block['image']['path']})"
+    raise ValueError(f"unknown block {sorted(block)}")
+
+
+def render_section(section: Section) -> str:
+    """One section's Markdown, without its markers."""
+    parts = [f"## {section.title}",
+             f"Measured {section.measured} on {describe(section.machine)}, by `{section.command}`."]
+    parts += [f"Note: {note}" for note in section.notes]
+    parts += [render_block(b) for b in section.blocks]
+    return "\n\n".join(parts)
+
+
+def render_doc(results: Path = RESULTS) -> str:
+    """docs/benchmarks.md from the JSON files under `results`."""
+    out = [HEADER]
+    for s in load_all(results):
+        out.append(f"<!-- bench:{s.section} -->\n{render_section(s)}\n<!-- /bench:{s.section} -->\n")
+    return "\n".join(out)
+
+
+def render_readme_block(results: Path = RESULTS, link: str = "docs/benchmarks.md") -> str:
+    """README's results block: the first table of the `synthetic` section with its date, machine
+    and a link to the whole page ('' without that section)."""
+    s = load(README_SECTION, results)
+    if s is None or not s.tables():
+        return ""
+    return (f"Segmentation quality on the synthetic world, from `{s.command}` (measured {s.measured} on "
+            f"{describe(s.machine)}; all figures, their settings and the other benchmarks: [{link}]({link}#{s.section})):"
+            f"\n\n{render_table(s.tables()[0])}")
+
+
+def replace_between(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by `body`."""
+    if begin not in text or end not in text:
+        raise ValueError(f"no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def render(results: Path = RESULTS, doc: Path | None = DOC, readme: Path | None = README) -> list[Path]:
+    """Render `doc` (and README's results block, when `readme` exists and has the markers) from
+    the JSON files under `results`; the paths written."""
+    written = []
+    if doc is not None:
+        _write(doc, render_doc(results))
+        written.append(doc)
+    if readme is not None and readme.exists():
+        text = readme.read_text()
+        if README_BEGIN in text and README_END in text:
+            link = Path(__import__("os").path.relpath(doc or DOC, readme.parent)).as_posix()
+            new = replace_between(text, README_BEGIN, README_END, render_readme_block(results, link))
+            if new != text:
+                _write(readme, new)
+            written.append(readme)
+    return written
+
+
+def record(section: Section, results: Path = RESULTS, doc: Path | None = DOC, readme: Path | None = README) -> Path:
+    """Store `section` and render the pages again: what every `ovseg bench NAME` ends with."""
+    path = save(section, results)
+    render(results, doc, readme)
+    return path
+
+
+def command_line(ctx) -> str:
+    """The command a click/Typer context ran, with the options given on the command line (not
+    their defaults), e.g. `ovseg bench train --device cuda --steps 20`."""
+    from click.core import ParameterSource
+
+    words = [ctx.command_path]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return " ".join(words)
