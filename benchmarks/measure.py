@@ -98,8 +98,8 @@ class Measure:
     that ran before; the CUDA peak allocated during the body on CUDA) and `m.start_mib` (the
     same reading on entry, so `m.peak_mib - m.start_mib` is what the body added)."""
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, device: str = "cpu", reset_peak: bool = True):
+        self.device, self.reset_peak = device, reset_peak
         self.seconds = self.cpu_seconds = self.peak_mib = self.start_mib = 0.0
 
     def memory(self) -> float:
@@ -110,7 +110,8 @@ class Measure:
         cuda = _cuda(self.device)
         if cuda:
             cuda.synchronize()
-            cuda.reset_peak_memory_stats()
+            if self.reset_peak:
+                cuda.reset_peak_memory_stats()
         self.start_mib = self.memory()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
@@ -130,7 +131,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu", 
         fn()
     times = []
     for _ in range(repeats):
-        with Measure(device) as m:
+        with Measure(device, reset_peak=False) as m:
             fn()
         times.append(m.seconds)
     return statistics.median(times)

@@ -30,6 +30,7 @@ so rendering twice gives the same bytes, and nothing reads the Markdown back.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,27 +56,21 @@ ORDER = ("download", "curate", "train", "train-cuda", "model", "model-cuda", "ev
          "world", "mask-targets")
 
 
-@dataclass
-class Section:
-    """One section's results: the header fields and the body's blocks (see the module doc)."""
+class Blocks:
+    """A body of blocks (see the module doc) built in order: text, sub-headings, tables, images."""
 
-    section: str
-    title: str
-    command: str
-    measured: str = field(default_factory=now)
-    machine: dict = field(default_factory=machine)
-    notes: list[str] = field(default_factory=list)
-    blocks: list[dict] = field(default_factory=list)
+    def __init__(self, blocks: list[dict] | None = None):
+        self.blocks = blocks if blocks is not None else []
 
-    def text(self, markdown: str) -> "Section":
+    def text(self, markdown: str) -> "Blocks":
         self.blocks.append({"text": markdown.strip()})
         return self
 
-    def heading(self, title: str) -> "Section":
+    def heading(self, title: str) -> "Blocks":
         self.blocks.append({"heading": title})
         return self
 
-    def table(self, columns: Sequence[str | tuple], rows: Sequence[Sequence[Any]]) -> "Section":
+    def table(self, columns: Sequence[str | tuple], rows: Sequence[Sequence[Any]]) -> "Blocks":
         """Add a table; a column is a name or (name, align, format) with align "right" or None."""
         cols = []
         for c in columns:
@@ -86,12 +81,25 @@ class Section:
         self.blocks.append({"table": {"columns": cols, "rows": [list(r) for r in rows]}})
         return self
 
-    def image(self, alt: str, path: str) -> "Section":
+    def image(self, alt: str, path: str) -> "Blocks":
         self.blocks.append({"image": {"alt": alt, "path": path}})
         return self
 
     def tables(self) -> list[dict]:
         return [b["table"] for b in self.blocks if "table" in b]
+
+
+@dataclass
+class Section(Blocks):
+    """One section's results: the header fields and the body's blocks (see the module doc)."""
+
+    section: str
+    title: str
+    command: str
+    measured: str = field(default_factory=now)
+    machine: dict = field(default_factory=machine)
+    notes: list[str] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"section": self.section, "title": self.title, "command": self.command, "measured": self.measured,
@@ -107,12 +115,25 @@ def path_of(name: str, results: Path = RESULTS) -> Path:
     return results / f"{name}.json"
 
 
+def dumps(obj: Any, depth: int = 0) -> str:
+    """JSON with one line per table row, column and machine: readable diffs of re-measured rows."""
+    pad = " " * (depth + 1)
+    flat = isinstance(obj, (list, dict)) and all(not isinstance(v, (list, dict))
+                                                for v in (obj.values() if isinstance(obj, dict) else obj))
+    if not isinstance(obj, (list, dict)) or flat:
+        return json.dumps(obj, ensure_ascii=False)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {dumps(v, depth + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    return "[\n" + ",\n".join(pad + dumps(v, depth + 1) for v in obj) + "\n" + " " * depth + "]"
+
+
 def save(section: Section, results: Path = RESULTS) -> Path:
     """Write `section` to its JSON file (atomically)."""
     path = path_of(section.section, results)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(section.to_json(), indent=1, ensure_ascii=False) + "\n")
+    tmp.write_text(dumps(section.to_json()) + "\n")
     tmp.replace(path)
     return path
 
@@ -159,13 +180,17 @@ def render_block(block: dict) -> str:
     raise ValueError(f"unknown block {sorted(block)}")
 
 
+def render_blocks(blocks: Sequence[dict]) -> str:
+    """Blocks as Markdown paragraphs."""
+    return "\n\n".join(render_block(b) for b in blocks)
+
+
 def render_section(section: Section) -> str:
     """One section's Markdown, without its markers."""
     parts = [f"## {section.title}",
              f"Measured {section.measured} on {describe(section.machine)}, by `{section.command}`."]
     parts += [f"Note: {note}" for note in section.notes]
-    parts += [render_block(b) for b in section.blocks]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts + ([render_blocks(section.blocks)] if section.blocks else []))
 
 
 def render_doc(results: Path = RESULTS) -> str:
@@ -177,23 +202,29 @@ def render_doc(results: Path = RESULTS) -> str:
 
 
 def render_readme_block(results: Path = RESULTS, link: str = "docs/benchmarks.md") -> str:
-    """README's results block: the first table of the `synthetic` section with its date, machine
-    and a link to the whole page ('' without that section)."""
+    """README's results block: the `synthetic` section's recipe line (its first text, which
+    names the preset) and first table, with the section's date, machine and command and a link
+    to the whole page ('' without that section)."""
     s = load(README_SECTION, results)
     if s is None or not s.tables():
         return ""
-    return (f"Segmentation quality on the synthetic world, from `{s.command}` (measured {s.measured} on "
-            f"{describe(s.machine)}; all figures, their settings and the other benchmarks: [{link}]({link}#{s.section})):"
-            f"\n\n{render_table(s.tables()[0])}")
+    recipe = next((b["text"] for b in s.blocks if "text" in b), "")
+    head = (f"Measured {s.measured} on {describe(s.machine)}, by `{s.command}` "
+            f"([{link}]({link}) has the whole section).")
+    return "\n\n".join(part for part in (head, recipe, render_table(s.tables()[0])) if part)
 
 
 def replace_between(text: str, begin: str, end: str, body: str) -> str:
-    """`text` with what lies between the markers `begin` and `end` replaced by `body`."""
+    """`text` with what lies between the markers `begin` and `end` replaced by `body`, indented
+    as the `begin` marker is (so a block inside a list item stays in it)."""
     if begin not in text or end not in text:
         raise ValueError(f"no {begin} ... {end} markers")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{body}\n{end}{tail}"
+    indent = head[head.rfind("\n") + 1:]
+    indent = indent if not indent.strip() else ""
+    lines = "\n".join(indent + line if line else line for line in body.split("\n"))
+    return f"{head}{begin}\n{lines}\n{indent}{end}{tail}"
 
 
 def _write(path: Path, text: str) -> None:
@@ -213,8 +244,9 @@ def render(results: Path = RESULTS, doc: Path | None = DOC, readme: Path | None 
     if readme is not None and readme.exists():
         text = readme.read_text()
         if README_BEGIN in text and README_END in text:
-            link = Path(__import__("os").path.relpath(doc or DOC, readme.parent)).as_posix()
-            new = replace_between(text, README_BEGIN, README_END, render_readme_block(results, link))
+            link = Path(os.path.relpath(doc or DOC, readme.parent)).as_posix()
+            block = render_readme_block(results, link)
+            new = replace_between(text, README_BEGIN, README_END, block) if block else text
             if new != text:
                 _write(readme, new)
             written.append(readme)
@@ -233,7 +265,7 @@ def command_line(ctx) -> str:
     their defaults), e.g. `ovseg bench train --device cuda --steps 20`."""
     from click.core import ParameterSource
 
-    words = [ctx.command_path]
+    words = ["ovseg", *ctx.command_path.split()[1:]]  # the program's name, however it was invoked
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
             continue
