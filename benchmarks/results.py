@@ -263,11 +263,10 @@ def record(section: Section, results: Path = RESULTS, doc: Path | None = DOC, re
 def command_line(ctx) -> str:
     """The command a click/Typer context ran, with the options given on the command line (not
     their defaults), e.g. `ovseg bench train --device cuda --steps 20`."""
-    from click.core import ParameterSource
-
     words = ["ovseg", *ctx.command_path.split()[1:]]  # the program's name, however it was invoked
     for param in ctx.command.params:
-        if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":  # typer may bring its own click: compare by name
             continue
         value = ctx.params[param.name]
         if param.param_type_name == "argument":
