@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ovseg.benchmarks.measure import Measure
-from ovseg.benchmarks.results import Section
+from ovseg.benchmarks.results import Blocks, Section
 from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD
 from ovseg.curation.synthetic import WorldConfig, classes as world_classes, label_map, make_sample
 from ovseg.evaluation.metrics import ConfusionMatrix, group_majority_labels
@@ -168,7 +168,7 @@ def _kind(cfg: ProbeConfig) -> str:
     return "hard (Gumbel)" if cfg.hard_assignment else "soft"
 
 
-def probe_table(section: Section, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Section:
+def probe_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Blocks:
     """Add the table of probe runs to `section`: one row per run."""
     return section.table(
         ["world", "grouping", "assignment", "target", "blocks before + after", ("seed", "right", "d"),
@@ -180,7 +180,7 @@ def probe_table(section: Section, rows: list[tuple[str, ProbeConfig, dict[str, f
          for name, cfg, r in rows])
 
 
-def curve_table(section: Section, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Section:
+def curve_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Blocks:
     """Add each run's val scores over training (`ProbeConfig.eval_every`, step 0 the init) to `section`."""
     table = []
     for name, cfg, r in rows:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ovseg.benchmarks.measure import Measure, machine
-from ovseg.benchmarks.results import Section
+from ovseg.benchmarks.results import Blocks, Section
 from ovseg.curation.contract import write_contract
 
 
@@ -120,7 +120,7 @@ def benchmark_train(presets: tuple[str, ...] = ("test", "synthetic-small"), devi
     return section, {"loader": load, "runs": runs}
 
 
-def report(section: Section, loader: dict | None, runs: list[tuple[str, str, dict]]) -> Section:
+def report(section: Blocks, loader: dict | None, runs: list[tuple[str, str, dict]]) -> Blocks:
     """Add the loader's and the training steps' tables to `section`."""
     if loader:
         spread = lambda k: f"{loader[f'{k}_min']:.0f} to {loader[f'{k}_max']:.0f}"  # noqa: E731

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ovseg.benchmarks.results import Section
+from ovseg.benchmarks.results import Blocks, Section
 
 
 @dataclass
@@ -59,7 +59,7 @@ def benchmark_world(out: Path, styles: tuple[str, ...], presets: tuple[str, ...]
     return difficulty_table(section, rows)
 
 
-def difficulty_table(section: Section, rows: list[Difficulty]) -> Section:
+def difficulty_table(section: Blocks, rows: list[Difficulty]) -> Blocks:
     """Add one row per (world style, preset), in percent, to `section`."""
     return section.table(["world", "preset (random init)", ("mIoU (chance)", "right", ".1f"),
                           ("group-majority mIoU", "right", ".1f"), ("grid ceiling", "right")],
