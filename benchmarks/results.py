@@ -260,11 +260,14 @@ def record(section: Section, results: Path = RESULTS, doc: Path | None = DOC, re
     return path
 
 
-def command_line(ctx) -> str:
+def command_line(ctx, skip: tuple[str, ...] = ("results", "doc")) -> str:
     """The command a click/Typer context ran, with the options given on the command line (not
-    their defaults), e.g. `ovseg bench train --device cuda --steps 20`."""
+    their defaults, nor the `skip` ones that say only where results go), e.g.
+    `ovseg bench train --device cuda --steps 20`."""
     words = ["ovseg", *ctx.command_path.split()[1:]]  # the program's name, however it was invoked
     for param in ctx.command.params:
+        if param.name in skip:
+            continue
         source = ctx.get_parameter_source(param.name)
         if getattr(source, "name", None) != "COMMANDLINE":  # typer may bring its own click: compare by name
             continue
