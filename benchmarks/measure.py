@@ -25,7 +25,7 @@ from typing import Callable
 
 
 def now() -> str:
-    """The current UTC minute, e.g. `2026-12-07 05:34 UTC`."""
+    """The current UTC minute, as `YYYY-MM-DD HH:MM UTC`."""
     return f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
 
 

@@ -8,7 +8,7 @@ Layout: one JSON file per section, `benchmarks/results/<section>.json` (the sect
       "section": "train",
       "title": "Training throughput (`ovseg bench train --device cpu`)",
       "command": "ovseg bench train --device cpu --steps 10",     # what produced it
-      "measured": "2026-12-03 16:35 UTC",
+      "measured": "YYYY-MM-DD HH:MM UTC",
       "machine": {"arch": "x86_64", "logical_cpus": 2, "python": "3.11.7", ...},
       "notes": ["...", ...],                                   # caveats, after the header
       "blocks": [                                              # the body, in order
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -201,17 +202,26 @@ def render_doc(results: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
+# what a README cell leaves to the page: a row's "(kept from DATE)" and a cell's "(N steps)"/"(N min)"
+_DETAIL = re.compile(r" \((?:kept from [^)]*|≥?[\d.]+ (?:steps|min))\)$")
+
+
+def _compact(table: dict) -> dict:
+    rows = [[_DETAIL.sub("", v) if isinstance(v, str) else v for v in row] for row in table["rows"]]
+    return {**table, "rows": rows}
+
+
 def render_readme_block(results: Path = RESULTS, link: str = "docs/benchmarks.md") -> str:
     """README's results block: the `synthetic` section's recipe line (its first text, which
-    names the preset) and first table, with the section's date, machine and command and a link
-    to the whole page ('' without that section)."""
+    names the preset) and first table, without what the page gives beside each figure (dates,
+    steps, minutes), and the command that measured it ('' without that section). The README is
+    the manual: dates stay on the generated page."""
     s = load(README_SECTION, results)
     if s is None or not s.tables():
         return ""
     recipe = next((b["text"] for b in s.blocks if "text" in b), "")
-    head = (f"Measured {s.measured} on {describe(s.machine)}, by `{s.command}` "
-            f"([{link}]({link}) has the whole section).")
-    return "\n\n".join(part for part in (head, recipe, render_table(s.tables()[0])) if part)
+    head = f"Measured by `{s.command}`; [{link}]({link}) gives the date, machine, steps and diagnostics."
+    return "\n\n".join(part for part in (head, recipe, render_table(_compact(s.tables()[0]))) if part)
 
 
 def replace_between(text: str, begin: str, end: str, body: str) -> str:

@@ -65,16 +65,18 @@ def test_the_committed_page_is_what_the_committed_results_render():
 
 def test_readme_results_block_is_rendered_from_the_results_and_nothing_else(tmp_path):
     save(Section("synthetic", "Quality", "ovseg bench synthetic", measured="2026-12-05 01:27 UTC", machine={"arch": "x86_64"})
-         .text("intro").table(["variant", ("5 min", "right")], [["+ entity", "15.6 ± 1.6 [87.8] (660 steps)"]]),
+         .text("intro").table(["variant", ("5 min", "right")], [["+ entity", "15.6 ± 1.6 [87.8] (660 steps)"],
+                                                               ["contrastive (kept from 2026-12-03 20:35 UTC)", "1.0 (≥3.5 min)"]]),
          tmp_path / "results")
     readme = tmp_path / "README.md"
     before = f"# x\n\n- item\n\n  {README_BEGIN}\n  old table\n  {README_END}\n\nafter\n"
     readme.write_text(before)
     render(tmp_path / "results", tmp_path / "docs" / "benchmarks.md", readme)
     text = readme.read_text()
+    assert "| contrastive | 1.0 |" in text
     assert "old table" not in text and text.startswith("# x\n\n- item\n\n") and text.endswith("\n\nafter\n")
-    assert "  | + entity | 15.6 ± 1.6 [87.8] (660 steps) |" in text  # indented as the marker: inside the list item
-    assert "[docs/benchmarks.md](docs/benchmarks.md)" in text
+    assert "  | + entity | 15.6 ± 1.6 [87.8] |" in text  # indented as the marker: inside the list item
+    assert "[docs/benchmarks.md](docs/benchmarks.md)" in text and "2026" not in text  # dates stay on the page
     render(tmp_path / "results", tmp_path / "docs" / "benchmarks.md", readme)
     assert readme.read_text() == text
     plain = tmp_path / "PLAIN.md"
