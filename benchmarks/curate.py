@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ovseg.benchmarks.measure import Measure, median_seconds
+from ovseg.benchmarks.results import Section
 from ovseg.curation import stage
 from ovseg.curation.contract import CAPTIONS_SCHEMA, CHUNK, PARSED_SCHEMA
 from ovseg.curation.ingest import IngestConfig, ingest_tsv
@@ -47,12 +47,7 @@ def sample_captions(n: int) -> list[str]:
 
 
 def _rate(fn, captions: list[str], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn(captions)
-        times.append(time.perf_counter() - began)
-    return len(captions) / statistics.median(times)
+    return len(captions) / median_seconds(lambda: fn(captions), repeats, warmup=0)
 
 
 def parse_throughput(n_captions: int = 2000, repeats: int = 3, model: str | None = None) -> dict:
@@ -83,9 +78,9 @@ def ingest_rate(rows: int = 200_000) -> float:
         with open(src, "w") as f:
             for i in range(rows):
                 f.write(f"https://example.com/images/{i}.jpg\t{captions[i % 1000]}\n")
-        began = time.perf_counter()
-        ingest_tsv(src, Path(tmp) / "data", IngestConfig())
-        return rows / (time.perf_counter() - began)
+        with Measure() as m:
+            ingest_tsv(src, Path(tmp) / "data", IngestConfig())
+        return rows / m.seconds
 
 
 def generate_parsed(data: Path, rows: int, vocabulary: int = 50_000, part_rows: int = 100_000,
@@ -129,17 +124,15 @@ def _run_queries(data: str, top_k: int, pairs_per_sample: int, threads: int, mem
 
     db = {"threads": threads, "memory_limit": memory_limit}
     seconds = {}
-    cpu0 = os.times()
-    for name, fn in (("select", lambda: select(Path(data), SelectConfig(top_k=top_k), **db)),
-                     ("manifest", lambda: build.build_manifest(Path(data), **db)),
-                     ("entity_index", lambda: build.build_entity_index(Path(data), **db)),
-                     ("pairs", lambda: build.build_pairs(Path(data), pairs_per_sample, 0, **db))):
-        began = time.perf_counter()
-        result = fn()
-        seconds[name] = (time.perf_counter() - began, getattr(result, "rows", None))
-    cpu1 = os.times()
-    queue.put({"seconds": seconds, "cpu": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-               "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})  # KiB on Linux
+    with Measure() as whole:
+        for name, fn in (("select", lambda: select(Path(data), SelectConfig(top_k=top_k), **db)),
+                         ("manifest", lambda: build.build_manifest(Path(data), **db)),
+                         ("entity_index", lambda: build.build_entity_index(Path(data), **db)),
+                         ("pairs", lambda: build.build_pairs(Path(data), pairs_per_sample, 0, **db))):
+            with Measure() as m:
+                result = fn()
+            seconds[name] = (m.seconds, getattr(result, "rows", None))
+    queue.put({"seconds": seconds, "cpu": whole.cpu_seconds, "peak_mib": whole.peak_mib})
 
 
 def _result_of(child, queue) -> dict:
@@ -163,27 +156,24 @@ def query_benchmark(rows: int, top_k: int = 100, pairs_per_sample: int = 10, thr
     """Generate `rows` parsed rows, then time select..pairs in a child process and read its peak RSS."""
     with tempfile.TemporaryDirectory(prefix="ovseg-bench-curate-", dir=workdir) as tmp:
         data = Path(tmp) / "data"
-        began = time.perf_counter()
-        generate_parsed(data, rows)
-        generated = time.perf_counter() - began
+        with Measure() as generating:
+            generate_parsed(data, rows)
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         child = context.Process(target=_run_queries, args=(str(data), top_k, pairs_per_sample, threads,
                                                            memory_limit, queue))
-        began = time.perf_counter()
-        child.start()
-        result = _result_of(child, queue)
-        wall = time.perf_counter() - began
-        peak_kib = result["peak_kib"]
-        return {"rows": rows, "generate_s": generated, "wall_s": wall, "stages": result["seconds"],
-                "cpu_s": result["cpu"], "peak_rss_gib": peak_kib / 2**20, "threads": threads,
+        with Measure() as waiting:
+            child.start()
+            result = _result_of(child, queue)
+        return {"rows": rows, "generate_s": generating.seconds, "wall_s": waiting.seconds, "stages": result["seconds"],
+                "cpu_s": result["cpu"], "peak_rss_gib": result["peak_mib"] / 1024, "threads": threads,
                 "memory_limit": memory_limit}
 
 
 def benchmark_curate(rows: int = CC12M_ROWS, parse_captions: int = 2000, threads: int = 2,
-                     memory_limit: str = "3GB", cores: int = 16, machine: str = "",
-                     ingest_rows: int = 200_000) -> tuple[str, dict]:
-    """Run the three measurements; returns (Markdown section, raw numbers)."""
+                     memory_limit: str = "3GB", cores: int = 16, command: str = "ovseg bench curate",
+                     ingest_rows: int = 200_000) -> tuple[Section, dict]:
+    """Run the three measurements; returns (the results section, raw numbers)."""
     load_before = os.getloadavg()[0]
     parse = parse_throughput(parse_captions)
     ingest_per_s = ingest_rate(ingest_rows)
@@ -199,49 +189,37 @@ def benchmark_curate(rows: int = CC12M_ROWS, parse_captions: int = 2000, threads
     contended = max(load_before, load_after) > 0.5 * cpus
     numbers = {"parse": parse, "ingest_rows_per_s": ingest_per_s, "queries": queries,
                "extrapolated_cc12m_s": total_s, "load_average": (load_before, load_after)}
-    stage_rows = "\n".join(f"| {name} | {sec:.1f} | {'' if n is None else f'{n:,}'} |"
-                           for name, (sec, n) in queries["stages"].items())
     ok = lambda cond: "met" if cond else "NOT met"  # noqa: E731
-    md = f"""## Curation (`ovseg bench curate`)
-
-{machine}
-Load average before/after: {load_before:.2f} / {load_after:.2f} on {cpus} logical CPUs{
-        " (the CPU was shared with other work: numbers are pessimistic)" if contended else ""}.
-
-### Parse throughput (one process, {parse['captions']:,} CC12M-like captions, model `{parse['model']}`)
-
-| pipeline | pipes | captions/s |
-|---|---|---|
-| ovseg parse (`nlp.pipe`, batch 256, lemmatizer on chunk roots only) | {', '.join(parse['ours_pipes'])} | {parse['ours']:.0f} |
-| spaCy default full pipeline (`nlp.pipe`) | {', '.join(parse['full_pipes'])} | {parse['full']:.0f} |
-
-Speed-up: **{speedup:.2f}x** (target at least 2x: {ok(speedup >= 2)}).
-
-### select + manifest + entity_index + pairs over {rows:,} generated parsed rows
-
-Zipf-like entity counts (exponent 1.1 over 50,000 entities), 1-4 entities per row, top-100
-entities, 10 pairs per sample; {threads} threads (DuckDB's, and the stages' parallel parts and
-ranges), DuckDB memory_limit {memory_limit}, in a child process (generating the input took
-{queries['generate_s']:.0f} s and is not counted).
-
-| stage | seconds | rows written |
-|---|---|---|
-{stage_rows}
-| **total (wall)** | **{query_s:.1f}** | CPU time {queries['cpu_s']:.1f} s |
-
-Peak resident memory of the child: **{queries['peak_rss_gib']:.2f} GiB**. Targets for 12.4M rows on
-2 cores: under 60 s ({ok(query_s * scale < 60) if rows == CC12M_ROWS else f"{query_s * scale:.0f} s linearly scaled to 12.4M rows"}),
-under 4 GB ({ok(queries['peak_rss_gib'] * 2**30 < 4e9)}{'' if rows == CC12M_ROWS else ', at this size'}).
-
-### Whole CC12M curation on one {cores}-core machine (extrapolated, download not included)
-
-| stage | basis | hours |
-|---|---|---|
-| ingest | {ingest_per_s:,.0f} rows/s measured on a local TSV (one process) | {ingest_s / 3600:.2f} |
-| parse | {parse['ours']:.0f} captions/s per process x {cores} processes | {parse_s / 3600:.2f} |
-| select .. pairs | measured above with {threads} threads{'' if rows == CC12M_ROWS else ', scaled linearly'} (more threads only help) | {query_s * scale / 3600:.2f} |
-| **total** | | **{total_s / 3600:.2f}** |
-
-Fetching the 2.4 GB TSV is not counted (ingest streams it; at 100 MB/s that is under a minute).
-"""
-    return md, numbers
+    section = Section("curate", "Curation (`ovseg bench curate`)", command)
+    section.text(f"Load average before/after: {load_before:.2f} / {load_after:.2f} on {cpus} logical CPUs"
+                 + (" (the CPU was shared with other work: numbers are pessimistic)" if contended else "") + ".")
+    section.heading(f"Parse throughput (one process, {parse['captions']:,} CC12M-like captions, model "
+                    f"`{parse['model']}`)")
+    section.table(["pipeline", "pipes", ("captions/s", None, ".0f")], [
+        ["ovseg parse (`nlp.pipe`, batch 256, lemmatizer on chunk roots only)", ", ".join(parse["ours_pipes"]),
+         parse["ours"]],
+        ["spaCy default full pipeline (`nlp.pipe`)", ", ".join(parse["full_pipes"]), parse["full"]]])
+    section.text(f"Speed-up: **{speedup:.2f}x** (target at least 2x: {ok(speedup >= 2)}).")
+    section.heading(f"select + manifest + entity_index + pairs over {rows:,} generated parsed rows")
+    section.text("Zipf-like entity counts (exponent 1.1 over 50,000 entities), 1-4 entities per row, top-100\n"
+                 f"entities, 10 pairs per sample; {threads} threads (DuckDB's, and the stages' parallel parts and\n"
+                 f"ranges), DuckDB memory_limit {memory_limit}, in a child process (generating the input took\n"
+                 f"{queries['generate_s']:.0f} s and is not counted).")
+    section.table(["stage", ("seconds", None, ".1f"), ("rows written", None, ",d")],
+                  [[name, sec, n] for name, (sec, n) in queries["stages"].items()]
+                  + [["**total (wall)**", f"**{query_s:.1f}**", f"CPU time {queries['cpu_s']:.1f} s"]])
+    full = rows == CC12M_ROWS
+    section.text(f"Peak resident memory of the child: **{queries['peak_rss_gib']:.2f} GiB**. Targets for 12.4M rows on\n"
+                 "2 cores: under 60 s ("
+                 + (ok(query_s * scale < 60) if full else f"{query_s * scale:.0f} s linearly scaled to 12.4M rows")
+                 + "),\nunder 4 GB (" + ok(queries["peak_rss_gib"] * 2**30 < 4e9) + ("" if full else ", at this size")
+                 + ").")
+    section.heading(f"Whole CC12M curation on one {cores}-core machine (extrapolated, download not included)")
+    section.table(["stage", "basis", ("hours", None, ".2f")], [
+        ["ingest", f"{ingest_per_s:,.0f} rows/s measured on a local TSV (one process)", ingest_s / 3600],
+        ["parse", f"{parse['ours']:.0f} captions/s per process x {cores} processes", parse_s / 3600],
+        ["select .. pairs", f"measured above with {threads} threads{'' if full else ', scaled linearly'} "
+         "(more threads only help)", query_s * scale / 3600],
+        ["**total**", None, f"**{total_s / 3600:.2f}**"]])
+    section.text("Fetching the 2.4 GB TSV is not counted (ingest streams it; at 100 MB/s that is under a minute).")
+    return section, numbers

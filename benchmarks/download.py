@@ -9,13 +9,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ovseg.benchmarks.measure import Measure
+from ovseg.benchmarks.results import Section
 from ovseg.curation import synthetic
 from ovseg.curation.download import DownloadConfig, download, img2dataset_arguments, worker_env
 from ovseg.curation.serve import serve
@@ -30,9 +31,9 @@ def _plain_img2dataset(url_list: Path, output: Path, cfg: DownloadConfig) -> flo
         if value == float("inf"):  # img2dataset's default; fire would read "inf" as a string
             continue
         command.append(f"--{key}={value!r}" if isinstance(value, list) else f"--{key}={value}")
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    with Measure() as m:
+        subprocess.run(command, check=True, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return m.seconds
 
 
 def _shard_rate(folder: Path) -> float:
@@ -47,9 +48,9 @@ def _shard_rate(folder: Path) -> float:
 
 def benchmark_download(n_images: int = 3000, image_size: int = 64, processes: int = 2, threads: int = 32,
                        shard_size: int = 1000, repeats: int = 2, workdir: Optional[Path] = None,
-                       machine: str = "") -> tuple[str, dict]:
-    """Measure both ways `repeats` times (alternating) and return (Markdown, numbers); `machine`
-    (a line naming the machine) goes under the heading."""
+                       command: str = "ovseg bench download") -> tuple[Section, dict]:
+    """Measure both ways `repeats` times (alternating) and return (the results section, numbers);
+    `command` is what the section says produced it."""
     import os
 
     load_before = os.getloadavg()[0]
@@ -82,9 +83,9 @@ def benchmark_download(n_images: int = 3000, image_size: int = 64, processes: in
                 successes = result.counts.get("success", 0)
                 from ovseg.curation.download import join_downloads, read_manifest_urls
 
-                start = time.perf_counter()
-                join_downloads(read_manifest_urls(data), data / "images", cfg)
-                join_seconds.append(time.perf_counter() - start)
+                with Measure() as m:
+                    join_downloads(read_manifest_urls(data), data / "images", cfg)
+                join_seconds.append(m.seconds)
         numbers = {
             "images": n_images, "successes": successes, "processes": processes, "threads": threads,
             "plain_seconds": plain, "ours_seconds": ours, "join_seconds": join_seconds,
@@ -94,29 +95,24 @@ def benchmark_download(n_images: int = 3000, image_size: int = 64, processes: in
             "ours_images_per_s": n_images / statistics.median(ours),
         }
         numbers["ratio"] = numbers["ours_images_per_s"] / numbers["plain_images_per_s"]
-        md = "\n".join([
-            "## Download from the loopback server",
-            "",
-            *([machine, ""] if machine else []),
+        section = Section("download", "Download from the loopback server", command)
+        section.text(
             f"{n_images} synthetic {image_size} px JPEGs served on 127.0.0.1, webdataset shards of {shard_size}, "
             f"{processes} processes x {threads} threads, resize mode border; median of {repeats} runs each, "
             "wall clock including process start-up (img2dataset's imports take seconds here). "
             f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after on this shared machine: "
-            "both ways run alternately under the same load, so their ratio is the comparison to read.",
-            "",
-            "| | images/s, end to end | seconds (runs) | images/s inside the workers |",
-            "|---|---|---|---|",
-            f"| plain `img2dataset` | {numbers['plain_images_per_s']:.0f} | {', '.join(f'{s:.1f}' for s in plain)} "
-            f"| {numbers['plain_worker_images_per_s']:.0f} |",
-            f"| `ovseg curate download` (img2dataset + join + offsets) | {numbers['ours_images_per_s']:.0f} | "
-            f"{', '.join(f'{s:.1f}' for s in ours)} | {numbers['ours_worker_images_per_s']:.0f} |",
-            "",
+            "both ways run alternately under the same load, so their ratio is the comparison to read.")
+        section.table(["", ("images/s, end to end", None, ".0f"), "seconds (runs)", ("images/s inside the workers", None, ".0f")], [
+            ["plain `img2dataset`", numbers["plain_images_per_s"], ", ".join(f"{s:.1f}" for s in plain),
+             numbers["plain_worker_images_per_s"]],
+            ["`ovseg curate download` (img2dataset + join + offsets)", numbers["ours_images_per_s"],
+             ", ".join(f"{s:.1f}" for s in ours), numbers["ours_worker_images_per_s"]]])
+        section.text(
             f"Ours runs at {100 * numbers['ratio']:.0f}% of plain img2dataset's rate (target: at least 85%). "
             f"The join (tar headers + downloads.parquet) alone took {statistics.median(join_seconds):.2f} s; "
             f"{successes} of {n_images} images downloaded. \"Inside the workers\" is img2dataset's own count "
-            "over the span of its shards' stats (no process start-up).",
-        ])
-        return md, numbers
+            "over the span of its shards' stats (no process start-up).")
+        return section, numbers
     finally:
         if own_tmp:
             shutil.rmtree(root, ignore_errors=True)

@@ -16,13 +16,14 @@ Settings per preset:
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ovseg.benchmarks.measure import Measure, machine
+from ovseg.benchmarks.results import Section
 from ovseg.evaluation import datasets as ds
 from ovseg.evaluation.evaluate import evaluate_dataset, load_dataset
 from ovseg.evaluation.segmenter import PROTOCOLS, Protocol, ZeroShotSegmenter, synthetic_protocol
@@ -70,13 +71,9 @@ def measure(preset: str, protocol: Protocol, *, n_images: int, height: int, widt
                                   batch_size=batch_size)
     windows = len(segmenter._windows(*segmenter._prepare(dataset.load(0)[0]).shape[-2:]))
     evaluate_dataset(segmenter, dataset, limit=min(2, n_images), progress=False)  # warm-up, text cached
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    evaluate_dataset(segmenter, dataset, progress=False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with Measure(device) as m:
+        evaluate_dataset(segmenter, dataset, progress=False)
+    seconds = m.seconds
     return {"preset": preset, "protocol": protocol.name, "image": f"{width}x{height}",
             "short_side": protocol.short_side, "window": protocol.window, "stride": protocol.stride,
             "windows_per_image": windows, "images": n_images, "seconds": seconds,
@@ -86,8 +83,8 @@ def measure(preset: str, protocol: Protocol, *, n_images: int, height: int, widt
 def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *,
                    protocols: tuple[str, ...] = ("paper", "training-free"), n_images: int = 16,
                    synthetic_images: int = 128, batch_size: int = 16, device: str = "cpu",
-                   threads: int | None = None, machine: str = "") -> tuple[str, list[dict]]:
-    """Markdown and raw rows: evaluation images/s of each preset at each protocol (VOC-sized
+                   threads: int | None = None, command: str = "ovseg bench eval") -> tuple[Section, list[dict]]:
+    """The results section (`eval`, or `eval-cuda` on a GPU) and raw rows: evaluation images/s of each preset at each protocol (VOC-sized
     images) and at the synthetic world's (64 px)."""
     previous = torch.get_num_threads()
     if threads:
@@ -107,17 +104,16 @@ def benchmark_eval(presets: tuple[str, ...] = ("test", "synthetic-small"), *,
     where = f"{n_threads} torch threads on the CPU"
     if device.startswith("cuda"):
         where = f"{torch.cuda.get_device_name(device)} with bf16 autocast ({n_threads} CPU threads)"
-    lines = [
-        f"Evaluation speed: the whole `ovseg eval` loop (decode, resize, windows, model, scores, "
-        f"confusion matrix) on random images with a randomly initialised model of each preset; "
-        f"{where}, "
-        f"batches of {batch_size} windows. {machine}",
-        "",
-        "| preset | protocol | image | short side | window / stride | windows per image | images/s | s/image |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['preset']} | {r['protocol']} | {r['image']} | {r['short_side']} | "
-                     f"{r['window']} / {r['stride']} | {r['windows_per_image']} | {r['images_per_s']:.2f} | "
-                     f"{1 / r['images_per_s']:.3f} |")
-    return "\n".join(lines) + "\n", rows
+    kind = device.split(":")[0]
+    section = Section("eval" if kind == "cpu" else f"eval-{kind}",
+                      "Evaluation speed (`ovseg bench eval`)" + ("" if kind == "cpu" else f" on {device}"), command,
+                      machine=machine(device))
+    section.machine["torch_threads"] = n_threads
+    section.text("Evaluation speed: the whole `ovseg eval` loop (decode, resize, windows, model, scores, "
+                 "confusion matrix) on random images with a randomly initialised model of each preset; "
+                 f"{where}, batches of {batch_size} windows.")
+    section.table(["preset", "protocol", "image", "short side", "window / stride", "windows per image",
+                   ("images/s", None, ".2f"), ("s/image", None, ".3f")],
+                  [[r["preset"], r["protocol"], r["image"], r["short_side"], f"{r['window']} / {r['stride']}",
+                    r["windows_per_image"], r["images_per_s"], 1 / r["images_per_s"]] for r in rows])
+    return section, rows

@@ -14,13 +14,14 @@ them)."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ovseg.benchmarks.measure import Measure
+from ovseg.benchmarks.results import Blocks, Section
 from ovseg.curation.contract import IMAGENET_MEAN, IMAGENET_STD
 from ovseg.curation.synthetic import WorldConfig, classes as world_classes, label_map, make_sample
 from ovseg.evaluation.metrics import ConfusionMatrix, group_majority_labels
@@ -134,57 +135,83 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
     before = grouping_scores(probe, vx, vmaps, n_classes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(cfg.seed)
-    started, curve = time.perf_counter(), []
-    for step in range(cfg.steps):
-        index = torch.randint(0, len(x), (cfg.batch_size,), generator=generator)
-        if cfg.target == "pixels":
-            target = labels[index].long()
-            logits = F.interpolate(probe.pixel_logits(x[index]), size=target.shape[-2:], mode="nearest")
-            loss = F.cross_entropy(logits, target, ignore_index=255)
-        else:
-            logits, _ = probe(x[index])
-            loss = F.binary_cross_entropy_with_logits(logits, y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress and (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            scoring = time.perf_counter()
-            curve.append({"step": step + 1, **grouping_scores(probe, vx, vmaps, n_classes)})
-            started += time.perf_counter() - scoring  # scoring is not training time
-            if progress:
-                print(curve[-1], flush=True)
-    minutes = (time.perf_counter() - started) / 60
+    curve, scoring_s = [], 0.0
+    with Measure() as training:
+        for step in range(cfg.steps):
+            index = torch.randint(0, len(x), (cfg.batch_size,), generator=generator)
+            if cfg.target == "pixels":
+                target = labels[index].long()
+                logits = F.interpolate(probe.pixel_logits(x[index]), size=target.shape[-2:], mode="nearest")
+                loss = F.cross_entropy(logits, target, ignore_index=255)
+            else:
+                logits, _ = probe(x[index])
+                loss = F.binary_cross_entropy_with_logits(logits, y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if progress and (step + 1) % 100 == 0:
+                print(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                with Measure() as scoring:
+                    curve.append({"step": step + 1, **grouping_scores(probe, vx, vmaps, n_classes)})
+                scoring_s += scoring.seconds  # scoring is not training time
+                if progress:
+                    print(curve[-1], flush=True)
+    minutes = (training.seconds - scoring_s) / 60
     after = grouping_scores(probe, vx, vmaps, n_classes)
     return {"steps": cfg.steps, "minutes": minutes, "loss": float(loss.item()),
             **{f"init_{k}": v for k, v in before.items()}, **after,
             "curve": [*curve, {"step": cfg.steps, **after}]}
 
 
-def probe_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
-    """Markdown: one row per probe run."""
-    lines = ["| world | grouping | assignment | target | blocks before + after | seed | steps (batch) | "
-             "groups per val image (init) | group-majority mIoU (init) | minutes |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for name, cfg, r in rows:
-        kind = "hard (Gumbel)" if cfg.hard_assignment else "soft"
-        lines.append(f"| {cfg.style} | {name} | {kind} | {cfg.target} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | "
-                     f"{r['steps']} ({cfg.batch_size}) | "
-                     f"{r['groups_per_image']:.2f} ({r['init_groups_per_image']:.2f}) | "
-                     f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f}) | {r['minutes']:.1f} |")
-    return "\n".join(lines)
+def _kind(cfg: ProbeConfig) -> str:
+    return "hard (Gumbel)" if cfg.hard_assignment else "soft"
 
 
-def curve_table(rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> str:
-    """Markdown: each run's val scores over training (`ProbeConfig.eval_every`), step 0 the init."""
-    lines = ["| world | grouping | assignment | target | blocks | seed | step | groups per val image | group-majority mIoU |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+def probe_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Blocks:
+    """Add the table of probe runs to `section`: one row per run."""
+    return section.table(
+        ["world", "grouping", "assignment", "target", "blocks before + after", ("seed", "right", "d"),
+         ("steps (batch)", "right"), ("groups per val image (init)", "right"), ("group-majority mIoU (init)", "right"),
+         ("minutes", "right", ".1f")],
+        [[cfg.style, name, _kind(cfg), cfg.target, f"{cfg.depth_before} + {cfg.depth_after}", cfg.seed,
+          f"{r['steps']} ({cfg.batch_size})", f"{r['groups_per_image']:.2f} ({r['init_groups_per_image']:.2f})",
+          f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f})", r["minutes"]]
+         for name, cfg, r in rows])
+
+
+def curve_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Blocks:
+    """Add each run's val scores over training (`ProbeConfig.eval_every`, step 0 the init) to `section`."""
+    table = []
     for name, cfg, r in rows:
         init = {"step": 0, "groups_per_image": r["init_groups_per_image"],
                 "group_majority_miou": r["init_group_majority_miou"]}
-        for point in [init, *r.get("curve", ())]:
-            kind = "hard (Gumbel)" if cfg.hard_assignment else "soft"
-            lines.append(f"| {cfg.style} | {name} | {kind} | {cfg.target} | {cfg.depth_before} + {cfg.depth_after} | {cfg.seed} | {point['step']} | "
-                         f"{point['groups_per_image']:.2f} | {point['group_majority_miou']:.1f} |")
-    return "\n".join(lines)
+        table += [[cfg.style, name, _kind(cfg), cfg.target, f"{cfg.depth_before} + {cfg.depth_after}", cfg.seed,
+                   point["step"], point["groups_per_image"], point["group_majority_miou"]]
+                  for point in [init, *r.get("curve", ())]]
+    return section.table(["world", "grouping", "assignment", "target", "blocks", ("seed", "right", "d"),
+                          ("step", "right", "d"), ("groups per val image", "right", ".2f"),
+                          ("group-majority mIoU", "right", ".1f")], table)
+
+
+def benchmark_grouping_probe(configs: list[ProbeConfig], threads: int, command: str = "ovseg bench grouping-probe",
+                             echo=print) -> Section:
+    """Run every probe (echoing each result) and return the results section, named after the
+    grouping, the assignment, the target and the world of the first config."""
+    torch.set_num_threads(threads)
+    rows = []
+    for cfg in configs:
+        result = run_probe(cfg)
+        echo(f"{cfg.grouping} {cfg.depth_before}+{cfg.depth_after} seed {cfg.seed}: {result}")
+        rows.append((cfg.grouping, cfg, result))
+    first = configs[0]
+    name = (f"grouping-probe-{first.grouping}-{'hard' if first.hard_assignment else 'soft'}"
+            + ("" if first.target == "image" else f"-{first.target}")
+            + ("" if first.style == "standard" else f"-{first.style}"))
+    world = "" if first.style == "standard" else f", {first.style} world"
+    section = Section(name, f"Supervised grouping probe{world} (`ovseg bench grouping-probe`)", command)
+    section.text(f"{threads} thread(s); {first.n_train:,} training images, {first.n_val} val images.")
+    probe_table(section, rows)
+    if first.eval_every:
+        curve_table(section, rows)
+    return section

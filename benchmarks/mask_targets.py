@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.benchmarks.diagnostics import model_images
+from ovseg.benchmarks.results import Section
 from ovseg.training.losses.mask_consistency import MaskConsistencyLoss
 
 
@@ -169,26 +170,25 @@ def synthetic_pairs(out: Path, n: int, seed: int = 0) -> Iterator:
             yield LabelledPair(image, label, p_image, p_label, shared, entity)
 
 
-def report(results: dict, machine: str) -> str:
-    """Markdown: one row per checkpoint and setting of the loss (grid, groups kept, matching)."""
-    lines = [machine, "",
-             "For pairs of training images that share a class (both directions), the groups the mask loss "
-             "keeps (the image's most related to the shared entity) and the partner's masks it matches them "
-             "to, against the truth: how much of a kept group is the shared object in its own image, how much "
-             "of its target is the object in the partner (precision) and how much of the object the target "
-             "covers (recall), and how much of the kept group's mask on the partner lies on the object. "
-             "Each checkpoint is measured under its own settings and under the paper's form of the loss "
-             "(assignment grid, 4 groups, dice matching).", "",
-             "| checkpoint | grid | groups kept | matching | pairs | kept group on the object | target precision "
-             "| target recall | empty targets | student mask on the object |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+def report(results: dict, command: str = "ovseg bench mask-targets") -> Section:
+    """The results section `mask-targets`: one row per checkpoint and setting of the loss (grid,
+    groups kept, matching)."""
+    section = Section("mask-targets", "What the mask loss trains on (`ovseg bench mask-targets`)", command)
+    section.text("For pairs of training images that share a class (both directions), the groups the mask loss "
+                 "keeps (the image's most related to the shared entity) and the partner's masks it matches them "
+                 "to, against the truth: how much of a kept group is the shared object in its own image, how much "
+                 "of its target is the object in the partner (precision) and how much of the object the target "
+                 "covers (recall), and how much of the kept group's mask on the partner lies on the object. "
+                 "Each checkpoint is measured under its own settings and under the paper's form of the loss "
+                 "(assignment grid, 4 groups, dice matching).")
 
     def pct(m: dict, key: str) -> str:
         return f"{100 * m[key]:.1f}%" if key in m else "-"
 
-    for name, by_setting in results.items():
-        for setting, m in by_setting.items():
-            lines.append(f"| {name} | {setting.grid} | {setting.keep} | {setting.matching} | {int(m['pairs'])} "
-                         f"| {pct(m, 'kept_on_object')} | {pct(m, 'target_precision')} | {pct(m, 'target_recall')} "
-                         f"| {pct(m, 'target_empty')} | {pct(m, 'student_precision')} |")
-    return "\n".join(lines) + "\n"
+    keys = ("kept_on_object", "target_precision", "target_recall", "target_empty", "student_precision")
+    return section.table(
+        ["checkpoint", "grid", ("groups kept", "right", "d"), "matching", ("pairs", "right", "d"),
+         ("kept group on the object", "right"), ("target precision", "right"), ("target recall", "right"),
+         ("empty targets", "right"), ("student mask on the object", "right")],
+        [[name, setting.grid, setting.keep, setting.matching, int(m["pairs"]), *(pct(m, k) for k in keys)]
+         for name, by_setting in results.items() for setting, m in by_setting.items()])

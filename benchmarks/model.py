@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import torch
 
+from ovseg.benchmarks.measure import Measure, machine, median_seconds
+from ovseg.benchmarks.results import Section
 from ovseg.training.model.config import ModelConfig
 
 CAPTIONS = ["a photo of a red circle and a blue square", "a green star on a striped background",
@@ -29,7 +30,9 @@ def _config(preset: str, **changes) -> ModelConfig:
     return dataclasses.replace(ModelConfig(**get_preset(preset)["model"]), **changes)
 
 
-def _batch(cfg: ModelConfig, tokenizer, b: int, device: str) -> dict:
+def random_batch(cfg: ModelConfig, tokenizer, b: int, device: str) -> dict:
+    """A training batch of `b` random images (and partners) with captions, questions, answers and
+    shared-entity prompts drawn from CAPTIONS, for every loss."""
     g = torch.Generator().manual_seed(0)
     size = cfg.image_size
 
@@ -58,21 +61,6 @@ def _tokenizer(cfg: ModelConfig):
     return train_wordpiece(CAPTIONS * 4, vocab_size=1000, min_frequency=1)
 
 
-def _timed(step, repeats: int, device: str) -> float:
-    """Median seconds of `step()` over `repeats` runs, after one warm-up run."""
-    step()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _autocast(device: str):
     """bf16 autocast on CUDA, as training runs there; nothing on a CPU."""
     import contextlib
@@ -80,21 +68,25 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
 
-def _rss_mib() -> float:
-    import resource
+def time_train_step(model, batch: dict, device: str, repeats: int, warmup: int = 1, optimizer=None) -> dict:
+    """The one timing of a training step that `ovseg bench model` and `ovseg bench train` share:
+    forward with every loss the model has, backward (bf16 autocast on CUDA) and, with an
+    `optimizer`, its step and the momentum encoder's update. Median seconds over `repeats`
+    steps after `warmup` untimed ones; the peak memory (`Measure`'s) over all of them and the
+    reading before the first (`start_mib`)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    def step():
+        with _autocast(device):
+            loss = model(batch)["loss"]
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            model.momentum_update()
+        model.zero_grad(set_to_none=True)
 
-
-def _memory_start(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _rss_mib()
-
-
-def _memory_peak(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib()
+    with Measure(device) as whole:
+        seconds = median_seconds(step, repeats, device, warmup=warmup)
+    return {"seconds": seconds, "peak_mib": whole.peak_mib, "start_mib": whole.start_mib}
 
 
 def measure_train_step(preset: str, batch_size: int, repeats: int, device: str, threads: int) -> dict:
@@ -105,19 +97,10 @@ def measure_train_step(preset: str, batch_size: int, repeats: int, device: str, 
     torch.manual_seed(0)
     cfg = _config(preset, losses=["contrastive", "entity", "mask"], vision_init=None)
     model = build_model(cfg, tokenizer=_tokenizer(cfg)).to(device).train()
-    batch = _batch(cfg, model.tokenizer, batch_size, device)
-    base = _memory_start(device)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with _autocast(device):
-            loss = model(batch)["loss"]
-        loss.backward()
-
-    seconds = _timed(step, repeats, device)
-    peak = _memory_peak(device)
-    return {"preset": preset, "batch": batch_size, "seconds": seconds, "images_per_s": batch_size / seconds,
-            "peak_mib": peak, "step_mib": peak - base}
+    timed = time_train_step(model, random_batch(cfg, model.tokenizer, batch_size, device), device, repeats)
+    return {"preset": preset, "batch": batch_size, "seconds": timed["seconds"],
+            "images_per_s": batch_size / timed["seconds"], "peak_mib": timed["peak_mib"],
+            "step_mib": timed["peak_mib"] - timed["start_mib"]}
 
 
 def _has_vit_twin(preset: str) -> bool:
@@ -156,8 +139,8 @@ def measure_encoder_vs_vit(preset: str, batch_size: int, repeats: int, device: s
     # alternate the two so that a busy machine slows both alike
     ours_times, vit_times = [], []
     for _ in range(repeats):
-        ours_times.append(_timed(ours_step, 1, device))
-        vit_times.append(_timed(vit_step, 1, device))
+        ours_times.append(median_seconds(ours_step, 1, device))
+        vit_times.append(median_seconds(vit_step, 1, device))
     t_ours, t_vit = statistics.median(ours_times), statistics.median(vit_times)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"preset": preset, "batch": batch_size, "grouping_vit_s": t_ours, "timm_vit_s": t_vit,
@@ -170,7 +153,7 @@ def paper_flops_and_parameters(batch_size: int = 2, threads: int = 2) -> dict:
     """Forward FLOPs of the `paper` preset (random weights: no hub here) and its parameters."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ovseg.training.model import build_model, parameter_table
+    from ovseg.training.model import build_model, parameter_counts
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -179,7 +162,7 @@ def paper_flops_and_parameters(batch_size: int = 2, threads: int = 2) -> dict:
                   losses=["contrastive", "entity", "mask"])
     tokenizer = _tokenizer(cfg)
     model = build_model(cfg, tokenizer=tokenizer).train()
-    batch = _batch(cfg, tokenizer, batch_size, "cpu")
+    batch = random_batch(cfg, tokenizer, batch_size, "cpu")
 
     def flops(fn) -> int:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -190,7 +173,7 @@ def paper_flops_and_parameters(batch_size: int = 2, threads: int = 2) -> dict:
     text = flops(lambda: model.embed_text(batch["input_ids"][:1], batch["attention_mask"][:1]))
     train = flops(lambda: model(batch)) / batch_size
     return {"image_gflops": image / 1e9, "text_gflops": text / 1e9, "train_forward_gflops_per_sample": train / 1e9,
-            "text_length": cfg.max_text_length, "parameters": parameter_table(model)}
+            "text_length": cfg.max_text_length, "parameters": parameter_counts(model)}
 
 
 def _in_fresh_process(fn, *args):
@@ -202,8 +185,9 @@ def _in_fresh_process(fn, *args):
 
 def benchmark_model(presets: tuple[str, ...] = ("test", "synthetic-small"), batch_size: int = 16,
                     repeats: int = 5, paper_batch: int = 2, paper_repeats: int = 3, device: str = "cpu",
-                    threads: int | None = None, machine: str = "") -> tuple[str, dict]:
-    """Run every measurement (each in its own process) and return (Markdown, numbers)."""
+                    threads: int | None = None, command: str = "ovseg bench model") -> tuple[Section, dict]:
+    """Run every measurement (each in its own process) and return (the results section: `model`,
+    or `model-cuda` on a GPU, and the numbers)."""
     import os
 
     threads = threads or min(4, os.cpu_count() or 1)
@@ -220,28 +204,34 @@ def benchmark_model(presets: tuple[str, ...] = ("test", "synthetic-small"), batc
 
     memory = "peak CUDA memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
     precision = "bf16 autocast" if device.startswith("cuda") else "float32"
-    lines = [f"{machine} Device `{device}` ({precision}), {threads} torch threads; load average "
-             f"{load:.1f} when the benchmark started.", "",
-             f"**Training step** (forward + backward, contrastive + entity + mask losses; median of {repeats}):", "",
-             "| preset | batch | step (s) | images/s | peak memory (MiB) | increase during the steps (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {s['preset']} | {s['batch']} | {s['seconds']:.3f} | {s['images_per_s']:.1f} | "
-              f"{s['peak_mib']:.0f} | {s['step_mib']:.0f} |" for s in steps]
-    lines += ["", f"Memory is the {memory}.", "",
-              "**Image encoder vs a plain timm ViT** of the same width, depth, heads and input "
-              "(forward + backward; target: grouping overhead under 25%):", "",
-              "| preset | batch | tokens per block | grouping ViT (s) | timm ViT (s) | overhead | params (grouping / timm) |",
-              "|---|---:|---|---:|---:|---:|---|"]
-    lines += [f"| {e['preset']} | {e['batch']} | {e['tokens']} | {e['grouping_vit_s']:.3f} | {e['timm_vit_s']:.3f} | "
-              f"{100 * e['overhead']:+.1f}% | {e['grouping_vit_params'] / 1e6:.2f}M / {e['timm_vit_params'] / 1e6:.2f}M |"
-              for e in encoders]
+    kind = device.split(":")[0]
+    name, title = ("model", "") if kind == "cpu" else (f"model-{kind}", f", {kind.upper()}")
+    section = Section(name, f"Model cost{title} (`ovseg bench model --device {device}`)", command,
+                      machine={**machine(device), "torch_threads": threads})
+    section.text(f"Device `{device}` ({precision}), {threads} torch threads; load average {load:.1f} when the "
+                 "benchmark started.")
+    section.text(f"**Training step** (forward + backward, contrastive + entity + mask losses; median of {repeats}):")
+    section.table(["preset", ("batch", "right", "d"), ("step (s)", "right", ".3f"), ("images/s", "right", ".1f"),
+                   ("peak memory (MiB)", "right", ".0f"), ("increase during the steps (MiB)", "right", ".0f")],
+                  [[s["preset"], s["batch"], s["seconds"], s["images_per_s"], s["peak_mib"], s["step_mib"]]
+                   for s in steps])
+    section.text(f"Memory is the {memory}.")
+    section.text("**Image encoder vs a plain timm ViT** of the same width, depth, heads and input "
+                 "(forward + backward; target: grouping overhead under 25%):")
+    section.table(["preset", ("batch", "right", "d"), "tokens per block", ("grouping ViT (s)", "right", ".3f"),
+                   ("timm ViT (s)", "right", ".3f"), ("overhead", "right"), "params (grouping / timm)"],
+                  [[e["preset"], e["batch"], e["tokens"], e["grouping_vit_s"], e["timm_vit_s"],
+                    f"{100 * e['overhead']:+.1f}%",
+                    f"{e['grouping_vit_params'] / 1e6:.2f}M / {e['timm_vit_params'] / 1e6:.2f}M"] for e in encoders])
     if skipped:
-        lines += ["", "Not compared (a CNN patch embedding or no transformer block, so no plain ViT of the "
-                  "same shape): " + ", ".join(f"`{p}`" for p in skipped) + "."]
-    lines += ["", f"**`paper` preset** (ViT-B/16, 64 -> 8 groups, BERT-base architecture with random weights): "
-              f"forward FLOPs {paper['image_gflops']:.1f} GFLOPs per 224 px image (image encoder + projector), "
-              f"{paper['text_gflops']:.1f} GFLOPs per caption of {paper['text_length']} tokens (text encoder + "
-              f"projector), {paper['train_forward_gflops_per_sample']:.1f} GFLOPs per sample for the training "
-              "forward with all three losses (image, partner image, momentum encoder, caption, question, "
-              "answer and shared-entity prompts).", "", paper["parameters"]]
-    return "\n".join(lines) + "\n", {"steps": steps, "encoders": encoders, "paper": paper}
+        section.text("Not compared (a CNN patch embedding or no transformer block, so no plain ViT of the "
+                     "same shape): " + ", ".join(f"`{p}`" for p in skipped) + ".")
+    section.text("**`paper` preset** (ViT-B/16, 64 -> 8 groups, BERT-base architecture with random weights): "
+                 f"forward FLOPs {paper['image_gflops']:.1f} GFLOPs per 224 px image (image encoder + projector), "
+                 f"{paper['text_gflops']:.1f} GFLOPs per caption of {paper['text_length']} tokens (text encoder + "
+                 f"projector), {paper['train_forward_gflops_per_sample']:.1f} GFLOPs per sample for the training "
+                 "forward with all three losses (image, partner image, momentum encoder, caption, question, "
+                 "answer and shared-entity prompts).")
+    section.table(["part", ("parameters", "right", ",d"), ("millions", "right", ".2f")],
+                  [[part, n, n / 1e6] for part, n in paper["parameters"].items()])
+    return section, {"steps": steps, "encoders": encoders, "paper": paper}

@@ -21,6 +21,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ovseg.benchmarks.measure import cpu_model, machine, now
+from ovseg.benchmarks.results import Blocks, Section
+
 # The losses of each variant's stages: a list, or "preset" for the preset's own stage list
 # (train.stages.1.losses / train.stages.2.losses), so that "+ entity" is `synthetic-small`'s
 # contrastive + entity + grounding and `synthetic-paper`'s contrastive + entity.
@@ -57,19 +60,6 @@ def model_label(variant: str, cfg) -> str:
         added = [x for x in second if x not in first]
         losses += ", then + " + " + ".join(named.get(x, x) for x in added) if added else ", then a second stage"
     return f"{grouping}, {stem}, {m.depth_before} + {m.depth_after} blocks; {losses}"
-
-
-def cpu_name() -> str:
-    """The machine's CPU model, as /proc/cpuinfo (or the platform) names it."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def budget_of(result: dict) -> float:
@@ -134,7 +124,7 @@ def train_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_dir: P
             checkpoint = run_dir / f"stage2-{budget:g}min" / "last.pt"
         scores = _evaluate(world_dir, checkpoint, run_dir / f"eval-{budget:g}min", device)
         results.append({"variant": variant, "seed": seed, "minutes": budget, "steps": steps, **scores,
-                        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+                        "measured": now()})
     return results
 
 
@@ -193,9 +183,9 @@ def train_steps_and_evaluate(variant: str, data_dir: Path, world_dir: Path, run_
         results.append({"variant": variant, "seed": seed, "budget_steps": budget, "steps": steps,
                         "batch_size": cfg.train.stages[0].batch_size or cfg.train.batch_size,
                         "stage2_batch_size": cfg.train.stages[1].batch_size or cfg.train.batch_size,
-                        "train_minutes": minutes, "resumed": resumed, "cpu": cpu_name(), "threads": threads,
+                        "train_minutes": minutes, "resumed": resumed, "cpu": cpu_model(), "threads": threads,
                         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                        **scores, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+                        **scores, "measured": now()})
     return results
 
 
@@ -327,13 +317,14 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
     return results
 
 
-def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, threads: int, grid: int,
-              kept: dict | None = None, labels: dict[str, str] | None = None, style: str = "standard") -> str:
-    """The mIoU table; `kept` (from `kept_rows`) adds the rows of variants that were not rerun,
-    each named with the date of the section they come from; `labels` (from `model_label`)
-    names each variant's model in its row. Step-budget results (`train_steps_and_evaluate`)
-    give `N steps` columns whose cells carry the minutes the training took; wall-clock results
-    give `N min` columns whose cells carry the steps trained."""
+def summarise(results: list[dict], chance: dict, ceiling: float, threads: int, grid: int,
+              kept: dict | None = None, labels: dict[str, str] | None = None, style: str = "standard") -> list[dict]:
+    """The mIoU table's blocks (its introduction, the table, and a note on kept rows); `kept`
+    (from `kept_rows`) adds the rows of variants that were not rerun, each named with the date
+    of the section they come from; `labels` (from `model_label`) names each variant's model in
+    its row. Step-budget results (`train_steps_and_evaluate`) give `N steps` columns whose cells
+    carry the minutes the training took; wall-clock results give `N min` columns whose cells
+    carry the steps trained."""
     import numpy as np
 
     kept = kept or {"cells": {}, "measured": {}, "names": {}}
@@ -358,7 +349,7 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
                 "a loaded machine takes more minutes for the same steps." if loads else "")
         intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained with "
                  f"{threads} CPU threads for the given number of steps ({batch}), on the preset's schedule over "
-                 f"those steps (the full method: the last {STAGE2_SHARE:.0%} of them in stage 2). {machine} "
+                 f"those steps (the full method: the last {STAGE2_SHARE:.0%} of them in stage 2). "
                  f"{when.replace(', so steps are given with each cell', '')}Mean ± spread (max - min) over seeds "
                  f"{sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each group given "
                  "its majority true label: what the grouping itself allows); in parentheses the minutes the "
@@ -366,17 +357,15 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
                  f"counted), on {', '.join(cpus)}.{load}")
     else:
         intro = (f"{world}, test split, mIoU (%) with background, threshold chosen on val; each run trained "
-                 f"with {threads} CPU threads for the given wall-clock minutes. {machine} {when}Mean ± spread (max - min) "
+                 f"with {threads} CPU threads for the given wall-clock minutes. {when}Mean ± spread (max - min) "
                  f"over seeds {sorted({r['seed'] for r in results})}; in brackets the group-majority mIoU (each "
                  "group given its majority true label: what the grouping itself allows).")
-    lines = [intro, "",
-             "| variant | " + " | ".join(f"{b:g} {unit}" for b in budgets) + " |",
-             "|---|" + "---:|" * len(budgets)]
+    rows = []
     for variant in VARIANTS:
         if variant in kept["cells"]:
-            cells = [kept["cells"][variant].get(b, "-") for b in budgets]
             name = kept.get("names", {}).get(variant, variant)
-            lines.append(f"| {name} (kept from {kept['measured'][variant]}) | " + " | ".join(cells) + " |")
+            rows.append([f"{name} (kept from {kept['measured'][variant]})",
+                         *(kept["cells"][variant].get(b, "-") for b in budgets)])
             continue
         cells = []
         for b in budgets:
@@ -392,57 +381,55 @@ def summarise(results: list[dict], chance: dict, ceiling: float, machine: str, t
             else:
                 cost = f"{int(np.mean([sum(r['steps'].values()) for r in rs]))} steps"
             cells.append(f"{m.mean():.1f} ± {np.ptp(m):.1f} [{g.mean():.1f}] ({cost})")
-        name = f"{variant}: {labels[variant]}" if variant in labels else variant
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        f"| random init (chance) | {100 * chance['miou']:.1f} [{100 * chance['group_majority_miou']:.1f}] |",
-        f"| grid ceiling ({grid}x{grid} group maps) | {100 * ceiling:.1f} |", "",
-    ]
+        rows.append([f"{variant}: {labels[variant]}" if variant in labels else variant, *cells])
+    pad = [None] * (len(budgets) - 1)
+    rows += [["random init (chance)", f"{100 * chance['miou']:.1f} [{100 * chance['group_majority_miou']:.1f}]", *pad],
+             [f"grid ceiling ({grid}x{grid} group maps)", f"{100 * ceiling:.1f}", *pad]]
+    section = Blocks()
+    section.text(intro)
+    section.table(["variant", *((f"{b:g} {unit}", "right") for b in budgets)], rows)
     if kept["cells"]:
-        lines += ["A variant marked \"kept from DATE\" was not rerun: its row is the one the section written at DATE "
-                  "gave, kept by `--keep-rows` for a change that does not touch its training.", ""]
-    return "\n".join(lines)
+        section.text("A variant marked \"kept from DATE\" was not rerun: its row is the one the section written at DATE "
+                     "gave, kept by `--keep-rows` for a change that does not touch its training.")
+    return section.blocks
 
 
-_KEPT = re.compile(r"^\| (?P<name>[^|]+?)(?: \(kept from (?P<when>[^)]+)\))? \|")
+_KEPT = re.compile(r"^(?P<name>.+?)(?: \(kept from (?P<when>[^)]+)\))?$")
 
 
-def _cells(row: str) -> list[str]:
-    """The cells of a Markdown table row after its first (the row's name)."""
-    return [cell.strip() for cell in row.strip().strip("|").split("|")[1:]]
+def _table(section: Section, first_column: str) -> dict | None:
+    return next((t for t in section.tables() if t["columns"][0]["name"] == first_column), None)
 
 
-def kept_rows(section: str, variants: list[str]) -> dict:
-    """What an earlier section written by `report` says of `variants`, to stand beside new runs
-    of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells by budget,
-    its row's name (the variant, and its model when the row names it), its diagnostics rows,
-    the date of the section it was measured for (this section's, or the one a row already kept
-    from an older section carries), and the budgets' unit ("min" or "steps"). Raises
-    ValueError when the section has no results table or no row of a variant."""
-    lines = section.splitlines()
-    header = next((line for line in lines if line.startswith("| variant |")), None)
-    measured = re.search(r"Measured (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", section)
-    if header is None or measured is None:
+def kept_rows(section: Section, variants: list[str]) -> dict:
+    """What an earlier results section written by `report` says of `variants`, to stand beside
+    new runs of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells
+    by budget, its row's name (the variant, and its model when the row names it), its
+    diagnostics rows, the date of the section it was measured for (this section's, or the one a
+    row already kept from an older section carries), and the budgets' unit ("min" or "steps").
+    Raises ValueError when the section has no results table or no row of a variant."""
+    table = _table(section, "variant")
+    if table is None:
         raise ValueError("it holds no results table of `ovseg bench synthetic`")
-    heads = _cells(header)
-    budgets = [float(cell.split()[0]) for cell in heads]
+    heads = [c["name"] for c in table["columns"][1:]]
+    budgets = [float(h.split()[0]) for h in heads]
     unit = heads[0].split()[-1] if heads else "min"
+    diagnostics = _table(section, "model")
     out = {"cells": {}, "measured": {}, "names": {}, "diagnostics": [], "unit": unit}
     for variant in variants:
-        rows = [(line, m) for line in lines
-                if (m := _KEPT.match(line)) and (m["name"] == variant or m["name"].startswith(f"{variant}: "))]
+        rows = [(row, m) for row in table["rows"]
+                if (m := _KEPT.match(row[0])) and (m["name"] == variant or m["name"].startswith(f"{variant}: "))]
         if not rows:
             raise ValueError(f"it has no row of {variant}")
-        line, match = rows[0]
-        when = match["when"] or measured.group(1)
-        out["cells"][variant] = {b: c for b, c in zip(budgets, _cells(line)) if c != "-"}
+        row, match = rows[0]
+        when = match["when"] or section.measured
+        out["cells"][variant] = {b: c for b, c in zip(budgets, row[1:]) if c not in ("-", None)}
         out["measured"][variant] = when
         out["names"][variant] = match["name"]
-        for row in lines:
-            name = _KEPT.match(row)
-            if name and name["name"].startswith(f"{variant}, seed "):
-                out["diagnostics"].append(row if name["when"] else row.replace(
-                    f"| {name['name']} |", f"| {name['name']} (kept from {when}) |", 1))
+        for diag in (diagnostics or {"rows": []})["rows"]:
+            name = _KEPT.match(diag[0])
+            if name["name"].startswith(f"{variant}, seed "):
+                out["diagnostics"].append(diag if name["when"] else [f"{name['name']} (kept from {when})", *diag[1:]])
     return out
 
 
@@ -501,37 +488,36 @@ def diagnose(checkpoints: dict[str, Path], world_dir: Path, split: str = "test",
     return out
 
 
-def diagnostics_table(diagnostics: dict[str, dict], kept: list[str] = ()) -> str:
-    """Markdown rows of `diagnose`'s output, in percent, with the `kept` rows of variants not
+def diagnostics_table(diagnostics: dict[str, dict], kept: list[list] = ()) -> dict:
+    """A table block of `diagnose`'s output, in percent, with the `kept` rows of variants not
     rerun (from `kept_rows`), in the order of VARIANTS and the random model last."""
-    rows = []
 
     def percent(value: float | None, nan: str) -> str:
         if value is None:
             return "-"
         return nan if value != value else f"{100 * value:.1f}"  # NaN: no group is mostly an object
 
-    for name, d in diagnostics.items():
-        named = percent(d["group_accuracy"], "- (no group is mostly an object)")
-        probe = percent(d.get("probe_group_accuracy"), "-")
-        rows.append(f"| {name} | {100 * d['image_top1_present']:.1f} | {named} | {probe} | {d['groups_per_image']:.2f} |")
+    rows = [[name, f"{100 * d['image_top1_present']:.1f}", percent(d["group_accuracy"], "- (no group is mostly an object)"),
+             percent(d.get("probe_group_accuracy"), "-"), d["groups_per_image"]] for name, d in diagnostics.items()]
 
-    def order(row: str) -> int:
-        return next((i for i, v in enumerate(VARIANTS) if row.startswith(f"| {v}, seed ")), len(VARIANTS))
+    def order(row: list) -> int:
+        return next((i for i, v in enumerate(VARIANTS) if row[0].startswith(f"{v}, seed ")), len(VARIANTS))
 
-    header = ["| model | image embedding names a present shape | groups named with their object's shape | "
-              "linear probe of the groups | groups per image |", "|---|---:|---:|---:|---:|"]
-    return "\n".join(header + sorted([*rows, *kept], key=order)) + "\n"
+    section = Blocks()
+    section.table(["model", ("image embedding names a present shape", "right"),
+                   ("groups named with their object's shape", "right"), ("linear probe of the groups", "right"),
+                   ("groups per image", "right", ".2f")], sorted([*rows, *(list(r) for r in kept)], key=order))
+    return section.blocks[0]
 
 
-def report(out: Path, world_dir: Path, results: list[dict], threads: int, machine: str,
+def report(out: Path, world_dir: Path, results: list[dict], threads: int, section: Section,
            images: Path | None = None, preset: str = "synthetic-small", overrides: list[str] = (),
-           kept: dict | None = None, style: str = "standard", section: str = "synthetic") -> str:
-    """The benchmark's Markdown: the mIoU table (rows named by their model: grouping, stem,
-    losses) with its chance and ceiling rows, the diagnostics of every run at its largest budget
-    and of the random model, and (with `images`, the folder next to the Markdown file that
-    pictures go to) the segmentation panels of the last variant's first seed at that budget.
-    `kept` (from `kept_rows`) adds the rows of variants that were not rerun."""
+           kept: dict | None = None, style: str = "standard") -> Section:
+    """Fill `section` with the benchmark's results: the mIoU table (rows named by their model:
+    grouping, stem, losses) with its chance and ceiling rows, the diagnostics of every run at its
+    largest budget and of the random model, and (with `images`, the folder next to the rendered
+    page that pictures go to) the segmentation panels of the last variant's first seed at that
+    budget. `kept` (from `kept_rows`) adds the rows of variants that were not rerun."""
     from ovseg.curation.synthetic import captions
     from ovseg.training.config import resolve
     from ovseg.training.model.image_encoder import assignment_grid
@@ -552,41 +538,78 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, machin
         checkpoints = {name: path for name, path in checkpoints.items() if _at_step(path, steps[name])}
     checkpoints["random init"] = out / "random" / "random.pt"
     labels = {v: model_label(v, cfg) for v in VARIANTS}
-    recipe = f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "")
-    return (recipe + ".\n\n" + summarise(results, chance, ceiling, machine, threads, grid, kept, labels, style)
-            + "\nDiagnostics on the test split (each image in one window at the training size; a group is "
-            "named by its best class prompt and scored against the majority true label of its pixels, "
-            "background groups left out; the linear probe is a logistic regression on the groups' features, "
-            f"fitted on the object groups of {PROBE_IMAGES} more images drawn from the same world: whether the "
-            "class is in the groups at all, whatever the prompts say):\n\n"
-            + diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")),
-                                (kept or {}).get("diagnostics", ()))
-            + _pictures(out, results, last, images, unit=unit, prefix=section)
-            + "\nWhat each preset's choices are and why: [recipes.md](recipes.md); what was measured while "
-            "looking for them: [notes/quality-log.md](notes/quality-log.md).\n")
+    section.text(f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "") + ".")
+    section.blocks += summarise(results, chance, ceiling, threads, grid, kept, labels, style)
+    section.text("Diagnostics on the test split (each image in one window at the training size; a group is "
+                 "named by its best class prompt and scored against the majority true label of its pixels, "
+                 "background groups left out; the linear probe is a logistic regression on the groups' features, "
+                 f"fitted on the object groups of {PROBE_IMAGES} more images drawn from the same world: whether the "
+                 "class is in the groups at all, whatever the prompts say):")
+    section.blocks.append(diagnostics_table(diagnose(checkpoints, world_dir, fit_dir=probe_world(world_dir, out / "probe-world")),
+                                            (kept or {}).get("diagnostics", ())))
+    section.blocks += _pictures(out, results, last, images, unit=unit, prefix=section.section)
+    section.text("What each preset's choices are and why: [recipes.md](recipes.md); what was measured while "
+                 "looking for them: [notes/quality-log.md](notes/quality-log.md).")
+    return section
 
 
 def _pictures(out: Path, results: list[dict], budget: float, images: Path | None, n: int = 2, unit: str = "min",
-              prefix: str = "synthetic") -> str:
+              prefix: str = "synthetic") -> list[dict]:
     """Copy the first `n` test panels of the last variant (the full method when it ran), first
     seed, at `budget` minutes (or steps) into `images`, named after `prefix` (the section);
-    Markdown that shows them ('' without `images`)."""
+    the blocks that show them (none without `images`)."""
     import shutil
 
     if images is None:
-        return ""
+        return []
     variant = [v for v in VARIANTS if any(r["variant"] == v for r in results)][-1]
     seed = min(r["seed"] for r in results if r["variant"] == variant)
     name = variant.split()[-1].strip("()")
     panels = sorted((eval_dir(out / "runs" / f"{name}-seed{seed}", budget, unit) / "pictures").glob("*_panel.png"))[:n]
     images.mkdir(parents=True, exist_ok=True)
     words = "minutes" if unit == "min" else "steps"
-    lines = [f"\nTest images after {budget:g} {words}, {variant}, seed {seed} (image, truth, prediction, groups):\n"]
+    section = Blocks()
+    section.text(f"Test images after {budget:g} {words}, {variant}, seed {seed} (image, truth, prediction, groups):")
     for i, panel in enumerate(panels):
         target = images / f"{prefix}-{name}-{budget:g}{unit}-{i}.png"
         shutil.copyfile(panel, target)
-        lines.append(f"![{variant} after {budget:g} {unit}, test image {i}]({images.name}/{target.name})")
-    return "\n".join(lines) + "\n"
+        section.image(f"{variant} after {budget:g} {unit}, test image {i}", f"{images.name}/{target.name}")
+    return section.blocks
+
+
+VARIANT_NAMES = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
+
+
+def section_name(preset: str, style: str) -> str:
+    """The results section of a world and recipe family: the default one keeps its old name."""
+    return "synthetic" if (preset, style) == ("synthetic-small", "standard") else f"synthetic-{style}-{preset}"
+
+
+def benchmark_synthetic(out: Path, prepared: dict, variants: list[str], budgets: list[float], unit: str,
+                        seeds: list[int], threads: int, parallel: int, device: str, preset: str,
+                        overrides: list[str], style: str, kept: dict | None, images: Path | None,
+                        command: str = "ovseg bench synthetic") -> Section:
+    """Train and evaluate every variant (names of VARIANTS) and seed to each budget (`unit`
+    "steps" or "min") on the `prepared` world and data (what `ovseg.cli.pipeline`'s
+    `prepare_synthetic_data` returns), in `parallel` jobs; write OUT/results[-steps].json and
+    return the results section (`section_name`)."""
+    # step-budget jobs log apart from wall-clock ones: a folder may hold both
+    suffix = "-steps" if unit == "steps" else ""
+    short = {v: v.split()[-1].strip("()") for v in variants}
+    jobs = [{"name": f"{short[v]}-seed{s}{suffix}", "variant": v, "budgets": budgets, "seed": s,
+             "unit": unit, "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device,
+             "threads": threads, "run": str(out / "runs" / f"{short[v]}-seed{s}"),
+             "preset": preset, "overrides": list(overrides)}
+            for v in variants for s in seeds]
+    results = run_parallel(jobs, threads, parallel, out / "logs")
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
+    name = section_name(preset, style)
+    world = "" if style == "standard" else f", {style} style"
+    title = (f"Quality on the synthetic world{world}, preset `{preset}` (`ovseg bench synthetic`)" if name != "synthetic"
+             else "Quality on the synthetic world (`ovseg bench synthetic`)")
+    section = Section(name, title, command, machine={**machine(device), "torch_threads": threads})
+    return report(out, prepared["world"], results, threads, section, images=images, kept=kept, preset=preset,
+                  overrides=overrides, style=style)
 
 
 def main() -> None:  # one job, in its own process (see run_parallel)

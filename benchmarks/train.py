@@ -4,16 +4,16 @@ augmentations on 256 px JPEGs, and training steps/s (and peak memory) of a prese
 from __future__ import annotations
 
 import io
-import resource
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ovseg.benchmarks.measure import Measure, machine
+from ovseg.benchmarks.results import Blocks, Section
 from ovseg.curation.contract import write_contract
 
 
@@ -64,15 +64,15 @@ def _loader_passes(n: int, image_size: int, source_size: int, repeats: int) -> d
             dataset = CaptionImageDataset(table, tokenizer, image_size, spec, DataConfig(), seed=0)
             cpu, wall = [], []
             for _ in range(repeats):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                batch = []
-                for i in range(len(dataset)):
-                    batch.append(dataset[i])
-                    if len(batch) == 32:
-                        collate(batch)
-                        batch = []
-                cpu.append(len(dataset) / (time.process_time() - cpu_start))
-                wall.append(len(dataset) / (time.perf_counter() - start))
+                with Measure() as m:
+                    batch = []
+                    for i in range(len(dataset)):
+                        batch.append(dataset[i])
+                        if len(batch) == 32:
+                            collate(batch)
+                            batch = []
+                cpu.append(len(dataset) / m.cpu_seconds)
+                wall.append(len(dataset) / m.seconds)
             out[f"stage{stage}"] = statistics.median(cpu)
             out[f"stage{stage}_min"], out[f"stage{stage}_max"] = min(cpu), max(cpu)
             out[f"stage{stage}_wall"] = statistics.median(wall)
@@ -83,10 +83,11 @@ def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = 
                      warmup: int = 3, losses: tuple[str, ...] = ("contrastive", "entity", "mask"),
                      overrides: tuple[str, ...] = ()) -> dict[str, float]:
     """Optimizer steps/s and images/s of a preset on random tensors (no data loading), with
-    bf16 autocast on CUDA; peak memory of the device (CUDA) or of the process (CPU)."""
-    from contextlib import nullcontext
+    bf16 autocast on CUDA; peak memory of the device (CUDA) or of the process (CPU). The step is
+    `ovseg bench model`'s (`time_train_step`), here with AdamW's step and the momentum update."""
     from dataclasses import replace
 
+    from ovseg.benchmarks.model import random_batch, time_train_step
     from ovseg.training.config import resolve
     from ovseg.training.model import build_model
     from ovseg.training.tokenizer import train_wordpiece
@@ -103,59 +104,41 @@ def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = 
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer).to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    size, length = cfg.model.image_size, cfg.model.max_text_length
-    ids = torch.randint(5, len(tokenizer), (b, length), device=device)
-    mask = torch.ones(b, length, dtype=torch.long, device=device)
-    batch = {"image": torch.randn(b, 3, size, size, device=device), "input_ids": ids, "attention_mask": mask,
-             "question_ids": ids, "question_mask": mask, "answer_ids": ids, "answer_mask": mask,
-             "has_entity": torch.ones(b, dtype=torch.bool, device=device),
-             "partner_image": torch.randn(b, 3, size, size, device=device), "shared_ids": ids, "shared_mask": mask,
-             "has_partner": torch.ones(b, dtype=torch.bool, device=device)}
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else nullcontext
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-    def step() -> None:
-        with autocast():
-            loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.momentum_update()
-
-    for _ in range(warmup):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    seconds = (time.perf_counter() - start) / steps
-    return {"steps_per_s": 1 / seconds, "images_per_s": b / seconds, "batch_size": b, "peak_gib": peak,
-            "threads": torch.get_num_threads()}
+    timed = time_train_step(model, random_batch(cfg.model, tokenizer, b, device), device, steps, warmup, optimizer)
+    seconds = timed["seconds"]
+    return {"steps_per_s": 1 / seconds, "images_per_s": b / seconds, "batch_size": b,
+            "peak_gib": timed["peak_mib"] / 1024, "threads": torch.get_num_threads()}
 
 
-def report(loader: dict | None, runs: list[tuple[str, str, dict]]) -> str:
-    lines = []
+def benchmark_train(presets: tuple[str, ...] = ("test", "synthetic-small"), device: str = "cpu",
+                    batch_size: int | None = None, steps: int = 10, loader: bool = True,
+                    overrides: tuple[str, ...] = (), command: str = "ovseg bench train") -> tuple[Section, dict]:
+    """Loader throughput (with `loader`) and each preset's training throughput on `device`: the
+    results section (`train`, or `train-cuda` on a GPU) and the numbers."""
+    load = loader_throughput() if loader else None
+    runs = [(p, device, train_throughput(p, device, batch_size, steps, overrides=overrides)) for p in presets]
+    section = Section("train-cuda" if device.startswith("cuda") else "train",
+                      f"Training throughput (`ovseg bench train --device {device}`)", command, machine=machine(device))
+    report(section, load, runs)
+    return section, {"loader": load, "runs": runs}
+
+
+def report(section: Blocks, loader: dict | None, runs: list[tuple[str, str, dict]]) -> Blocks:
+    """Add the loader's and the training steps' tables to `section`."""
     if loader:
         spread = lambda k: f"{loader[f'{k}_min']:.0f} to {loader[f'{k}_max']:.0f}"  # noqa: E731
-        lines += ["Loader, one process (one core), 256 px JPEGs to 224 px, with tokenising and entity masking; "
-                  "median of the passes, their range beside it:", "",
-                  "| stage | per CPU-second of one core | range | wall clock | target |", "|---|---:|---:|---:|---:|",
-                  f"| 1 (DeiT-style: crop, flip, RandAugment, erasing; timm turns jitter off under RandAugment) | {loader['stage1']:.0f} samples/s | "
-                  f"{spread('stage1')} | {loader['stage1_wall']:.0f} samples/s | 300 |",
-                  f"| 2 (crop, flip; an image and its partner) | {loader['stage2']:.0f} pairs/s | "
-                  f"{spread('stage2')} | {loader['stage2_wall']:.0f} pairs/s | 150 |", ""]
+        section.text("Loader, one process (one core), 256 px JPEGs to 224 px, with tokenising and entity masking; "
+                     "median of the passes, their range beside it:")
+        section.table(["stage", ("per CPU-second of one core", "right"), ("range", "right"), ("wall clock", "right"),
+                       ("target", "right", "d")], [
+            ["1 (DeiT-style: crop, flip, RandAugment, erasing; timm turns jitter off under RandAugment)",
+             f"{loader['stage1']:.0f} samples/s", spread("stage1"), f"{loader['stage1_wall']:.0f} samples/s", 300],
+            ["2 (crop, flip; an image and its partner)", f"{loader['stage2']:.0f} pairs/s", spread("stage2"),
+             f"{loader['stage2_wall']:.0f} pairs/s", 150]])
     if runs:
-        lines += ["Training steps on random tensors (all three losses on; bf16 autocast on CUDA):", "",
-                  "| preset | device | torch threads | batch | steps/s | images/s | peak memory (GiB) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {p} | {d} | {r['threads']} | {r['batch_size']} | {r['steps_per_s']:.2f} | {r['images_per_s']:.1f} "
-                  f"| {r['peak_gib']:.2f} |"
-                  for p, d, r in runs]
-    return "\n".join(lines) + "\n"
+        section.text("Training steps on random tensors (all three losses on; bf16 autocast on CUDA):")
+        section.table(["preset", "device", ("torch threads", "right", "d"), ("batch", "right", "d"),
+                       ("steps/s", "right", ".2f"), ("images/s", "right", ".1f"), ("peak memory (GiB)", "right", ".2f")],
+                      [[p, d, r["threads"], r["batch_size"], r["steps_per_s"], r["images_per_s"], r["peak_gib"]]
+                       for p, d, r in runs])
+    return section

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ovseg.benchmarks.results import Blocks, Section
+
 
 @dataclass
 class Difficulty:
@@ -46,11 +48,20 @@ def world_difficulty(out: Path, styles: tuple[str, ...] = ("standard", "textured
     return rows
 
 
-def difficulty_table(rows: list[Difficulty]) -> str:
-    """Markdown: one row per (world style, preset), in percent."""
-    lines = ["| world | preset (random init) | mIoU (chance) | group-majority mIoU | grid ceiling |",
-             "|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.style} | {r.preset} | {100 * r.miou:.1f} | {100 * r.group_majority_miou:.1f} | "
-                     f"{100 * r.ceiling:.1f} ({r.grid}x{r.grid}) |")
-    return "\n".join(lines)
+def benchmark_world(out: Path, styles: tuple[str, ...], presets: tuple[str, ...], seed: int = 0,
+                    command: str = "ovseg bench world") -> Section:
+    """`world_difficulty`'s rows as the results section `world`."""
+    rows = world_difficulty(out, styles, presets, seed)
+    section = Section("world", "What an untrained grouping gives on each world (`ovseg bench world`)", command)
+    section.text("Random-init models on the test split (300 images; threshold chosen on val): chance mIoU, the "
+                 "group-majority mIoU (each group given the majority true label of its pixels: what the grouping "
+                 "alone allows) and the ceiling of the grid the groups are drawn on.")
+    return difficulty_table(section, rows)
+
+
+def difficulty_table(section: Blocks, rows: list[Difficulty]) -> Blocks:
+    """Add one row per (world style, preset), in percent, to `section`."""
+    return section.table(["world", "preset (random init)", ("mIoU (chance)", "right", ".1f"),
+                          ("group-majority mIoU", "right", ".1f"), ("grid ceiling", "right")],
+                         [[r.style, r.preset, 100 * r.miou, 100 * r.group_majority_miou,
+                           f"{100 * r.ceiling:.1f} ({r.grid}x{r.grid})"] for r in rows])

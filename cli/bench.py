@@ -1,88 +1,92 @@
-"""`ovseg bench ...`: speed, memory and quality benchmarks.
+"""`ovseg bench ...`: speed, memory and quality benchmarks (Typer wrappers of `ovseg.benchmarks`).
 
-Each benchmark is a library function that measures and returns Markdown; this module writes
-that Markdown into its own section of docs/benchmarks.md (between `<!-- bench:NAME -->` and
-`<!-- /bench:NAME -->`), so every number there was written by a run, never by hand.
+Each command runs a benchmark, stores its section as JSON under `--results` (one file per
+section, `ovseg.benchmarks.results`) and renders docs/benchmarks.md (`--doc`) again from all of
+them; `ovseg bench render` only renders. Nothing reads the rendered page back.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-app = typer.Typer(help="Benchmarks; each writes its results into docs/benchmarks.md.", no_args_is_help=True)
+from ovseg.benchmarks.results import DOC, README, RESULTS
 
-DEFAULT_DOC = Path("docs/benchmarks.md")
+app = typer.Typer(help="Benchmarks; each stores its results as JSON and renders docs/benchmarks.md from them.",
+                  no_args_is_help=True)
+
 DEFAULT_STEPS = "1000,2000"  # `ovseg bench synthetic`'s step budgets
-_HEADER = "# Benchmarks\n\nEvery section below is written by `ovseg bench NAME`; rerun it to refresh.\n"
+RESULTS_HELP = "Folder of the JSON results, one file per section."
+DOC_HELP = "Markdown page rendered from the results."
 
 
-def machine_line() -> str:
-    """One line naming the machine a result was measured on."""
-    import os
+def _record(section, results: Path, doc: Path) -> None:
+    """Store `section`, render the page (and README's results block when the results are the
+    project's own), and print the section."""
+    from ovseg.benchmarks.results import record, render_section
 
-    return (
-        f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
-        f"{os.cpu_count()} logical CPUs, Python {platform.python_version()}."
-    )
-
-
-def _markers(name: str) -> tuple[str, str]:
-    """The comments that open and close the section `name` of the benchmarks document."""
-    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    own = results.resolve() == RESULTS.resolve()
+    record(section, results, doc, README if own else None)
+    typer.echo(render_section(section))
 
 
-def write_section(name: str, markdown: str, doc: Path = DEFAULT_DOC) -> Path:
-    """Replace (or append) the section `name` of the benchmarks document with `markdown`."""
-    start, end = _markers(name)
-    text = doc.read_text() if doc.exists() else _HEADER
-    block = f"{start}\n{markdown.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(doc.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(doc)
-    return doc
+def _command(ctx: typer.Context) -> str:
+    from ovseg.benchmarks.results import command_line
+
+    return command_line(ctx)
 
 
-def read_section(name: str, doc: Path = DEFAULT_DOC) -> str | None:
-    """The body of the section `name` of the benchmarks document, or None when it has none."""
-    start, end = _markers(name)
-    text = doc.read_text() if doc.exists() else ""
-    if start not in text or end not in text:
-        return None
-    return text.split(start, 1)[1].split(end, 1)[0]
+def _presets(presets: str) -> tuple[str, ...]:
+    from ovseg.training.presets import list_presets
+
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    unknown = [n for n in names if n not in list_presets()]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
+                                 param_hint="--presets")
+    return names
+
+
+@app.command("render")
+def bench_render(
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
+    readme: Optional[Path] = typer.Option(README, "--readme", help="README whose results block is rendered too (skipped when it has no markers)."),
+) -> None:
+    """Render docs/benchmarks.md (and README's results block) from the stored JSON results."""
+    from ovseg.benchmarks.results import render
+
+    if not results.is_dir():
+        typer.echo(f"ovseg bench render: {results} is not a folder of results", err=True)
+        raise typer.Exit(2)
+    for path in render(results, doc, readme):
+        typer.echo(f"rendered {path}")
 
 
 @app.command("download")
 def bench_download(
+    ctx: typer.Context,
     images: int = typer.Option(3000, "--images", help="Synthetic images to serve and download."),
     processes: int = typer.Option(2, "--processes", help="img2dataset processes."),
     threads: int = typer.Option(32, "--threads", help="img2dataset threads per process."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Images per tar shard."),
     repeats: int = typer.Option(2, "--repeats", help="Runs of each way (alternating); the median is reported."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """Images/s from the loopback server: `ovseg curate download` against plain img2dataset."""
     from ovseg.benchmarks.download import benchmark_download
 
-    md, numbers = benchmark_download(n_images=images, processes=processes, threads=threads,
-                                     shard_size=shard_size, repeats=repeats, machine=machine_line())
-    write_section("download", md, doc)
-    typer.echo(md)
+    section, _ = benchmark_download(n_images=images, processes=processes, threads=threads, shard_size=shard_size,
+                                    repeats=repeats, command=_command(ctx))
+    _record(section, results, doc)
 
 
 @app.command("model")
 def bench_model(
+    ctx: typer.Context,
     presets: str = typer.Option("test,synthetic-small", "--presets", help="Comma-separated CPU presets to time."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per training step for the CPU presets."),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs of each measurement (the median is reported)."),
@@ -90,31 +94,22 @@ def bench_model(
     paper_repeats: int = typer.Option(3, "--paper-repeats", help="Timed runs of the paper-preset encoders."),
     device: str = typer.Option("cpu", "--device", help="cpu, or cuda to measure on a GPU."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: up to 4, the machine's CPUs)."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """Model cost: training-step time and memory of the CPU presets, the grouping image encoder
     against a plain timm ViT, and the paper preset's FLOPs and parameters."""
     from ovseg.benchmarks.model import benchmark_model
 
-    from ovseg.training.presets import list_presets
-
-    names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    unknown = [n for n in names if n not in list_presets()]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
-                                 param_hint="--presets")
-    md, _ = benchmark_model(names, batch_size=batch_size, repeats=repeats, paper_batch=paper_batch,
-                            paper_repeats=paper_repeats, device=device, threads=threads or None,
-                            machine=machine_line())
-    # one section per kind of device, so CPU and GPU results stand side by side
-    kind = device.split(":")[0]
-    name, title = ("model", "") if kind == "cpu" else (f"model-{kind}", f", {kind.upper()}")
-    write_section(name, f"## Model cost{title} (`ovseg bench model --device {device}`)\n\n" + md, doc)
-    typer.echo(md)
+    section, _ = benchmark_model(_presets(presets), batch_size=batch_size, repeats=repeats, paper_batch=paper_batch,
+                                 paper_repeats=paper_repeats, device=device, threads=threads or None,
+                                 command=_command(ctx))
+    _record(section, results, doc)
 
 
 @app.command("eval")
 def bench_eval(
+    ctx: typer.Context,
     presets: str = typer.Option("test,synthetic-small", "--presets", help="Comma-separated presets to time (random weights)."),
     protocols: str = typer.Option("paper,training-free", "--protocols", help="Comma-separated protocols for the VOC-sized images (paper, training-free)."),
     images: int = typer.Option(16, "--images", help="VOC-sized (500x375) images evaluated at each protocol."),
@@ -122,32 +117,26 @@ def bench_eval(
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu, or cuda to measure on a GPU (bf16 autocast)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """Evaluation speed: images/s of the whole `ovseg eval` loop at the paper's and the
     training-free protocols and at the synthetic world's, per preset."""
     from ovseg.benchmarks.eval import benchmark_eval
     from ovseg.evaluation.segmenter import PROTOCOLS
-    from ovseg.training.presets import list_presets
 
-    names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    unknown = [n for n in names if n not in list_presets()]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
-                                 param_hint="--presets")
+    names = _presets(presets)
     chosen = tuple(p.strip() for p in protocols.split(",") if p.strip())
     if not chosen or any(p not in PROTOCOLS for p in chosen):
         raise typer.BadParameter(f"choose from {', '.join(PROTOCOLS)}", param_hint="--protocols")
-    md, _ = benchmark_eval(names, protocols=chosen, n_images=images, synthetic_images=synthetic_images, batch_size=batch_size,
-                           device=device, threads=threads or None, machine=machine_line())
-    section = "eval" if device == "cpu" else f"eval-{device.split(':')[0]}"
-    title = "## Evaluation speed (`ovseg bench eval`)" + ("" if device == "cpu" else f" on {device}")
-    write_section(section, title + "\n\n" + md, doc)
-    typer.echo(md)
+    section, _ = benchmark_eval(names, protocols=chosen, n_images=images, synthetic_images=synthetic_images,
+                                batch_size=batch_size, device=device, threads=threads or None, command=_command(ctx))
+    _record(section, results, doc)
 
 
 @app.command("synthetic")
 def bench_synthetic(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("bench-synthetic"), "--out", help="Folder for the world, data, runs and logs."),
     steps: str = typer.Option("", help=f"Comma-separated training budgets in steps (at the preset's batch size, stated in the table) \\[default: {DEFAULT_STEPS}]: one run per budget, variant and seed on the preset's schedule over those steps; each cell also gives the minutes its training took."),
     minutes: str = typer.Option("", help="Comma-separated wall-clock budgets in minutes instead of --steps, for exploring (they measure the machine as much as the method): one run per variant and seed, evaluated when it has trained each budget."),
@@ -158,9 +147,10 @@ def bench_synthetic(
     device: str = typer.Option("cpu", help="cpu, or cuda to train on a GPU."),
     n_train: int = typer.Option(6000, help="Training images in the synthetic world."),
     variants: str = typer.Option("all", help="Comma-separated variants (contrastive, entity, full) or all."),
-    doc: Path = typer.Option(Path("docs/benchmarks.md"), help="Markdown file to write the results into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP + " Pictures go to the images/ folder beside it."),
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
-    keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in --doc's section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
+    keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in the stored section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
     """Quality: each proxy task's contribution at equal training on the synthetic world.
@@ -169,21 +159,20 @@ def bench_synthetic(
     --minutes, for each wall-clock budget) and is evaluated on the test split, threshold chosen
     on val. Rows name their model (grouping, stem, losses). Rerunning skips what is done: a
     finished budget is read back, an interrupted run resumes."""
-    import json
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from ovseg.benchmarks.synthetic import check_recipe, kept_rows, report, run_parallel
+    from ovseg.benchmarks.results import load
+    from ovseg.benchmarks.synthetic import VARIANT_NAMES, benchmark_synthetic, check_recipe, kept_rows, section_name
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
 
-    names = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
+    names = VARIANT_NAMES
     asked = list(names) if variants == "all" else [v.strip() for v in variants.split(",")]
     unknown = [v for v in asked if v not in names]
     if unknown:
         raise typer.BadParameter(f"unknown variants {unknown}; known: {', '.join(names)}, all", param_hint="--variants")
-    chosen = [names[v] for v in asked]
     keep = [v.strip() for v in keep_rows.split(",") if v.strip()]
     if any(v not in names for v in keep) or set(keep) & set(asked):
         raise typer.BadParameter(f"takes variants ({', '.join(names)}) that --variants does not run, not {keep_rows}",
@@ -203,16 +192,18 @@ def bench_synthetic(
         seed_list = [int(x) for x in seeds.split(",")]
     except ValueError as error:
         raise typer.BadParameter(f"--steps (whole numbers), --minutes and --seeds take comma-separated numbers: {error}") from None
-    # one section per world and recipe family: the default one keeps its old name
-    section = "synthetic" if (preset, style) == ("synthetic-small", "standard") else f"synthetic-{style}-{preset}"
+    section = section_name(preset, style)
     kept = None
     if keep:
+        stored = load(section, results)
         try:
-            kept = kept_rows(read_section(section, doc) or "", [names[v] for v in keep])
+            if stored is None:
+                raise ValueError("it holds no results table of `ovseg bench synthetic`")
+            kept = kept_rows(stored, [names[v] for v in keep])
             if kept["unit"] != unit:
                 raise ValueError(f"its budgets are in {kept['unit']}, these in {unit}")
         except ValueError as error:
-            typer.echo(f"ovseg bench synthetic: cannot keep rows of {doc}: {error}", err=True)
+            typer.echo(f"ovseg bench synthetic: cannot keep rows of section {section} in {results}: {error}", err=True)
             raise typer.Exit(2)
     recipe = {"preset": preset, "overrides": list(overrides or ()), "style": style}
     try:
@@ -223,27 +214,15 @@ def bench_synthetic(
         raise typer.Exit(2)
     world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300, style=style)
     prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
-    # step-budget jobs log apart from wall-clock ones: a folder may hold both
-    suffix = "-steps" if unit == "steps" else ""
-    jobs = [{"name": f"{v.split()[-1].strip('()')}-seed{s}{suffix}", "variant": v, "budgets": budgets, "seed": s,
-             "unit": unit, "data": str(prepared["data"]), "world": str(prepared["world"]), "device": device,
-             "threads": threads, "run": str(out / "runs" / f"{v.split()[-1].strip('()')}-seed{s}"),
-             "preset": preset, "overrides": recipe["overrides"]}
-            for v in chosen for s in seed_list]
-    results = run_parallel(jobs, threads, parallel, out / "logs")
-    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
-    md = report(out, prepared["world"], results, threads, machine_line(), images=doc.parent / "images", kept=kept,
-                preset=preset, overrides=recipe["overrides"], style=style, section=section)
-    world = "" if style == "standard" else f", {style} style"
-    title = f"## Quality on the synthetic world{world}, preset `{preset}` (`ovseg bench synthetic`)"
-    if section == "synthetic":
-        title = "## Quality on the synthetic world (`ovseg bench synthetic`)"
-    write_section(section, title + "\n\n" + md, doc)
-    typer.echo(md)
+    measured = benchmark_synthetic(out, prepared, [names[v] for v in asked], budgets, unit, seed_list, threads,
+                                   parallel, device, preset, recipe["overrides"], style, kept,
+                                   images=doc.parent / "images", command=_command(ctx))
+    _record(measured, results, doc)
 
 
 @app.command("grouping-probe")
 def bench_grouping_probe(
+    ctx: typer.Context,
     steps: int = typer.Option(1000, "--steps", min=1, help="Training steps of each probe (batch 64)."),
     n_train: int = typer.Option(2000, "--n-train", min=64, help="Training images drawn from the world."),
     depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
@@ -254,81 +233,60 @@ def bench_grouping_probe(
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also score val every this many steps (0: before and after only)."),
     target: str = typer.Option("image", "--target", help="image (which shapes the image holds: a caption's weak label) or pixels (each pixel's class through its group: can the grouping draw the masks)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ):
     """Does the grouping keep several groups per image when trained on the true labels? A
     supervised probe on the synthetic world (no text): groups per val image and group-majority
     mIoU, before and after training."""
-    import torch
-
-    from ovseg.benchmarks.grouping_probe import ProbeConfig, curve_table, probe_table, run_probe
+    from ovseg.benchmarks.grouping_probe import ProbeConfig, benchmark_grouping_probe
 
     if style not in ("standard", "textured"):
         raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
     if target not in ("image", "pixels"):
         raise typer.BadParameter(f"takes image or pixels, not {target!r}", param_hint="--target")
-    torch.set_num_threads(threads)
-    rows = []
-    for depth in depths.split(","):
-        before, after = (int(v) for v in depth.split("+"))
-        for seed in (int(v) for v in seeds.split(",")):
-            cfg = ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=before, depth_after=after,
-                              steps=steps, seed=seed, style=style, eval_every=eval_every, target=target,
-                              n_train=n_train)
-            result = run_probe(cfg)
-            typer.echo(f"{grouping} {depth} seed {seed}: {result}")
-            rows.append((grouping, cfg, result))
-    world = "" if style == "standard" else f", {style} world"
-    md = (f"## Supervised grouping probe{world} (`ovseg bench grouping-probe`)\n\n{machine_line()} {threads} thread(s); "
-          f"{rows[0][1].n_train:,} training images, {rows[0][1].n_val} val images.\n\n"
-          + probe_table(rows) + "\n" + (curve_table(rows) + "\n" if eval_every else ""))
-    write_section(f"grouping-probe-{grouping}-{'hard' if hard else 'soft'}" + ("" if target == "image" else f"-{target}")
-                  + ("" if style == "standard" else f"-{style}"), md, doc)
-    typer.echo(md)
+    configs = [ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=int(before), depth_after=int(after),
+                           steps=steps, seed=int(seed), style=style, eval_every=eval_every, target=target,
+                           n_train=n_train)
+               for before, after in (depth.split("+") for depth in depths.split(",")) for seed in seeds.split(",")]
+    _record(benchmark_grouping_probe(configs, threads, command=_command(ctx), echo=typer.echo), results, doc)
 
 
 @app.command("world")
 def bench_world(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("bench-world"), "--out", help="Folder for the worlds and the random models."),
     styles: str = typer.Option("standard,textured", "--styles", help="Comma-separated world styles."),
     presets: str = typer.Option("synthetic-small,synthetic-paper", "--presets", help="Comma-separated presets (random init)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random models."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch threads."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """How much a random model's grouping already segments each world style: the group-majority
     mIoU of untrained presets (what the world gives away), beside chance and the grid ceiling."""
     import torch
 
-    from ovseg.benchmarks.world_difficulty import difficulty_table, world_difficulty
-    from ovseg.training.presets import list_presets
+    from ovseg.benchmarks.world_difficulty import benchmark_world
 
     chosen_styles = tuple(s.strip() for s in styles.split(",") if s.strip())
     if not chosen_styles or any(s not in ("standard", "textured") for s in chosen_styles):
         raise typer.BadParameter(f"takes standard and/or textured, not {styles!r}", param_hint="--styles")
-    names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    unknown = [n for n in names if n not in list_presets()]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown presets {unknown}; available: {', '.join(list_presets())}",
-                                 param_hint="--presets")
+    names = _presets(presets)
     torch.set_num_threads(threads)
-    rows = world_difficulty(out, chosen_styles, names, seed)
-    md = (f"## What an untrained grouping gives on each world (`ovseg bench world`)\n\n{machine_line()}\n\n"
-          "Random-init models on the test split (300 images; threshold chosen on val): chance mIoU, the group-majority "
-          "mIoU (each group given the majority true label of its pixels: what the grouping alone allows) and the "
-          "ceiling of the grid the groups are drawn on.\n\n" + difficulty_table(rows) + "\n")
-    write_section("world", md, doc)
-    typer.echo(md)
+    _record(benchmark_world(out, chosen_styles, names, seed, command=_command(ctx)), results, doc)
 
 
 @app.command("mask-targets")
 def bench_mask_targets(
+    ctx: typer.Context,
     checkpoints: List[str] = typer.Argument(..., help="Checkpoints to measure, each NAME=PATH or PATH (named by its file)."),
     out: Path = typer.Option(Path("bench-synthetic"), "--out", help="The `ovseg bench synthetic` folder whose world and cross-image pairs are read."),
     pairs: int = typer.Option(512, "--pairs", min=1, help="Pairs measured (each in both directions)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pairs' draw."),
     threads: int = typer.Option(2, "--threads", help="torch threads."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """What the mask-consistency loss trains on: for pairs of synthetic training images that
     share a class, how much of each kept group and of the target it is matched to lies on the
@@ -347,54 +305,51 @@ def bench_mask_targets(
             raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
         named[name or path.name] = path
     torch.set_num_threads(threads)
-    results = {}
+    measured = {}
     for name, path in named.items():
         model = load_model(path)
         try:
-            results[name] = mask_target_quality(model, synthetic_pairs(out, pairs, seed))
+            measured[name] = mask_target_quality(model, synthetic_pairs(out, pairs, seed))
         except (FileNotFoundError, TypeError, ValueError) as error:
             typer.echo(f"ovseg bench mask-targets: {error}", err=True)
             raise typer.Exit(2)
-    md = "## What the mask loss trains on (`ovseg bench mask-targets`)\n\n" + report(results, machine_line())
-    write_section("mask-targets", md, doc)
-    typer.echo(md)
+    _record(report(measured, command=_command(ctx)), results, doc)
 
 
 @app.command("train")
 def bench_train(
+    ctx: typer.Context,
     presets: str = typer.Option("test,synthetic-small", "--presets", "--preset", help="Comma-separated presets to time (hub-initialised ones, like paper, run with random weights of the same shape)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size \\[default: the preset's]."),
     steps: int = typer.Option(10, help="Timed steps per preset."),
     loader: bool = typer.Option(True, help="Also measure loader throughput per core."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every preset, key.sub=value."),
-    doc: Path = typer.Option(DEFAULT_DOC, help="Markdown file to write the results into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, help=DOC_HELP),
 ) -> None:
     """Loader samples/s per core and training steps/s (and peak memory) of presets."""
-    from ovseg.benchmarks.train import loader_throughput, report, train_throughput
+    from ovseg.benchmarks.train import benchmark_train
 
-    load = loader_throughput() if loader else None
-    runs = [(p, device, train_throughput(p, device, batch_size, steps, overrides=tuple(overrides or ())))
-            for p in presets.split(",")]
-    section = "train-cuda" if device.startswith("cuda") else "train"
-    md = f"## Training throughput (`ovseg bench train --device {device}`)\n\n{machine_line()}\n\n" + report(load, runs)
-    write_section(section, md, doc)
-    typer.echo(md)
+    section, _ = benchmark_train(tuple(p.strip() for p in presets.split(",") if p.strip()), device, batch_size, steps,
+                                 loader, tuple(overrides or ()), command=_command(ctx))
+    _record(section, results, doc)
 
 
 @app.command("curate")
 def bench_curate(
+    ctx: typer.Context,
     rows: int = typer.Option(12_423_374, "--rows", help="Generated parsed rows for select..pairs (CC12M has 12,423,374)."),
     parse_captions: int = typer.Option(2000, "--parse-captions", help="Captions parsed by each pipeline for captions/s."),
     threads: int = typer.Option(2, "--threads", help="DuckDB threads for select..pairs (the target is for 2)."),
     memory_limit: str = typer.Option("3GB", "--memory-limit", help="DuckDB memory_limit for select..pairs."),
     cores: int = typer.Option(16, "--cores", help="Cores of the machine the whole-CC12M time is extrapolated to."),
-    doc: Path = typer.Option(DEFAULT_DOC, "--doc", help="Markdown file to write the section into."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
 ) -> None:
     """Curation speed: parse captions/s against spaCy's full pipeline, select..pairs time and peak memory, CC12M extrapolation."""
     from ovseg.benchmarks.curate import benchmark_curate
 
-    md, _ = benchmark_curate(rows=rows, parse_captions=parse_captions, threads=threads, memory_limit=memory_limit,
-                             cores=cores, machine=machine_line())
-    write_section("curate", md, doc)
-    typer.echo(md)
+    section, _ = benchmark_curate(rows=rows, parse_captions=parse_captions, threads=threads, memory_limit=memory_limit,
+                                  cores=cores, command=_command(ctx))
+    _record(section, results, doc)

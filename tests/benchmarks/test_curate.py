@@ -27,7 +27,10 @@ def test_generated_rows_have_1_to_4_unique_entities_with_zipf_like_counts(tmp_pa
 
 @pytest.mark.slow
 def test_tiny_benchmark_run_measures_every_stage_and_reports_markdown():
-    md, numbers = benchmark_curate(rows=20_000, parse_captions=60, ingest_rows=2_000, cores=16)
+    from ovseg.benchmarks.results import render_section
+
+    section, numbers = benchmark_curate(rows=20_000, parse_captions=60, ingest_rows=2_000, cores=16)
+    md = render_section(section)
     assert numbers["parse"]["ours"] > 0 and numbers["parse"]["full"] > 0
     assert "ner" in numbers["parse"]["full_pipes"] and "ner" not in numbers["parse"]["ours_pipes"]
     queries = numbers["queries"]

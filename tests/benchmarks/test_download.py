@@ -12,7 +12,7 @@ from ovseg.cli.main import app
 def test_bench_download_measures_both_ways_and_writes_its_section(tmp_path):
     doc = tmp_path / "benchmarks.md"
     result = CliRunner().invoke(app, ["bench", "download", "--images", "40", "--repeats", "1", "--shard-size", "20",
-                                      "--processes", "1", "--threads", "8", "--doc", str(doc)])
+                                      "--processes", "1", "--threads", "8", "--doc", str(doc), "--results", str(tmp_path / "results")])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert "<!-- bench:download -->" in text and "<!-- /bench:download -->" in text

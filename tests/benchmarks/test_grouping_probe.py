@@ -43,7 +43,7 @@ def test_grouping_probe_cli_writes_its_section(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe, "ProbeConfig", lambda **kw: ProbeConfig(**{**kw, **TINY}))
     doc = tmp_path / "bench.md"
-    result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--doc", str(doc)])
+    result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--doc", str(doc), "--results", str(tmp_path / "results")])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert "<!-- bench:grouping-probe-learned-hard -->" in text
@@ -56,7 +56,7 @@ def test_the_textured_pixel_probe_writes_its_own_section_with_its_curve(tmp_path
     monkeypatch.setattr(probe, "ProbeConfig", lambda **kw: ProbeConfig(**{**kw, **TINY}))
     doc = tmp_path / "bench.md"
     result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "2", "--depths", "1+0", "--style", "textured",
-                                      "--target", "pixels", "--eval-every", "1", "--doc", str(doc)])
+                                      "--target", "pixels", "--eval-every", "1", "--doc", str(doc), "--results", str(tmp_path / "results")])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert "<!-- bench:grouping-probe-learned-hard-pixels-textured -->" in text
@@ -66,7 +66,7 @@ def test_the_textured_pixel_probe_writes_its_own_section_with_its_curve(tmp_path
     assert [line.split(" | ")[6] for line in text.splitlines() if line.startswith(curve)
             and line.count("|") == 10] == ["0", "1", "2"]
     for bad, message in ((["--target", "masks"], "takes image or pixels"), (["--style", "fancy"], "takes standard or textured")):
-        result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "1", *bad, "--doc", str(doc)])
+        result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "1", *bad, "--doc", str(doc), "--results", str(tmp_path / "results")])
         assert result.exit_code == 2 and message in result.output
 
 

@@ -114,7 +114,7 @@ def test_bench_mask_targets_measures_the_curated_pairs_of_a_world_and_writes_its
     pl.DataFrame(rows, schema=["sample_id", "partner_id", "entity"], orient="row").write_parquet(out / "data" / "pairs.parquet")
     doc = tmp_path / "benchmarks.md"
     result = CliRunner().invoke(app, ["bench", "mask-targets", f"untrained={checkpoint}", "--out", str(out),
-                                      "--pairs", "100", "--doc", str(doc), "--threads", "1"])
+                                      "--pairs", "100", "--doc", str(doc), "--results", str(tmp_path / "results"), "--threads", "1"])
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert "<!-- bench:mask-targets -->" in text
@@ -127,9 +127,9 @@ def test_bench_mask_targets_measures_the_curated_pairs_of_a_world_and_writes_its
 def test_bench_mask_targets_without_a_benchmark_folder_is_a_clear_error(built, tmp_path):
     _, checkpoint = built
     result = CliRunner().invoke(app, ["bench", "mask-targets", str(checkpoint), "--out", str(tmp_path / "none"),
-                                      "--doc", str(tmp_path / "doc.md")])
+                                      "--doc", str(tmp_path / "doc.md"), "--results", str(tmp_path / "results")])
     assert result.exit_code == 2
     assert "run `ovseg bench synthetic" in result.output
-    missing = CliRunner().invoke(app, ["bench", "mask-targets", str(tmp_path / "no.pt"), "--doc", str(tmp_path / "doc.md")],
+    missing = CliRunner().invoke(app, ["bench", "mask-targets", str(tmp_path / "no.pt"), "--doc", str(tmp_path / "doc.md"), "--results", str(tmp_path / "results")],
                                  env={"COLUMNS": "300"})
     assert missing.exit_code == 2 and "is not a file" in missing.output

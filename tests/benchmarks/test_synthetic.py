@@ -4,7 +4,18 @@ import json
 
 import pytest
 
-from ovseg.benchmarks.synthetic import diagnostics_table, final_checkpoint, run_parallel, summarise
+from ovseg.benchmarks import synthetic as bench
+from ovseg.benchmarks.results import Section, render_block, render_blocks, save
+from ovseg.benchmarks.synthetic import final_checkpoint, run_parallel
+
+
+def summarise(*args, **kwargs) -> str:
+    """The mIoU table's blocks, as the page shows them."""
+    return render_blocks(bench.summarise(*args, **kwargs))
+
+
+def diagnostics_table(*args) -> str:
+    return render_block(bench.diagnostics_table(*args))
 
 
 def test_a_job_whose_result_is_already_written_is_read_not_rerun(tmp_path):
@@ -33,7 +44,7 @@ def test_a_job_asked_for_a_longer_budget_runs_again_with_what_it_measured(tmp_pa
 def test_tables_show_mean_spread_steps_and_diagnostics_in_percent(tmp_path):
     rows = [{"variant": "contrastive", "seed": s, "minutes": 5.0, "steps": {"stage1": 100 + s}, "miou": m,
              "group_majority_miou": 0.3, "bg_threshold": 0.5} for s, m in ((0, 0.10), (1, 0.14))]
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16)
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 1, 16)
     assert "| contrastive | 12.0 ± 4.0 [30.0] (100 steps) |" in table
     assert "| + entity | - |" in table
     diag = diagnostics_table({"m": {"image_top1_present": 0.5, "group_accuracy": 0.125, "groups_per_image": 2.5,
@@ -52,9 +63,9 @@ def test_the_table_says_when_its_results_were_evaluated(tmp_path):
     rows = [{"variant": "contrastive", "seed": s, "minutes": 5.0, "steps": {"stage1": 100}, "miou": 0.1,
              "group_majority_miou": 0.3, "bg_threshold": 0.5} for s in (0, 1, 2)]
     rows[0]["measured"], rows[1]["measured"] = "2026-12-03 19:38 UTC", "2026-12-03 15:02 UTC"
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16)
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 1, 16)
     assert "evaluated from 2026-12-03 15:02 UTC to 2026-12-03 19:38 UTC (1 reused from before" in table
-    assert "evaluated from" not in summarise(rows[2:], {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "m", 1, 16)
+    assert "evaluated from" not in summarise(rows[2:], {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 1, 16)
 
 
 def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_path):
@@ -66,12 +77,12 @@ def test_pictures_of_the_full_method_first_seed_are_copied_next_to_the_doc(tmp_p
         pictures.mkdir(parents=True)
         for i in range(3):
             (pictures / f"test_{i:05d}_panel.png").write_bytes(f"{name}{seed}-{i}".encode())
-    md = _pictures(tmp_path, rows, 15.0, tmp_path / "docs" / "images")
+    md = render_blocks(_pictures(tmp_path, rows, 15.0, tmp_path / "docs" / "images"))
     copied = sorted((tmp_path / "docs" / "images").iterdir())
     assert [p.name for p in copied] == ["synthetic-full-15min-0.png", "synthetic-full-15min-1.png"]
     assert [p.read_bytes() for p in copied] == [b"full0-0", b"full0-1"]
     assert "](images/synthetic-full-15min-0.png)" in md and "+ mask (full), seed 0" in md
-    assert _pictures(tmp_path, rows, 15.0, None) == ""
+    assert _pictures(tmp_path, rows, 15.0, None) == []
 
 
 def test_a_folder_keeps_the_recipe_its_runs_were_trained_with(tmp_path):
@@ -106,24 +117,20 @@ def test_bad_benchmark_arguments_are_refused_before_any_work(tmp_path, args, mes
     assert not (tmp_path / "b" / "world").exists()
 
 
-SECTION = """Recipe: preset `synthetic-small`.
-
-Synthetic world, test split. Measured 2026-12-03 20:35 UTC on x86_64, 2 logical CPUs.
-
-| variant | 5 min | 30 min |
-|---|---:|---:|
-| contrastive | 10.6 ± 0.4 [87.2] (797 steps) | 10.5 ± 0.2 [87.4] (4664 steps) |
-| + entity (kept from 2026-11-30 10:00 UTC) | - | 58.8 ± 3.5 [88.1] (3072 steps) |
-| + mask (full) | 13.7 ± 5.9 [86.7] (539 steps) | 59.2 ± 3.9 [86.7] (3314 steps) |
-| random init (chance) | 6.4 [86.7] |
-
-| model | image embedding names a present shape | groups named with their object's shape | linear probe of the groups | groups per image |
-|---|---:|---:|---:|---:|
-| contrastive, seed 0, 30 min | 32.0 | 20.9 | 31.0 | 11.78 |
-| + entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC) | 91.0 | 77.5 | 77.1 | 11.77 |
-| + mask (full), seed 0, 30 min | 87.7 | 77.5 | 75.7 | 11.86 |
-| random init | 14.0 | 5.5 | 12.8 | 11.61 |
-"""
+SECTION = (Section("synthetic", "Quality on the synthetic world", "ovseg bench synthetic",
+                   measured="2026-12-03 20:35 UTC", machine={"arch": "x86_64", "logical_cpus": 2})
+           .text("Recipe: preset `synthetic-small`.")
+           .table(["variant", ("5 min", "right"), ("30 min", "right")], [
+               ["contrastive", "10.6 ± 0.4 [87.2] (797 steps)", "10.5 ± 0.2 [87.4] (4664 steps)"],
+               ["+ entity (kept from 2026-11-30 10:00 UTC)", "-", "58.8 ± 3.5 [88.1] (3072 steps)"],
+               ["+ mask (full)", "13.7 ± 5.9 [86.7] (539 steps)", "59.2 ± 3.9 [86.7] (3314 steps)"],
+               ["random init (chance)", "6.4 [86.7]", None]])
+           .table(["model", "image embedding names a present shape", "groups named with their object's shape",
+                   "linear probe of the groups", ("groups per image", "right", ".2f")], [
+               ["contrastive, seed 0, 30 min", "32.0", "20.9", "31.0", 11.78],
+               ["+ entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC)", "91.0", "77.5", "77.1", 11.77],
+               ["+ mask (full), seed 0, 30 min", "87.7", "77.5", "75.7", 11.86],
+               ["random init", "14.0", "5.5", "12.8", 11.61]]))
 
 
 def test_rows_of_variants_not_rerun_are_kept_with_the_date_of_their_section():
@@ -135,15 +142,15 @@ def test_rows_of_variants_not_rerun_are_kept_with_the_date_of_their_section():
     # a row kept once before keeps its own date, not the section's
     assert kept["measured"] == {"contrastive": "2026-12-03 20:35 UTC", "+ entity": "2026-11-30 10:00 UTC"}
     assert kept["diagnostics"] == [
-        "| contrastive, seed 0, 30 min (kept from 2026-12-03 20:35 UTC) | 32.0 | 20.9 | 31.0 | 11.78 |",
-        "| + entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC) | 91.0 | 77.5 | 77.1 | 11.77 |"]
+        ["contrastive, seed 0, 30 min (kept from 2026-12-03 20:35 UTC)", "32.0", "20.9", "31.0", 11.78],
+        ["+ entity, seed 0, 30 min (kept from 2026-11-30 10:00 UTC)", "91.0", "77.5", "77.1", 11.77]]
     assert kept_rows(SECTION, ["+ mask (full)"])["cells"]["+ mask (full)"][5.0].startswith("13.7")
     with pytest.raises(ValueError, match="no results table"):
-        kept_rows("nothing here", ["contrastive"])
+        kept_rows(Section("synthetic", "t", "c").text("nothing here"), ["contrastive"])
 
     new = [{"variant": "+ mask (full)", "seed": 0, "minutes": m, "steps": {"stage1": 10, "stage2": 5}, "miou": 0.5,
             "group_majority_miou": 0.8, "bg_threshold": 0.5} for m in (5.0, 15.0)]
-    table = summarise(new, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 1, 16, kept)
+    table = summarise(new, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 1, 16, kept)
     assert "| variant | 5 min | 15 min | 30 min |" in table
     assert "| contrastive (kept from 2026-12-03 20:35 UTC) | 10.6 ± 0.4 [87.2] (797 steps) | - | 10.5" in table
     assert "| + entity (kept from 2026-11-30 10:00 UTC) | - | - | 58.8" in table
@@ -164,12 +171,12 @@ def test_keep_rows_is_refused_before_any_work_when_it_cannot_be_kept(tmp_path):
 
     from ovseg.cli.main import app
 
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("<!-- bench:synthetic -->\n" + SECTION + "<!-- /bench:synthetic -->\n")
-    base = ["bench", "synthetic", "--out", str(tmp_path / "b"), "--doc", str(doc)]
+    save(SECTION, tmp_path / "results")
+    base = ["bench", "synthetic", "--out", str(tmp_path / "b"), "--doc", str(tmp_path / "benchmarks.md"),
+            "--results", str(tmp_path / "results")]
     for args, message in ((["--variants", "full", "--keep-rows", "full"], "that --variants does not run"),
                           (["--variants", "full", "--keep-rows", "fancy"], "that --variants does not run"),
-                          (["--variants", "full", "--keep-rows", "entity", "--doc", str(tmp_path / "none.md")],
+                          (["--variants", "full", "--keep-rows", "entity", "--results", str(tmp_path / "none")],
                            "holds no results table")):
         result = CliRunner().invoke(app, [*base, *args])
         assert result.exit_code == 2 and message in result.output, result.output
@@ -191,7 +198,7 @@ def test_step_budget_tables_read_n_steps_and_give_each_cells_minutes_and_the_cpu
     rows.append(_step_row("contrastive", 1, 2000, 0.3, 6.0, resumed=True))
     rows[0]["load"], rows[1]["load"] = 7.25, 1.5
     labels = {"contrastive": "learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive"}
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, "machine", 2, 8, labels=labels,
+    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 2, 8, labels=labels,
                       style="textured")
     assert "| variant | 1000 steps | 2000 steps |" in table
     assert ("| contrastive: learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive | "
@@ -230,13 +237,13 @@ def test_a_finished_step_budget_is_read_back_and_a_new_one_runs(tmp_path):
 def test_kept_rows_of_a_step_section_keep_their_model_names():
     from ovseg.benchmarks.synthetic import kept_rows
 
-    section = ("Recipe. Measured 2026-12-07 10:00 UTC on x86_64.\n\n| variant | 1000 steps | 2000 steps |\n|---|---:|---:|\n"
-               "| contrastive: learned grouping; contrastive | 10.0 ± 1.0 [40.0] (3.0 min) | - |\n")
+    section = Section("synthetic", "t", "c", measured="2026-12-07 10:00 UTC", machine={}).table(
+        ["variant", "1000 steps", "2000 steps"], [["contrastive: learned grouping; contrastive", "10.0 ± 1.0 [40.0] (3.0 min)", "-"]])
     kept = kept_rows(section, ["contrastive"])
     assert kept["unit"] == "steps" and kept["cells"]["contrastive"] == {1000.0: "10.0 ± 1.0 [40.0] (3.0 min)"}
     assert kept["names"]["contrastive"] == "contrastive: learned grouping; contrastive"
     rows = [_step_row("+ entity", 0, 1000, 0.5, 4.0)]
-    table = summarise(rows, {"miou": 0.06, "group_majority_miou": 0.3}, 0.7, "m", 2, 8, kept)
+    table = summarise(rows, {"miou": 0.06, "group_majority_miou": 0.3}, 0.7, 2, 8, kept)
     assert "| contrastive: learned grouping; contrastive (kept from 2026-12-07 10:00 UTC) | 10.0 ± 1.0" in table
 
 

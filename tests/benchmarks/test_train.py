@@ -1,5 +1,6 @@
 """The training benchmark measures real work and reports it as Markdown."""
 
+from ovseg.benchmarks.results import Section, render_section
 from ovseg.benchmarks.train import loader_throughput, report, train_throughput
 
 
@@ -14,6 +15,25 @@ def test_training_benchmark_measures_the_loader_and_steps_and_reports_them():
         assert loader[f"{stage}_min"] <= loader[stage] <= loader[f"{stage}_max"]
     run = train_throughput("test", steps=1, warmup=1)
     assert run["steps_per_s"] > 0 and run["batch_size"] == 4
-    md = report(loader, [("test", "cpu", run)])
+    md = render_section(report(Section("train", "Training throughput", "ovseg bench train"), loader, [("test", "cpu", run)]))
     assert f"| test | cpu | {run['threads']} | 4 |" in md and "pairs/s" in md
     assert f"{loader['stage1_min']:.0f} to {loader['stage1_max']:.0f}" in md
+
+
+def test_bench_train_and_bench_model_time_the_same_train_step(monkeypatch):
+    """`train_throughput` times its step with `ovseg bench model`'s `time_train_step` (with an
+    optimizer), not a copy of it."""
+    import ovseg.benchmarks.model as model_bench
+
+    calls = []
+
+    def fake(model, batch, device, repeats, warmup=1, optimizer=None):
+        calls.append((repeats, warmup, optimizer is not None, sorted(batch)))
+        return {"seconds": 0.5, "peak_mib": 2048.0, "start_mib": 1024.0}
+
+    monkeypatch.setattr(model_bench, "time_train_step", fake)
+    run = train_throughput("test", steps=3, warmup=2)
+    assert calls == [(3, 2, True, sorted(calls[0][3]))] and "partner_image" in calls[0][3]
+    assert run["steps_per_s"] == 2.0 and run["images_per_s"] == 8.0 and run["peak_gib"] == 2.0
+    got = model_bench.measure_train_step("test", batch_size=2, repeats=1, device="cpu", threads=1)
+    assert calls[-1][2] is False and got["seconds"] == 0.5 and got["step_mib"] == 1024.0

@@ -15,5 +15,7 @@ def test_random_init_scores_of_each_style_and_preset_come_with_chance_and_ceilin
     assert load_config(tmp_path / "world-textured").style == "textured"
     for r in rows:
         assert 0 <= r.miou <= 1 and 0 <= r.group_majority_miou <= 1 and 0 < r.ceiling <= 1
-    table = difficulty_table([Difficulty("textured", "synthetic-small", 32, 0.065, 0.384, 0.976)])
+    from ovseg.benchmarks.results import Blocks, render_blocks
+
+    table = render_blocks(difficulty_table(Blocks(), [Difficulty("textured", "synthetic-small", 32, 0.065, 0.384, 0.976)]).blocks)
     assert "| textured | synthetic-small | 6.5 | 38.4 | 97.6 (32x32) |" in table
