@@ -39,6 +39,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(demo_out):
 
 
 def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_two_stages(demo_out, tmp_path):
+    from ovseg.benchmarks.results import render_blocks
     from ovseg.benchmarks.synthetic import summarise, train_and_evaluate
 
     out, _ = demo_out
@@ -51,7 +52,7 @@ def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_t
     assert (tmp_path / "run" / "stage1-at-0.03min.pt").exists() and (tmp_path / "run" / "stage2-0.06min").is_dir()
     for r in rows:
         assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["group_majority_miou"] <= 1.0
-    table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.4}, 0.72, "test machine", 1, 16)
+    table = render_blocks(summarise(rows, {"miou": 0.064, "group_majority_miou": 0.4}, 0.72, 1, 16))
     assert "| + mask (full) |" in table and "| random init (chance) | 6.4 [40.0] |" in table
     assert "| grid ceiling (16x16 group maps) | 72.0 |" in table
 
