@@ -62,6 +62,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 5.0
     accum_steps: int = 1  # micro-batches per optimiser step
+    contrastive_cache: bool = False  # accum_steps as one exact large batch (gradient caching, training/gradcache.py)
     # a stage with a global_batch: samples per micro-batch (None: the largest that fits on CUDA,
     # the whole per-process batch elsewhere)
     micro_batch: int | None = None

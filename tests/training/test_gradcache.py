@@ -167,7 +167,10 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     # all-gathered losses, and must equal one process holding the whole batch
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
         bn.eval()
-    losses, _ = cached(model, local, k=2)
+    # the training step's way: the bare model under the DDP wrapper's no_sync, averaged by hand
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with ddp.no_sync():
+        losses, _ = cached(ddp.module, local, k=2)
     average_gradients(model.parameters())
     results["per_sample_norm"] = ({k: all_reduce_mean(v) for k, v in losses.items()}, gradients(model))
     # batch norm over each rank's rows (per-rank statistics, as DDP without SyncBN): caching on
