@@ -153,6 +153,7 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from ovseg.training.distributed import all_reduce_mean, average_gradients
+    from ovseg.training.model.projector import set_sync_stats
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -163,20 +164,22 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     local = gradcache.split_batch(batch, world)[rank]  # this rank's half, rows rank * per ...
     assert int(local["sample_id"][0]) == int(batch["sample_id"][rank * per])
     results = {}
-    # the projectors' batch norm per sample (eval): what is left couples ranks only through the
-    # all-gathered losses, and must equal one process holding the whole batch
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
-        bn.eval()
-    # the training step's way: the bare model under the DDP wrapper's no_sync, averaged by hand
+    # the projectors' batch norm over both ranks' rows (the official SyncBN): two ranks with two
+    # cached micro-batches each, the training step's way (the bare model under the DDP
+    # wrapper's no_sync, gradients averaged by hand), must equal one process with the batch
+    set_sync_stats(model, True)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     with ddp.no_sync():
         losses, _ = cached(ddp.module, local, k=2)
     average_gradients(model.parameters())
-    results["per_sample_norm"] = ({k: all_reduce_mean(v) for k, v in losses.items()}, gradients(model))
-    # batch norm over each rank's rows (per-rank statistics, as DDP without SyncBN): caching on
-    # each rank equals each rank holding its half of the step as one batch
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
-        bn.train()
+    results["synced_cached"] = ({k: all_reduce_mean(v) for k, v in losses.items()}, gradients(model))
+    results["running"] = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    full_batch(model, local)  # and so must two ranks holding their halves as one batch each
+    average_gradients(model.parameters())
+    results["synced_full"] = gradients(model)
+    # batch norm over each rank's rows (as DDP without SyncBN): caching equals each rank holding
+    # its half as one batch
+    set_sync_stats(model, False)
     cached(model, local, k=2)
     average_gradients(model.parameters())
     results["rank_norm_cached"] = gradients(model)
@@ -204,16 +207,20 @@ def test_two_gloo_ranks_with_two_cached_micro_batches_each_equal_one_process_wit
     mp.spawn(_gloo_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out, weights_only=False)
     model = noisy_model(tokenizer, losses=PAPER_LOSSES)
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
-        bn.eval()
     want_losses, want = full_batch(model, big_batch(tokenizer))
-    got_losses, got = results["per_sample_norm"]
+    got_losses, got = results["synced_cached"]
     for name in want_losses:
         torch.testing.assert_close(got_losses[name], want_losses[name], rtol=1e-9, atol=1e-12)
-    errors = relative_errors(got, want)
-    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
-    errors = relative_errors(results["rank_norm_cached"], results["rank_norm_full"])
-    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
+    for key, want_grads in (("synced_cached", want), ("synced_full", want),
+                            ("rank_norm_cached", results["rank_norm_full"])):
+        got = results[key][1] if key == "synced_cached" else results[key]
+        errors = relative_errors(got, want_grads)
+        assert max(errors.values()) < 1e-5, (key, max(errors.items(), key=lambda item: item[1]))
+    # the batch norms' running statistics moved once, as by one batch of every rank's rows
+    running = {k: v for k, v in model.state_dict().items() if "running_" in k and "momentum_encoder" not in k}
+    assert running and all(torch.allclose(results["running"][k], v, rtol=1e-9, atol=1e-12) for k, v in running.items())
+    # per-rank batch norm is not one process's: the synced statistics are what makes them equal
+    assert max(relative_errors(results["rank_norm_full"], want).values()) > 1e-3
 
 
 # -- per-sample noise -------------------------------------------------------------------------------

@@ -204,6 +204,8 @@ class OVSegmentor(nn.Module):
         """Each image's masked entities against every entity of the batch (see the loss)."""
         unique = parts["entity_ids"]
         if unique.numel() == 0:
+            if getattr(self.text_projector, "sync_stats", False):  # the other ranks' statistics wait for this rank's (none)
+                self.text_projector(parts["entity_features"])
             return group_embeddings.sum() * 0.0  # keeps the graph connected for DDP
         entities = F.normalize(self.text_projector(parts["entity_features"]), dim=-1)  # (U, D)
         targets = (parts["entity_keys"][:, :, None] == unique[None, None, :]).any(dim=1)  # (B, U)
