@@ -23,6 +23,7 @@ micro-batch's graph plus the parts of the whole step (small: a few vectors per s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,8 @@ from ovseg.training.model.ovsegmentor import _first_occurrences
 # the parts `embed` returns that carry a gradient back into the encoders
 GRAD_KEYS = ("groups", "caption", "answer", "decoded", "area", "entity_features", "student")
 ENTITY_KEYS = ("entity_ids", "entity_features")  # one row per distinct entity, not per sample
+
+log = logging.getLogger(__name__)
 
 
 def split_batch(batch: dict, k: int) -> list[dict]:
@@ -64,12 +67,23 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
         raise ValueError("cached_step needs at least one micro-batch")
     if seeds is None:
         seeds = [noise.batch_seeds(batch, step_seed) for batch in micro_batches]
-    # 1. the per-sample parts of every micro-batch, without a graph
+    norms = _encoder_batch_norms(model)
+    if norms and not _warned:
+        _warn_inexact(norms)
+    # 1. the per-sample parts of every micro-batch, without a graph (batch norm inside an
+    # encoder moves its running statistics in pass 3 only)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms if m.track_running_stats and m.running_mean is not None]
     parts = []
     with torch.no_grad():
         for batch, rows in zip(micro_batches, seeds):
             with noise.per_sample(rows, step_seed):
                 parts.append(model.embed(batch))
+        for m, (mean, var, count) in zip((m for m in norms if m.track_running_stats and m.running_mean is not None),
+                                         saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
     # 2. the whole step's losses over the joined parts, and their gradients
     joined, where = _join(parts)
     leaves = {key: joined[key].detach().requires_grad_() for key in GRAD_KEYS
@@ -90,6 +104,27 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
         if outputs:
             torch.autograd.backward(outputs, grads)
     return {name: value.detach() for name, value in losses.items()}
+
+
+_warned = False
+
+
+def _encoder_batch_norms(model) -> list:
+    """Batch norms in training mode outside the projectors (the projectors run over the whole
+    step in pass 2; these normalise each micro-batch alone)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from ovseg.training.model.projector import Projector
+
+    inside = {id(m) for p in model.modules() if isinstance(p, Projector) for m in p.modules()}
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and id(m) not in inside]
+
+
+def _warn_inexact(norms: list) -> None:
+    global _warned
+    _warned = True
+    log.warning("gradient caching is not exact for this model: %d batch norm layer(s) inside the encoders "
+                "(e.g. model.patch_embed=cnn) normalise each micro-batch with its own statistics", len(norms))
 
 
 # -- joining and splitting ------------------------------------------------------------------------

@@ -99,9 +99,10 @@ def relative_errors(got: dict, want: dict) -> dict[str, float]:
 
 @pytest.mark.parametrize("losses, pairs_in_batch, changes", [
     (PAPER_LOSSES, False, {}),  # the paper's three losses, a partner image per row
+    (PAPER_LOSSES, False, {"mask_form": "official", "decoder": "official"}),  # the paper preset's forms
     (PAPER_LOSSES + ["grounding"], True, {"mask_form": "official"}),  # partners in the batch, momentum teacher
     (PAPER_LOSSES + ["grounding"], True, {"momentum": 0.0}),  # the image encoder as its own teacher
-], ids=["paper-partner-image", "official-pairs-in-batch", "no-momentum-pairs-in-batch"])
+], ids=["partner-image", "official-partner-image", "official-pairs-in-batch", "no-momentum-pairs-in-batch"])
 def test_cached_gradients_of_every_parameter_equal_one_batch_four_times_the_size(tokenizer, losses, pairs_in_batch,
                                                                                  changes):
     model = noisy_model(tokenizer, losses=losses, **changes)
