@@ -86,13 +86,23 @@ def plain_accumulation(model, batch, k: int) -> dict:
     return gradients(model)
 
 
-# parameters whose gradient is zero by construction (the projectors' batch norm removes any shift
-# shared by every row, e.g. the encoder's last LayerNorm bias) are compared with this floor
-FLOOR = 1e-9
+# Some gradients are zero by construction and come out as rounding noise: the projectors' batch
+# norm removes any shift shared by every row (the encoder's last LayerNorm bias), the softmax over
+# the groups any logit shared by every group (the assignment's query bias), and the Gumbel softmax
+# runs in float32 even in a float64 model. Each parameter's error is measured against its own
+# gradient norm, or against 1e-5 of the median parameter's where its own is smaller.
+FLOOR = 1e-5
 
 
 def relative_errors(got: dict, want: dict) -> dict[str, float]:
-    return {name: float((got[name] - want[name]).norm() / want[name].norm().clamp_min(FLOOR)) for name in want}
+    norms = sorted(float(g.norm()) for g in want.values())
+    floor = FLOOR * norms[len(norms) // 2]
+    return {name: float((got[name] - want[name]).norm()) / max(float(want[name].norm()), floor) for name in want}
+
+
+def reached(grads: dict) -> int:
+    norms = sorted(float(g.norm()) for g in grads.values())
+    return sum(n > FLOOR * norms[len(norms) // 2] for n in norms)
 
 
 # -- one process --------------------------------------------------------------------------------
@@ -109,11 +119,12 @@ def test_cached_gradients_of_every_parameter_equal_one_batch_four_times_the_size
     batch = big_batch(tokenizer, pairs_in_batch=pairs_in_batch)
     want_losses, want = full_batch(model, batch)
     got_losses, got = cached(model, batch, k=4)
-    for name in want_losses:  # the step's losses over the whole step, not its last micro-batch
-        torch.testing.assert_close(got_losses[name], want_losses[name], rtol=1e-9, atol=1e-12)
+    # the step's losses over the whole step, not its last micro-batch (to float32 rounding: the
+    # official mask loss and the grounding loss compute in float32; a pairs batch is reordered)
+    for name in want_losses:
+        torch.testing.assert_close(got_losses[name], want_losses[name], rtol=1e-6, atol=1e-9)
     errors = relative_errors(got, want)
-    reached = [name for name in want if want[name].norm() > FLOOR]
-    assert len(reached) > 0.9 * len(want)  # nearly every parameter has a gradient to compare
+    assert reached(want) > 0.9 * len(want)  # nearly every parameter has a gradient to compare
     assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
     # plain accumulation (each micro-batch its own negatives, batch norm and means) is not it
     plain = relative_errors(plain_accumulation(model, batch, k=4), want)
