@@ -65,6 +65,8 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
     multiplies the loss (AMP); autocast, if any, is the caller's, around this call."""
     if not micro_batches:
         raise ValueError("cached_step needs at least one micro-batch")
+    if not hasattr(model, "embed"):
+        raise ValueError("cached_step needs the model itself (a DDP wrapper's .module), which has embed and batch_losses")
     if seeds is None:
         seeds = [noise.batch_seeds(batch, step_seed) for batch in micro_batches]
     norms = _encoder_batch_norms(model)
@@ -72,18 +74,14 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
         _warn_inexact(norms)
     # 1. the per-sample parts of every micro-batch, without a graph (batch norm inside an
     # encoder moves its running statistics in pass 3 only)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in norms if m.track_running_stats and m.running_mean is not None]
+    saved = [(buffer, buffer.clone()) for m in norms for buffer in m.buffers()]  # running statistics
     parts = []
     with torch.no_grad():
         for batch, rows in zip(micro_batches, seeds):
             with noise.per_sample(rows, step_seed):
                 parts.append(model.embed(batch))
-        for m, (mean, var, count) in zip((m for m in norms if m.track_running_stats and m.running_mean is not None),
-                                         saved):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+        for buffer, value in saved:
+            buffer.copy_(value)
     # 2. the whole step's losses over the joined parts, and their gradients
     joined, where = _join(parts)
     leaves = {key: joined[key].detach().requires_grad_() for key in GRAD_KEYS

@@ -270,10 +270,12 @@ def test_seeded_noise_keeps_an_elements_value_when_other_dimensions_grow():
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.std()) - 12 ** -0.5) < 0.005
 
 
-def test_text_dropout_of_a_caption_does_not_depend_on_the_batchs_padding(tokenizer):
-    """BERT's hidden and attention dropout, per sample: the same caption padded to 16 or to 24
-    tokens gets the same features on its real tokens."""
-    model = noisy_model(tokenizer, losses=["contrastive"])
+@pytest.mark.parametrize("arch", ["bert", "clip"])
+def test_text_dropout_of_a_caption_does_not_depend_on_the_batchs_padding(tokenizer, arch):
+    """The text encoder's dropout (BERT's hidden and attention dropout; CLIP's attention
+    dropout, causal), per sample: the same caption padded to 16 or to 24 tokens gets the same
+    features on its real tokens."""
+    model = noisy_model(tokenizer, losses=["contrastive"], text_arch=arch)
     ids = {n: tokenizer(["a dog and a person"], padding="max_length", max_length=n, return_tensors="pt") for n in (16, 24)}
     with torch.no_grad(), noise.per_sample(torch.tensor([42])):
         short = model.text_features(ids[16]["input_ids"], ids[16]["attention_mask"])

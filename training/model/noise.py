@@ -69,8 +69,8 @@ def batch_seeds(batch: dict, step_seed: int) -> torch.Tensor:
     ids = torch.as_tensor(batch["sample_id"]).to(torch.int64).cpu()
     seeds = mix_seeds(ids, step_seed)
     if "partner_index" in batch:
-        rows = torch.arange(ids.numel())
-        is_partner = (torch.as_tensor(batch["partner_index"]).cpu() >= 0) & (torch.as_tensor(batch["partner_index"]).cpu() < rows)
+        partner = torch.as_tensor(batch["partner_index"]).cpu()
+        is_partner = (partner >= 0) & (partner < torch.arange(ids.numel()))
         seeds = torch.where(is_partner, mix_seeds(seeds, TAGS["partner_row"]), seeds)
     return seeds
 
@@ -91,13 +91,12 @@ def active() -> bool:
     return _state is not None
 
 
-def derived(tag: str, rows: torch.Tensor | None = None):
-    """A context whose row seeds are the current ones (taken at `rows` when given) mixed with
-    `tag`; does nothing outside `per_sample`."""
+def derived(tag: str):
+    """A context whose row seeds are the current ones mixed with `tag` (another encoder call on
+    the same rows sees other noise); does nothing outside `per_sample`."""
     if _state is None:
         return contextlib.nullcontext()
-    seeds = _state.seeds if rows is None else _state.seeds[rows.to(_state.seeds.device)]
-    return per_sample(mix_seeds(seeds, TAGS[tag]), _state.step)
+    return per_sample(mix_seeds(_state.seeds, TAGS[tag]), _state.step)
 
 
 def keyed(tag: str, keys: torch.Tensor):
