@@ -132,6 +132,22 @@ def test_cached_gradients_of_every_parameter_equal_one_batch_four_times_the_size
     assert sorted(plain.values())[len(plain) // 2] > 1e-3  # and not for a few parameters only
 
 
+def test_uneven_micro_batches_and_a_loss_scaler_give_the_scaled_gradient_of_the_whole_batch(tokenizer):
+    class Scaler:  # what cached_step asks of a GradScaler
+        def scale(self, loss):
+            return loss * 8.0
+
+    model = noisy_model(tokenizer, losses=PAPER_LOSSES)
+    batch = big_batch(tokenizer)
+    _, want = full_batch(model, batch)
+    micro = gradcache.split_batch(batch, 3)
+    assert [m["image"].shape[0] for m in micro] == [6, 5, 5]
+    model.zero_grad()
+    gradcache.cached_step(model, micro, STEP_SEED, scaler=Scaler())
+    errors = relative_errors({k: v / 8.0 for k, v in gradients(model).items()}, want)
+    assert max(errors.values()) < 1e-5, max(errors.items(), key=lambda item: item[1])
+
+
 def test_noise_is_on_in_the_comparison_so_it_cannot_pass_by_chance(tokenizer):
     """Another step seed (other Gumbel, dropout and drop-path noise) moves the loss: the
     cached run matches the full batch because both see the same per-sample noise."""
