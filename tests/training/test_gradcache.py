@@ -283,6 +283,9 @@ def test_seeded_noise_keeps_an_elements_value_when_other_dimensions_grow():
     with noise.per_sample(torch.arange(4)):
         u = noise.uniform((4, 100_000), salt=3)
     assert 0 < float(u.min()) and float(u.max()) < 1
+    ids = {"sample_id": torch.arange(4)}  # every bit of the step seed counts, and every sample its own
+    assert not torch.equal(noise.batch_seeds(ids, 5), noise.batch_seeds(ids, 5 + 2 ** 32))
+    assert noise.batch_seeds(ids, 5).unique().numel() == 4
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.std()) - 12 ** -0.5) < 0.005
 
 

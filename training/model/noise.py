@@ -56,16 +56,20 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def mix_seeds(seeds: torch.Tensor, value: int) -> torch.Tensor:
-    """New 32-bit seeds (B,) from int64 seeds (B,) and an integer (a tag, a salt, a step)."""
+    """New 32-bit seeds (B,) from int64 seeds (B,) and a 64-bit integer (a tag, a salt, a step
+    seed): every bit of both counts."""
     seeds = seeds.to(torch.int64)
-    h = _mix(seeds ^ _mix(torch.full_like(seeds, int(value) & M32)))
-    return _mix(h ^ ((seeds >> 32) & M32))
+    value = int(value)
+    key = _mix(torch.full_like(seeds, value & M32) ^ _mix(torch.full_like(seeds, (value >> 32) & M32)))
+    return _mix(_mix(seeds ^ key) ^ ((seeds >> 32) & M32))
 
 
 def batch_seeds(batch: dict, step_seed: int) -> torch.Tensor:
     """(B,) seeds from the batch's `sample_id` and the step's seed. A row that is another
     sample's partner (`partner_index` batches: the partners come after the samples) gets its
     own, so a sample that is also a partner in the same batch sees other noise."""
+    if "sample_id" not in batch:
+        raise ValueError("per-sample noise needs the batch's sample_id (or pass the seeds yourself)")
     ids = torch.as_tensor(batch["sample_id"]).to(torch.int64).cpu()
     seeds = mix_seeds(ids, step_seed)
     if "partner_index" in batch:
