@@ -66,7 +66,8 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
     if not micro_batches:
         raise ValueError("cached_step needs at least one micro-batch")
     if not hasattr(model, "embed"):
-        raise ValueError("cached_step needs the model itself (a DDP wrapper's .module), which has embed and batch_losses")
+        raise ValueError("cached_step needs the model itself (a DDP wrapper's .module): "
+                         "it calls embed and batch_losses")
     if seeds is None:
         seeds = [noise.batch_seeds(batch, step_seed) for batch in micro_batches]
     norms = _encoder_batch_norms(model)

@@ -170,7 +170,8 @@ def test_split_batch_keeps_each_sample_with_its_partner_and_every_row_once(token
         for row, partner in enumerate(m["partner_index"].tolist()):
             if partner >= 0:  # the same pair as in the whole batch, within the micro-batch
                 assert m["partner_index"][partner] == row
-                assert batch["partner_index"][ids.index(int(m["sample_id"][row]))] == ids.index(int(m["sample_id"][partner]))
+                whole_row, whole_partner = ids.index(int(m["sample_id"][row])), ids.index(int(m["sample_id"][partner]))
+                assert batch["partner_index"][whole_row] == whole_partner
     with pytest.raises(ValueError, match="cannot split"):
         gradcache.split_batch(batch, 17)
 
@@ -295,7 +296,8 @@ def test_text_dropout_of_a_caption_does_not_depend_on_the_batchs_padding(tokeniz
     dropout, causal), per sample: the same caption padded to 16 or to 24 tokens gets the same
     features on its real tokens."""
     model = noisy_model(tokenizer, losses=["contrastive"], text_arch=arch)
-    ids = {n: tokenizer(["a dog and a person"], padding="max_length", max_length=n, return_tensors="pt") for n in (16, 24)}
+    ids = {n: tokenizer(["a dog and a person"], padding="max_length", max_length=n, return_tensors="pt")
+           for n in (16, 24)}
     with torch.no_grad(), noise.per_sample(torch.tensor([42])):
         short = model.text_features(ids[16]["input_ids"], ids[16]["attention_mask"])
         long = model.text_features(ids[24]["input_ids"], ids[24]["attention_mask"])

@@ -204,8 +204,8 @@ class OVSegmentor(nn.Module):
         """Each image's masked entities against every entity of the batch (see the loss)."""
         unique = parts["entity_ids"]
         if unique.numel() == 0:
-            if getattr(self.text_projector, "sync_stats", False):  # the other ranks' statistics wait for this rank's (none)
-                self.text_projector(parts["entity_features"])
+            if getattr(self.text_projector, "sync_stats", False):
+                self.text_projector(parts["entity_features"])  # the other ranks' statistics wait for this rank's
             return group_embeddings.sum() * 0.0  # keeps the graph connected for DDP
         entities = F.normalize(self.text_projector(parts["entity_features"]), dim=-1)  # (U, D)
         targets = (parts["entity_keys"][:, :, None] == unique[None, None, :]).any(dim=1)  # (B, U)
@@ -266,7 +266,8 @@ class OVSegmentor(nn.Module):
         if not fine:  # both masks on the token grid: the teacher's averaged down to it
             teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
         out["teacher"] = teacher.flatten(2)  # (B, K, N')
-        out["student"] = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)  # (B, K, N')
+        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)
+        out["student"] = student  # (B, K, N')
         with torch.no_grad(), noise.derived("shared"):
             out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
         out["has_partner"] = batch["has_partner"]
