@@ -93,7 +93,7 @@ def cached_step(model, micro_batches: Sequence[dict], step_seed: int, seeds: Seq
     # 3. each micro-batch again, with its graph and the same noise, fed its parts' gradients
     for j, (batch, rows) in enumerate(zip(micro_batches, seeds)):
         with noise.per_sample(rows, step_seed):
-            again = model.embed(batch)
+            again = model.embed(batch, reuse=parts[j])  # the teacher's parts (no gradient) from pass 1
         outputs, grads = [], []
         for key, leaf in leaves.items():
             if leaf.grad is None or not again[key].requires_grad:
@@ -168,7 +168,7 @@ def _join(parts: list[dict]) -> tuple[dict, dict]:
     starts = [sum(sizes[:j]) for j in range(len(parts))]
     for key in parts[0]:
         values = [part[key] for part in parts]
-        if key in ENTITY_KEYS:
+        if key in ENTITY_KEYS or key == "keys":  # keys: the official mask loss's, for pass 3 only
             continue
         if key == "mask_size":
             joined[key] = values[0]

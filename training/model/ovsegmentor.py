@@ -31,6 +31,10 @@ BATCH_KEYS = {  # what each loss reads from the batch (docs/architecture.md)
 }
 
 
+# the mask loss's parts without gradient, which a re-run of the same batch can reuse
+REUSABLE = ("teacher", "partner_groups", "shared", "keys")
+
+
 @dataclass
 class ImageEncoding:
     embedding: torch.Tensor         # (B, D) normalised image embedding
@@ -134,11 +138,14 @@ class OVSegmentor(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.batch_losses(self.embed(batch))
 
-    def embed(self, batch: dict) -> dict:
+    def embed(self, batch: dict, reuse: dict | None = None) -> dict:
         """The batch's per-sample parts, each with one row per sample (B, ...) except the
         grounding's distinct entities (`entity_ids` (U,), `entity_features` (U, Ct)), a row's
         partner (`partner_index`, a row of this batch) and the mask loss's input size
-        (`mask_size`). Inside `noise.per_sample` every row's noise comes from its own seed."""
+        (`mask_size`). Inside `noise.per_sample` every row's noise comes from its own seed.
+        `reuse`: the parts an earlier call on the same batch with the same noise returned (pass 1
+        of gradient caching); the mask loss's parts without gradient (`REUSABLE`: the momentum
+        teacher's, the shared entity's) are taken from it instead of computed again."""
         missing = [key for name in self.cfg.losses for key in BATCH_KEYS[name] if key not in batch]
         if missing:
             raise ValueError(f"the batch lacks {sorted(set(missing))}, needed by the losses {self.cfg.losses}")
@@ -169,9 +176,9 @@ class OVSegmentor(nn.Module):
                        area=image.assignment.flatten(2).mean(dim=-1))  # (B, K): each group's share of the patches
         if "mask" in losses:
             if isinstance(self.mask_loss, OfficialMaskConsistencyLoss):
-                self._embed_official_mask(image, batch, out)
+                self._embed_official_mask(image, batch, out, reuse)
             else:
-                self._embed_mask(image, batch, out)
+                self._embed_mask(image, batch, out, reuse)
         return out
 
     def batch_losses(self, parts: dict) -> dict[str, torch.Tensor]:
@@ -233,72 +240,85 @@ class OVSegmentor(nn.Module):
             partner_relevance = torch.einsum("bkd,bd->bk", partner_groups, shared)
         return self.mask_loss(parts["student"], parts["teacher"], relevance, has_partner, partner_relevance)
 
-    def _embed_mask(self, image, batch: dict, out: dict) -> None:
+    def _embed_mask(self, image, batch: dict, out: dict, reuse: dict | None) -> None:
         """The ovseg mask loss's per-sample parts (see `mask_inputs`): the image's group masks on
         its partner's patches (with gradient), the partner's own masks and its groups before the
-        projector (no gradient), the shared entity's sentence features (no gradient)."""
+        projector (no gradient), the shared entity's sentence features (no gradient). With
+        `reuse`, the parts without gradient are its own."""
         fine = _checked_mask_grid(self.cfg.mask_grid) == "assignment"
+        teacher = None
         if "partner_index" in batch:
             rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
             out["partner_index"] = rows
             patches, low, pixels = (None if part is None else part[rows]
                                     for part in (image.inputs.patches, image.inputs.low, image.inputs.pixels))
             grid = image.inputs.grid
-            with torch.no_grad():
-                if self.momentum_encoder is not None:
-                    teacher_out = self.momentum_encoder(batch["image"])
-                    teacher = teacher_out.assignment[rows]
-                    out["partner_groups"] = teacher_out.groups  # (B, K, C): row r's own, read at partner_index
-                else:
-                    teacher = image.assignment[rows]
+            if reuse is None:
+                with torch.no_grad():
+                    if self.momentum_encoder is not None:
+                        teacher_out = self.momentum_encoder(batch["image"])
+                        teacher = teacher_out.assignment[rows]
+                        out["partner_groups"] = teacher_out.groups  # (B, K, C): row r's own, read at partner_index
+                    else:
+                        teacher = image.assignment[rows]
         elif "partner_image" in batch:
             partner = batch["partner_image"]
             with noise.derived("partner"):
                 x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
             patches, grid, low, pixels = x.patches, x.grid, x.low, x.pixels
-            with torch.no_grad(), noise.derived("partner"):
-                teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
-                teacher_out = teacher_encoder(partner)
-                teacher = teacher_out.assignment  # (B, K, h, w)
-                out["partner_groups"] = teacher_out.groups
+            if reuse is None:
+                with torch.no_grad(), noise.derived("partner"):
+                    teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+                    teacher_out = teacher_encoder(partner)
+                    teacher = teacher_out.assignment  # (B, K, h, w)
+                    out["partner_groups"] = teacher_out.groups
         else:
             raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
-        if not fine:  # both masks on the token grid: the teacher's averaged down to it
-            teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
-        out["teacher"] = teacher.flatten(2)  # (B, K, N')
+        if teacher is not None:
+            if not fine:  # both masks on the token grid: the teacher's averaged down to it
+                teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
+            out["teacher"] = teacher.flatten(2)  # (B, K, N')
         student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)
         out["student"] = student  # (B, K, N')
-        with torch.no_grad(), noise.derived("shared"):
-            out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+        if reuse is None:
+            with torch.no_grad(), noise.derived("shared"):
+                out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+        else:
+            out.update({key: reuse[key] for key in REUSABLE if key in reuse})
         out["has_partner"] = batch["has_partner"]
 
-    def _embed_official_mask(self, image, batch: dict, out: dict) -> None:
-        """The official mask loss's per-sample parts (see `official_mask_inputs`)."""
+    def _embed_official_mask(self, image, batch: dict, out: dict, reuse: dict | None) -> None:
+        """The official mask loss's per-sample parts (see `official_mask_inputs`); with `reuse`,
+        the parts without gradient (the partner's keys among them) are its own."""
         teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
-        with torch.no_grad():
-            if "partner_index" in batch:
-                rows = batch["partner_index"].clamp(min=0)
-                teacher_out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
-                partner_queries, partner_patches = teacher_out.queries[rows], teacher_out.inputs.patches[rows]
-                size = tuple(batch["image"].shape[-2:])
-            elif "partner_image" in batch:
-                with noise.derived("partner"):
-                    teacher_out = teacher_encoder(batch["partner_image"])
-                partner_queries, partner_patches = teacher_out.queries, teacher_out.inputs.patches
-                size = tuple(batch["partner_image"].shape[-2:])
-            else:
-                raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
-            h, w = teacher_out.inputs.grid
-            teacher_assign = teacher_encoder.grouping.assign
-            keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
-            scale = self.cfg.width ** -0.5
-            teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
-            with noise.derived("shared"):
-                out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+        scale = self.cfg.width ** -0.5
+        if reuse is not None:
+            out.update({key: reuse[key] for key in REUSABLE if key in reuse})
+            keys, (h, w), size = reuse["keys"], tuple(reuse["teacher"].shape[-2:]), reuse["mask_size"]
+        else:
+            with torch.no_grad():
+                if "partner_index" in batch:
+                    rows = batch["partner_index"].clamp(min=0)
+                    teacher_out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
+                    partner_queries, partner_patches = teacher_out.queries[rows], teacher_out.inputs.patches[rows]
+                    size = tuple(batch["image"].shape[-2:])
+                elif "partner_image" in batch:
+                    with noise.derived("partner"):
+                        teacher_out = teacher_encoder(batch["partner_image"])
+                    partner_queries, partner_patches = teacher_out.queries, teacher_out.inputs.patches
+                    size = tuple(batch["partner_image"].shape[-2:])
+                else:
+                    raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
+                h, w = teacher_out.inputs.grid
+                teacher_assign = teacher_encoder.grouping.assign
+                keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
+                teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+                with noise.derived("shared"):
+                    out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+            out.update(keys=keys, teacher=teacher.view(teacher.shape[0], -1, h, w))
         student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
         b, k = student.shape[:2]
-        out.update(student=student.view(b, k, h, w), teacher=teacher.view(b, k, h, w),
-                   has_partner=batch["has_partner"], mask_size=size)
+        out.update(student=student.view(b, k, h, w), has_partner=batch["has_partner"], mask_size=size)
 
     def official_mask_inputs(self, image: ImageEncoding, batch: dict) -> tuple:
         """What the official mask loss reads (the public code's `project_and_mask` and
