@@ -62,6 +62,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 5.0
     accum_steps: int = 1  # micro-batches per optimiser step
+    contrastive_cache: bool = False  # accum_steps as one exact large batch (gradient caching, training/gradcache.py)
     # a stage with a global_batch: samples per micro-batch (None: the largest that fits on CUDA,
     # the whole per-process batch elsewhere)
     micro_batch: int | None = None
@@ -123,6 +124,10 @@ class TrainConfig:
     # runs stopped by the clock (train.max_minutes) have
     ema_decay: float = 0.0
     seed: int = 0
+    # the model's noise (Gumbel, dropout, drop path): "per_sample", drawn from each sample's id
+    # and the step (training/model/noise.py), so a sample's noise does not depend on its batch,
+    # micro-batch or rank; "global": torch's global random stream
+    noise: str = "per_sample"
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
     compile: bool = False
@@ -344,7 +349,8 @@ def resolve(preset: str | None = None, config_file: Path | None = None,
     for key, value, choices in (("optim.schedule", config.optim.schedule, ("official", "ovseg")),
                                 ("optim.no_decay", config.optim.no_decay, ("official", "ovseg")),
                                 ("model.decoder", config.model.decoder, ("official", "ovseg")),
-                                ("model.mask_form", config.model.mask_form, ("official", "ovseg"))):
+                                ("model.mask_form", config.model.mask_form, ("official", "ovseg")),
+                                ("train.noise", config.train.noise, ("per_sample", "global"))):
         if value not in choices:
             raise ConfigError(f"config key '{key}' wants one of {', '.join(choices)}, got {value!r}")
     _check_stages(config.train.stages)

@@ -82,3 +82,19 @@ def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
     value = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return [bool(v) for v in value.tolist()]
+
+
+def average_gradients(parameters) -> None:
+    """Average the parameters' gradients over ranks in place (what DDP does after backward), for
+    steps that run outside DDP's hooks (gradient caching, training/gradcache.py). A parameter
+    without a gradient on this rank takes part with zeros, so every rank reduces the same list."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in parameters:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)

@@ -248,6 +248,9 @@ def _check_settings(cfg: RunConfig) -> None:
         problems.append(f"{key}.batch_size must be at least 1, not {stage.batch_size}")
     if o.accum_steps < 1:
         problems.append(f"optim.accum_steps must be at least 1, not {o.accum_steps}")
+    if o.contrastive_cache and t.noise != "per_sample":
+        problems.append("optim.contrastive_cache needs train.noise=per_sample (the re-run of a micro-batch "
+                        "must draw the noise its first pass drew)")
     if t.max_minutes is not None and not (math.isfinite(t.max_minutes) and t.max_minutes > 0):
         problems.append(f"train.max_minutes must be above 0, not {t.max_minutes}")
     if problems:
@@ -459,28 +462,51 @@ def step_batches(run: RunState) -> Iterator[list[dict[str, Any]]]:
         run.batch_in_epoch = 0
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of optimiser step `step`: with each sample's id it keys the model's noise
+    (`noise.batch_seeds`), the same on every rank and after a resume."""
+    return seed * 1_000_003 + step
+
+
 def train_step(run: RunState, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
     """One optimiser step over `micro_batches` (forward, backward, clip, step, schedule, momentum
-    encoder, moving average). Returns each loss over the whole step: the mean over its
-    micro-batches and ranks."""
-    info, k = run.info, len(micro_batches)
-    totals: dict[str, torch.Tensor] = {}
+    encoder, moving average). With `optim.contrastive_cache` the k micro-batches give the
+    gradient of one batch of all of them (`gradcache.cached_step`); otherwise each is its own
+    batch and their gradients are averaged (plain accumulation). The model's noise is drawn per
+    sample (`train.noise`), so a sample's noise does not depend on its micro-batch or rank.
+    Returns each loss over the whole step: over all its micro-batches, averaged over ranks."""
+    from ovseg.training import gradcache
+    from ovseg.training.model import noise
+
+    info, k, cfg = run.info, len(micro_batches), run.cfg
+    seed = step_seed(cfg.train.seed, run.step)
+    per_sample = cfg.train.noise == "per_sample"
+
+    def noisy(batch):
+        return noise.per_sample(noise.batch_seeds(batch, seed), seed) if per_sample else nullcontext()
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.use_bf16 else nullcontext()
-    for index, batch in enumerate(micro_batches):
-        # DDP all-reduces gradients only on the micro-batch that ends the step
-        sync = run.ddp_model.no_sync if (info.distributed and index < k - 1) else nullcontext
-        with sync():
-            with autocast:
-                parts = run.train_model(batch)
-            # the mean over ranks: a non-finite loss on any rank stops every rank
-            if not torch.isfinite(dist_utils.all_reduce_mean(parts["loss"].detach().float())).all():
-                named = ", ".join(f"{name}={value.item():.4g}" for name, value in parts.items())
-                raise TrainingError(f"non-finite loss at step {run.step}: {named}")
-            (parts["loss"] / k).backward()
-        for name, value in parts.items():
-            totals[name] = totals.get(name, 0.0) + value.detach().float() / k
-    if run.cfg.optim.clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip_grad)
+    if cfg.optim.contrastive_cache:
+        # the bare model, outside DDP's hooks; the gradients are averaged over ranks after
+        with (run.ddp_model.no_sync() if info.distributed else nullcontext()), autocast:
+            totals = {name: value.float() for name, value in gradcache.cached_step(run.model, micro_batches, seed).items()}
+        _check_finite(run, totals)
+        if info.distributed:
+            dist_utils.average_gradients(run.model.parameters())
+    else:
+        totals: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(micro_batches):
+            # DDP all-reduces gradients only on the micro-batch that ends the step
+            sync = run.ddp_model.no_sync if (info.distributed and index < k - 1) else nullcontext
+            with sync():
+                with autocast, noisy(batch):
+                    parts = run.train_model(batch)
+                _check_finite(run, parts)
+                (parts["loss"] / k).backward()
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / k
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
@@ -489,6 +515,13 @@ def train_step(run: RunState, micro_batches: list[dict[str, Any]]) -> dict[str, 
         run.ema.update(run.model, step=run.step)
     run.step += 1
     return {name: float(dist_utils.all_reduce_mean(value).item()) for name, value in totals.items()}
+
+
+def _check_finite(run: RunState, parts: dict[str, torch.Tensor]) -> None:
+    """The mean over ranks: a non-finite loss on any rank stops every rank."""
+    if not torch.isfinite(dist_utils.all_reduce_mean(parts["loss"].detach().float())).all():
+        named = ", ".join(f"{name}={value.item():.4g}" for name, value in parts.items())
+        raise TrainingError(f"non-finite loss at step {run.step}: {named}")
 
 
 def log_step(run: RunState, losses: dict[str, float], samples_per_s: float, bar, writer) -> None:

@@ -48,10 +48,18 @@ class EntityDecoder(nn.Module):
     def forward(self, question: torch.Tensor, question_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """question (B, L, Ct) text features, question_mask (B, L) 1 for real tokens, groups
         (B, K, C) -> (B, D) normalised embedding of the decoded first token."""
+        return self.project(self.decode(question, question_mask, groups))
+
+    def decode(self, question: torch.Tensor, question_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """The decoded first token (B, C), before the projector (each row its own sample's)."""
         tokens = self.text_in(question)  # (B, L, C)
         for layer in self.layers:
             tokens = layer(tokens, groups, _key_mask(question_mask, self.padding_mask))
-        return F.normalize(self.projector(self.norm(tokens[:, 0])), dim=-1)
+        return self.norm(tokens[:, 0])
+
+    def project(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B, D) normalised; the projector's batch norm couples the rows."""
+        return F.normalize(self.projector(decoded), dim=-1)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -108,13 +116,21 @@ class OfficialEntityDecoder(nn.Module):
     def forward(self, question: torch.Tensor, question_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """question (B, L, Ct) text features, question_mask (B, L) 1 for real tokens, groups
         (B, K, Cv) -> (B, D) normalised embedding of the decoded first token."""
+        return self.project(self.decode(question, question_mask, groups))
+
+    def decode(self, question: torch.Tensor, question_mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """The decoded first token (B, C), before the bridge projector (each row its own sample's)."""
         question = self.align_proj_text(question)  # (B, L, C)
         groups = self.align_proj_img(groups)        # (B, K, C)
         key_mask = _key_mask(question_mask, self.padding_mask)
         tokens = None
         for layer in self.layers:
             tokens = layer(tokens, question, groups, key_mask)
-        return F.normalize(self.bridge_projector(tokens[:, 0]), dim=-1)
+        return tokens[:, 0]
+
+    def project(self, decoded: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B, D) normalised; the projector's batch norm couples the rows."""
+        return F.normalize(self.bridge_projector(decoded), dim=-1)
 
 
 def build_entity_decoder(cfg, text_width: int) -> nn.Module:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from ovseg.training.model import noise
 from ovseg.training.model.attention import CrossAttentionBlock
 
 
@@ -51,10 +52,11 @@ class Assigner(Protocol):
         on, or on `grid` unless `fine`."""
 
 
-def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool) -> torch.Tensor:
-    """Softmax over dim 1 (the groups) with Gumbel noise; straight-through one-hot if `hard`."""
+def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool, salt: int = 0) -> torch.Tensor:
+    """Softmax over dim 1 (the groups) with Gumbel noise; straight-through one-hot if `hard`.
+    `salt`: the calling module's, for per-sample noise (training/model/noise.py)."""
     # noise and softmax in float32: a bf16 exponential sample can round to 0 (log -> inf)
-    gumbels = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
+    gumbels = noise.gumbel(logits, salt)
     soft = ((logits.float() + gumbels) / tau).softmax(dim=1)
     if not hard:
         return soft.to(logits.dtype)
@@ -107,7 +109,7 @@ class AssignAttention(nn.Module):
         if not self.hard:
             attn = soft
         elif self.training:
-            attn = gumbel_softmax_over_groups(raw, self.tau, hard=True)
+            attn = gumbel_softmax_over_groups(raw, self.tau, hard=True, salt=getattr(self, "noise_salt", 0))
         else:
             attn = hard_one_hot_over_groups(soft)
         # each group takes the mean of the patches assigned to it

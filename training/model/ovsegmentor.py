@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ovseg.training.losses import (
     MaskConsistencyLoss, OfficialMaskConsistencyLoss, contrastive_loss, entity_completion_loss, grounding_loss,
 )
+from ovseg.training.model import noise
 from ovseg.training.model.config import ModelConfig
 from ovseg.training.model.entity_decoder import build_entity_decoder
 from ovseg.training.model.image_encoder import GroupingInput, GroupingViT
@@ -28,6 +29,10 @@ BATCH_KEYS = {  # what each loss reads from the batch (docs/architecture.md)
     # and the partner: `partner_image` (an extra image) or `partner_index` (a row of the batch)
     "mask": ("image", "shared_ids", "shared_mask", "has_partner"),
 }
+
+
+# the mask loss's parts without gradient, which a re-run of the same batch can reuse
+REUSABLE = ("teacher", "partner_groups", "shared", "keys")
 
 
 @dataclass
@@ -89,11 +94,13 @@ class OVSegmentor(nn.Module):
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, attention_mask)  # (B, L, Ct)
 
+    def sentence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence token's features (BERT's [CLS], CLIP's end-of-text) (B, Ct)."""
+        return self.text_encoder.pool(self.text_features(input_ids, attention_mask), input_ids)
+
     def project_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The sentence token (BERT's [CLS], CLIP's end-of-text) through the text projector, not
-        normalised (B, D)."""
-        sentence = self.text_encoder.pool(self.text_features(input_ids, attention_mask), input_ids)  # (B, Ct)
-        return self.text_projector(sentence)
+        """The sentence token through the text projector, not normalised (B, D)."""
+        return self.text_projector(self.sentence(input_ids, attention_mask))
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.project_text(input_ids, attention_mask), dim=-1)  # (B, D)
@@ -122,48 +129,196 @@ class OVSegmentor(nn.Module):
             self.momentum_encoder.load_state_dict(self.image_encoder.state_dict())
 
     # -- training -------------------------------------------------------------------------------
+    # The step is split in two so that gradient caching (training/gradcache.py) can run the first
+    # part per micro-batch and the second over the whole step: `embed` computes what belongs to
+    # each sample alone; `batch_losses` everything that couples the rows of the batch (the
+    # projectors' batch norm, the contrastive and entity negatives, the grounding's batch of
+    # entities, the mask loss's mean). `forward` is the two in a row.
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.batch_losses(self.embed(batch))
+
+    def embed(self, batch: dict, reuse: dict | None = None) -> dict:
+        """The batch's per-sample parts, each with one row per sample (B, ...) except the
+        grounding's distinct entities (`entity_ids` (U,), `entity_features` (U, Ct)), a row's
+        partner (`partner_index`, a row of this batch) and the mask loss's input size
+        (`mask_size`). Inside `noise.per_sample` every row's noise comes from its own seed.
+        `reuse`: the parts an earlier call on the same batch with the same noise returned (pass 1
+        of gradient caching); the mask loss's parts without gradient (`REUSABLE`: the momentum
+        teacher's, the shared entity's) are taken from it instead of computed again."""
         missing = [key for name in self.cfg.losses for key in BATCH_KEYS[name] if key not in batch]
         if missing:
             raise ValueError(f"the batch lacks {sorted(set(missing))}, needed by the losses {self.cfg.losses}")
-        scale = self.scale()
-        image = self.encode_image(batch["image"])
-        parts: dict[str, torch.Tensor] = {}
-        if "contrastive" in self.cfg.losses:
-            text = self.embed_text(batch["input_ids"], batch["attention_mask"])
-            parts["contrastive"] = contrastive_loss(image.embedding, text, scale)
-        if "entity" in self.cfg.losses:
-            question = self.text_features(batch["question_ids"], batch["question_mask"])
-            answer = self.embed_text(batch["answer_ids"], batch["answer_mask"])
-            predicted = self.entity_decoder(question, batch["question_mask"], image.groups)  # (B, D)
-            parts["entity"] = entity_completion_loss(predicted, answer, batch["has_entity"], scale)
-        if "grounding" in self.cfg.losses:
-            parts["grounding"] = self._grounding(image, batch)
-        if "mask" in self.cfg.losses:
-            parts["mask"] = self._mask_consistency(image, batch)
-        weights = self.cfg.loss_weights
-        parts["loss"] = sum(weights.get(name, 1.0) * value for name, value in parts.items())
-        return parts
+        losses = self.cfg.losses
+        image = self.image_encoder(batch["image"])
+        out: dict = {"groups": image.groups}  # (B, K, C)
+        if "contrastive" in losses:
+            with noise.derived("caption"):
+                out["caption"] = self.sentence(batch["input_ids"], batch["attention_mask"])  # (B, Ct)
+        if "entity" in losses:
+            with noise.derived("question"):
+                question = self.text_features(batch["question_ids"], batch["question_mask"])  # (B, L, Ct)
+            with noise.derived("answer"):
+                out["answer"] = self.sentence(batch["answer_ids"], batch["answer_mask"])
+            out["decoded"] = self.entity_decoder.decode(question, batch["question_mask"], image.groups)  # (B, C)
+            out["has_entity"] = batch["has_entity"]
+        if "grounding" in losses:
+            keys = batch["entity_keys"]  # (B, M): a stable id per entity, -1 for an empty slot
+            named = keys >= 0
+            unique, first = _first_occurrences(keys[named])
+            features = image.groups.new_zeros(0, self.text_encoder.width)
+            if unique.numel():
+                # one prompt per distinct entity; its noise is keyed by the entity, not by a row
+                with noise.keyed("entity", unique):
+                    features = self.sentence(batch["entity_prompt_ids"][named][first],
+                                             batch["entity_prompt_mask"][named][first])  # (U, Ct)
+            out.update(entity_keys=keys, entity_ids=unique, entity_features=features,
+                       area=image.assignment.flatten(2).mean(dim=-1))  # (B, K): each group's share of the patches
+        if "mask" in losses:
+            if isinstance(self.mask_loss, OfficialMaskConsistencyLoss):
+                self._embed_official_mask(image, batch, out, reuse)
+            else:
+                self._embed_mask(image, batch, out, reuse)
+        return out
 
-    def _grounding(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
+    def batch_losses(self, parts: dict) -> dict[str, torch.Tensor]:
+        """The losses of the per-sample parts `embed` returned (of one batch, or of several
+        joined): the projectors (their batch norm), then each loss over every row."""
+        scale = self.scale()
+        groups = parts["groups"]
+        # the image embedding is the mean of the groups through the projector (the paper); each
+        # group through the same projector is what segmentation compares with class prompts
+        embedding = F.normalize(self.image_projector(groups.mean(dim=1)), dim=-1)  # (B, D)
+        projected = self.image_projector(groups)  # (B, K, D)
+        group_embeddings = F.normalize(projected, dim=-1)
+        out: dict[str, torch.Tensor] = {}
+        if "contrastive" in self.cfg.losses:
+            text = F.normalize(self.text_projector(parts["caption"]), dim=-1)
+            out["contrastive"] = contrastive_loss(embedding, text, scale)
+        if "entity" in self.cfg.losses:
+            answer = F.normalize(self.text_projector(parts["answer"]), dim=-1)
+            predicted = self.entity_decoder.project(parts["decoded"])  # (B, D)
+            out["entity"] = entity_completion_loss(predicted, answer, parts["has_entity"], scale)
+        if "grounding" in self.cfg.losses:
+            out["grounding"] = self._grounding(group_embeddings, parts)
+        if "mask" in self.cfg.losses:
+            out["mask"] = self._mask_consistency(projected, group_embeddings, parts)
+        weights = self.cfg.loss_weights
+        out["loss"] = sum(weights.get(name, 1.0) * value for name, value in out.items())
+        return out
+
+    def _grounding(self, group_embeddings: torch.Tensor, parts: dict) -> torch.Tensor:
         """Each image's masked entities against every entity of the batch (see the loss)."""
-        keys = batch["entity_keys"]  # (B, M): a stable id per entity, -1 for an empty slot
-        named = keys >= 0
-        if not bool(named.any()):
-            return image.group_embeddings.sum() * 0.0  # keeps the graph connected for DDP
-        unique, first = _first_occurrences(keys[named])
-        ids = batch["entity_prompt_ids"][named][first]  # (U, L): one prompt per distinct entity
-        mask = batch["entity_prompt_mask"][named][first]
-        entities = self.embed_text(ids, mask)  # (U, D)
-        targets = (keys[:, :, None] == unique[None, None, :]).any(dim=1)  # (B, U)
-        area = image.assignment.flatten(2).mean(dim=-1)  # (B, K): each group's share of the patches
-        return grounding_loss(image.group_embeddings, area, entities, targets, self.grounding_scale,
+        unique = parts["entity_ids"]
+        if unique.numel() == 0:
+            if getattr(self.text_projector, "sync_stats", False):
+                self.text_projector(parts["entity_features"])  # the other ranks' statistics wait for this rank's
+            return group_embeddings.sum() * 0.0  # keeps the graph connected for DDP
+        entities = F.normalize(self.text_projector(parts["entity_features"]), dim=-1)  # (U, D)
+        targets = (parts["entity_keys"][:, :, None] == unique[None, None, :]).any(dim=1)  # (B, U)
+        return grounding_loss(group_embeddings, parts["area"], entities, targets, self.grounding_scale,
                               self.grounding_bias, self.cfg.grounding_tau)
 
-    def _mask_consistency(self, image: ImageEncoding, batch: dict) -> torch.Tensor:
+    def _mask_consistency(self, projected: torch.Tensor, group_embeddings: torch.Tensor, parts: dict) -> torch.Tensor:
+        """The mask loss of the cached masks, with the groups' relevance to the shared entity
+        (no gradient) read through the projectors."""
+        has_partner = parts["has_partner"]
         if isinstance(self.mask_loss, OfficialMaskConsistencyLoss):
-            return self.mask_loss(*self.official_mask_inputs(image, batch))
-        return self.mask_loss(*self.mask_inputs(image, batch))
+            with torch.no_grad():
+                shared = self.text_projector(parts["shared"])  # (B, D), not normalised
+                relevance = torch.einsum("bkd,bd->bk", projected, shared)
+            return self.mask_loss(parts["student"], parts["teacher"], relevance, has_partner, parts["mask_size"])
+        with torch.no_grad():
+            if "partner_groups" in parts:  # the momentum encoder's (or the partner image's) groups
+                partner_groups = F.normalize(self.image_projector(parts["partner_groups"]), dim=-1)
+                if "partner_index" in parts:
+                    partner_groups = partner_groups[parts["partner_index"]]
+            else:  # the partner is a row of the batch, its groups the image encoder's own
+                partner_groups = group_embeddings[parts["partner_index"]]
+            shared = F.normalize(self.text_projector(parts["shared"]), dim=-1)  # (B, D)
+            relevance = torch.einsum("bkd,bd->bk", group_embeddings, shared)
+            partner_relevance = torch.einsum("bkd,bd->bk", partner_groups, shared)
+        return self.mask_loss(parts["student"], parts["teacher"], relevance, has_partner, partner_relevance)
+
+    def _embed_mask(self, image, batch: dict, out: dict, reuse: dict | None) -> None:
+        """The ovseg mask loss's per-sample parts (see `mask_inputs`): the image's group masks on
+        its partner's patches (with gradient), the partner's own masks and its groups before the
+        projector (no gradient), the shared entity's sentence features (no gradient). With
+        `reuse`, the parts without gradient are its own."""
+        fine = _checked_mask_grid(self.cfg.mask_grid) == "assignment"
+        teacher = None
+        if "partner_index" in batch:
+            rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
+            out["partner_index"] = rows
+            patches, low, pixels = (None if part is None else part[rows]
+                                    for part in (image.inputs.patches, image.inputs.low, image.inputs.pixels))
+            grid = image.inputs.grid
+            if reuse is None:
+                with torch.no_grad():
+                    if self.momentum_encoder is not None:
+                        teacher_out = self.momentum_encoder(batch["image"])
+                        teacher = teacher_out.assignment[rows]
+                        out["partner_groups"] = teacher_out.groups  # (B, K, C): row r's own, read at partner_index
+                    else:
+                        teacher = image.assignment[rows]
+        elif "partner_image" in batch:
+            partner = batch["partner_image"]
+            with noise.derived("partner"):
+                x = self.image_encoder.before_grouping(partner)  # patches (B, N, C)
+            patches, grid, low, pixels = x.patches, x.grid, x.low, x.pixels
+            if reuse is None:
+                with torch.no_grad(), noise.derived("partner"):
+                    teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+                    teacher_out = teacher_encoder(partner)
+                    teacher = teacher_out.assignment  # (B, K, h, w)
+                    out["partner_groups"] = teacher_out.groups
+        else:
+            raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
+        if teacher is not None:
+            if not fine:  # both masks on the token grid: the teacher's averaged down to it
+                teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
+            out["teacher"] = teacher.flatten(2)  # (B, K, N')
+        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)
+        out["student"] = student  # (B, K, N')
+        if reuse is None:
+            with torch.no_grad(), noise.derived("shared"):
+                out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+        else:
+            out.update({key: reuse[key] for key in REUSABLE if key in reuse})
+        out["has_partner"] = batch["has_partner"]
+
+    def _embed_official_mask(self, image, batch: dict, out: dict, reuse: dict | None) -> None:
+        """The official mask loss's per-sample parts (see `official_mask_inputs`); with `reuse`,
+        the parts without gradient (the partner's keys among them) are its own."""
+        teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+        scale = self.cfg.width ** -0.5
+        if reuse is not None:
+            out.update({key: reuse[key] for key in REUSABLE if key in reuse})
+            keys, (h, w), size = reuse["keys"], tuple(reuse["teacher"].shape[-2:]), reuse["mask_size"]
+        else:
+            with torch.no_grad():
+                if "partner_index" in batch:
+                    rows = batch["partner_index"].clamp(min=0)
+                    teacher_out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
+                    partner_queries, partner_patches = teacher_out.queries[rows], teacher_out.inputs.patches[rows]
+                    size = tuple(batch["image"].shape[-2:])
+                elif "partner_image" in batch:
+                    with noise.derived("partner"):
+                        teacher_out = teacher_encoder(batch["partner_image"])
+                    partner_queries, partner_patches = teacher_out.queries, teacher_out.inputs.patches
+                    size = tuple(batch["partner_image"].shape[-2:])
+                else:
+                    raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
+                h, w = teacher_out.inputs.grid
+                teacher_assign = teacher_encoder.grouping.assign
+                keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
+                teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+                with noise.derived("shared"):
+                    out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
+            out.update(keys=keys, teacher=teacher.view(teacher.shape[0], -1, h, w))
+        student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
+        b, k = student.shape[:2]
+        out.update(student=student.view(b, k, h, w), has_partner=batch["has_partner"], mask_size=size)
 
     def official_mask_inputs(self, image: ImageEncoding, batch: dict) -> tuple:
         """What the official mask loss reads (the public code's `project_and_mask` and
@@ -293,12 +448,13 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> OVSegmentor:
         else:
             _checked_mask_grid(cfg.mask_grid)
             mask = MaskConsistencyLoss(cfg.mask_keep_groups, cfg.mask_target_threshold, cfg.mask_matching)
-    return OVSegmentor(
+    model = OVSegmentor(
         cfg, image_encoder, text_encoder,
         image_projector=Projector(cfg.width, cfg.proj_hidden, cfg.embed_dim),
         text_projector=Projector(text_encoder.width, cfg.proj_hidden, cfg.embed_dim),
         tokenizer=tokenizer, entity_decoder=entity, mask_loss=mask,
     )
+    return noise.install(model)  # per-sample noise inside noise.per_sample; as before outside it
 
 
 def parameter_counts(model: OVSegmentor) -> dict[str, int]:
