@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovseg.benchmarks.measure import Measure, machine
+from ovseg.benchmarks.measure import Measure, machine, median_seconds
 from ovseg.benchmarks.results import Blocks, Section
 from ovseg.curation.contract import write_contract
 
@@ -110,17 +110,98 @@ def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = 
             "peak_gib": timed["peak_mib"] / 1024, "threads": torch.get_num_threads()}
 
 
+ACCUMULATION_LOSSES = ("contrastive", "entity", "mask")
+
+
+def accumulation_cost(preset: str, device: str, batch: int, mode: str, k: int, repeats: int, threads: int) -> dict:
+    """One optimiser step's forward and backward over a global batch of `batch` random samples
+    (the three paper losses, per-sample noise on), as `mode`: "full" (one batch), "plain" (k
+    micro-batches, gradients averaged) or "cached" (k micro-batches through gradient caching).
+    Median seconds of `repeats` steps after one warm-up, and the peak memory (`Measure`'s; run
+    it in a fresh process on a CPU, whose peak resident memory never goes down)."""
+    from ovseg.benchmarks.model import _autocast, _config, _tokenizer, random_batch
+    from ovseg.training import gradcache
+    from ovseg.training.model import build_model, noise
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = _config(preset, losses=list(ACCUMULATION_LOSSES), vision_init=None, text_pretrained=None)
+    model = build_model(cfg, tokenizer=_tokenizer(cfg)).to(device).train()
+    whole = random_batch(cfg, model.tokenizer, batch, device)
+    whole["sample_id"] = torch.arange(batch, device=device)
+    micro = [whole] if mode == "full" else gradcache.split_batch(whole, k)
+
+    def step():
+        with _autocast(device):
+            if mode == "cached":
+                gradcache.cached_step(model, micro, step_seed=0)
+            else:
+                for part in micro:
+                    with noise.per_sample(noise.batch_seeds(part, 0), 0):
+                        (model(part)["loss"] / len(micro)).backward()
+        model.zero_grad(set_to_none=True)
+
+    with Measure(device) as whole_run:
+        seconds = median_seconds(step, repeats, device)
+    return {"preset": preset, "mode": mode, "k": len(micro), "micro_batch": batch // len(micro), "batch": batch,
+            "seconds": seconds, "samples_per_s": batch / seconds, "peak_mib": whole_run.peak_mib,
+            "step_mib": whole_run.peak_mib - whole_run.start_mib}
+
+
+def accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...] = (2, 4, 8), repeats: int = 3,
+                       threads: int = 2) -> list[dict]:
+    """`accumulation_cost` of the full batch, and of plain and cached accumulation at each k,
+    each in its own spawned process."""
+    from ovseg.benchmarks.model import _in_fresh_process
+
+    runs = [_in_fresh_process(accumulation_cost, preset, device, batch, "full", 1, repeats, threads)]
+    for k in ks:
+        for mode in ("plain", "cached"):
+            runs.append(_in_fresh_process(accumulation_cost, preset, device, batch, mode, k, repeats, threads))
+    return runs
+
+
+def report_accumulation(section: Blocks, runs: list[dict], device: str) -> Blocks:
+    """The table of what k micro-batches cost against one batch."""
+    first = runs[0]
+    section.text(f"A global batch of {first['batch']} in k micro-batches (`{first['preset']}` preset, "
+                 f"{', '.join(ACCUMULATION_LOSSES)} losses, random tensors, forward and backward only; "
+                 f"{'bf16 autocast; peak allocated' if device.startswith('cuda') else 'float32; peak resident'} memory "
+                 "of a fresh process): plain accumulation is k batches of the micro-batch, each contrastive loss "
+                 "seeing only its own negatives; caching (`optim.contrastive_cache`) is the exact gradient of the "
+                 "whole batch, at about one extra forward pass.")
+    full = first["seconds"]
+    section.table(["accumulation", ("k", "right", "d"), ("micro-batch", "right", "d"), ("samples/s", "right", ".1f"),
+                   ("step time vs one batch", "right", ".2f"), ("peak memory (MiB)", "right", ".0f"),
+                   ("added by the step (MiB)", "right", ".0f")],
+                  [[{"full": "one batch", "plain": "plain", "cached": "cached"}[r["mode"]], r["k"], r["micro_batch"],
+                    r["samples_per_s"], r["seconds"] / full, r["peak_mib"], r["step_mib"]] for r in runs])
+    return section
+
+
 def benchmark_train(presets: tuple[str, ...] = ("test", "synthetic-small"), device: str = "cpu",
                     batch_size: int | None = None, steps: int = 10, loader: bool = True,
-                    overrides: tuple[str, ...] = (), command: str = "ovseg bench train") -> tuple[Section, dict]:
-    """Loader throughput (with `loader`) and each preset's training throughput on `device`: the
-    results section (`train`, or `train-cuda` on a GPU) and the numbers."""
+                    overrides: tuple[str, ...] = (), command: str = "ovseg bench train",
+                    accumulation: tuple[int, ...] = (2, 4, 8), accumulation_preset: str | None = None,
+                    accumulation_batch: int | None = None, threads: int = 2) -> tuple[Section, dict]:
+    """Loader throughput (with `loader`), each preset's training throughput on `device`, and
+    what gradient accumulation costs (plain and cached, at each k of `accumulation`; none when
+    empty): the results section (`train`, or `train-cuda` on a GPU) and the numbers. The
+    accumulation rows use `accumulation_preset` (default `synthetic-paper` on a CPU, `paper` on
+    CUDA) at `accumulation_batch` (default 64 on a CPU, 256 on CUDA)."""
     load = loader_throughput() if loader else None
     runs = [(p, device, train_throughput(p, device, batch_size, steps, overrides=overrides)) for p in presets]
-    section = Section("train-cuda" if device.startswith("cuda") else "train",
+    cuda = device.startswith("cuda")
+    accum = []
+    if accumulation:
+        accum = accumulation_costs(accumulation_preset or ("paper" if cuda else "synthetic-paper"), device,
+                                   accumulation_batch or (256 if cuda else 64), accumulation, threads=threads)
+    section = Section("train-cuda" if cuda else "train",
                       f"Training throughput (`ovseg bench train --device {device}`)", command, machine=machine(device))
     report(section, load, runs)
-    return section, {"loader": load, "runs": runs}
+    if accum:
+        report_accumulation(section, accum, device)
+    return section, {"loader": load, "runs": runs, "accumulation": accum}
 
 
 def report(section: Blocks, loader: dict | None, runs: list[tuple[str, str, dict]]) -> Blocks:

@@ -324,15 +324,50 @@ def bench_train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size \\[default: the preset's]."),
     steps: int = typer.Option(10, help="Timed steps per preset."),
     loader: bool = typer.Option(True, help="Also measure loader throughput per core."),
+    accumulation: str = typer.Option("2,4,8", "--accumulation", help="Comma-separated micro-batch counts k at which to time plain and cached gradient accumulation against one batch (empty: none)."),
+    accumulation_preset: Optional[str] = typer.Option(None, "--accumulation-preset", help="Preset of the accumulation rows \\[default: synthetic-paper on cpu, paper on cuda]."),
+    accumulation_batch: Optional[int] = typer.Option(None, "--accumulation-batch", help="Global batch of the accumulation rows, divisible by each k \\[default: 64 on cpu, 256 on cuda]."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads of the accumulation rows."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every preset, key.sub=value."),
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
     doc: Path = typer.Option(DOC, help=DOC_HELP),
 ) -> None:
-    """Loader samples/s per core and training steps/s (and peak memory) of presets."""
+    """Loader samples/s per core, training steps/s (and peak memory) of presets, and what plain
+    and cached gradient accumulation cost against one batch."""
     from ovseg.benchmarks.train import benchmark_train
 
+    try:
+        ks = tuple(int(k) for k in accumulation.split(",") if k.strip())
+    except ValueError:
+        typer.echo(f"ovseg bench train: --accumulation wants whole numbers, not {accumulation!r}", err=True)
+        raise typer.Exit(2)
+    batch = accumulation_batch or (256 if device.startswith("cuda") else 64)
+    if any(k < 1 or batch % k for k in ks):
+        typer.echo(f"ovseg bench train: each --accumulation k must divide the batch {batch}", err=True)
+        raise typer.Exit(2)
     section, _ = benchmark_train(tuple(p.strip() for p in presets.split(",") if p.strip()), device, batch_size, steps,
-                                 loader, tuple(overrides or ()), command=_command(ctx))
+                                 loader, tuple(overrides or ()), command=_command(ctx), accumulation=ks,
+                                 accumulation_preset=accumulation_preset, accumulation_batch=accumulation_batch,
+                                 threads=threads)
+    _record(section, results, doc)
+
+
+@app.command("batch-plan")
+def bench_batch_plan(
+    ctx: typer.Context,
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, help=DOC_HELP),
+) -> None:
+    """The official global batches (2,048, 1,024, 4,096) on 8, 4 and 1 GPUs of 24, 40 and 80 GB:
+    micro-batch, micro-batches per step and hours for the official epochs, projected from the
+    stored GPU measurement (`ovseg bench train --device cuda`) and parameter counts."""
+    from ovseg.benchmarks.batch_plan import benchmark_batch_plan
+
+    try:
+        section, _ = benchmark_batch_plan(results, command=_command(ctx))
+    except ValueError as error:
+        typer.echo(f"ovseg bench batch-plan: {error}", err=True)
+        raise typer.Exit(2)
     _record(section, results, doc)
 
 

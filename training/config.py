@@ -128,6 +128,9 @@ class TrainConfig:
     # and the step (training/model/noise.py), so a sample's noise does not depend on its batch,
     # micro-batch or rank; "global": torch's global random stream
     noise: str = "per_sample"
+    # under torchrun, the projectors' batch norm takes the statistics of every process (the
+    # official code's SyncBN); false: each process's own, as plain DDP gives
+    sync_batch_norm: bool = False
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
     compile: bool = False

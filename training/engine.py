@@ -348,6 +348,10 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     if stage.freeze_text:
         for p in model.text_encoder.parameters():
             p.requires_grad_(False)
+    if t.sync_batch_norm and info.distributed:
+        from ovseg.training.model.projector import set_sync_stats
+
+        set_sync_stats(model)
     model.to(info.device)
 
     table = load_samples(cfg.data.data_dir, with_pairs=stage.partners != "none")
@@ -486,7 +490,7 @@ def train_step(run: RunState, micro_batches: list[dict[str, Any]]) -> dict[str, 
         return noise.per_sample(noise.batch_seeds(batch, seed), seed) if per_sample else nullcontext()
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.use_bf16 else nullcontext()
-    if cfg.optim.contrastive_cache:
+    if cfg.optim.contrastive_cache and k > 1:  # one micro-batch is already the whole batch
         # the bare model, outside DDP's hooks; the gradients are averaged over ranks after
         with (run.ddp_model.no_sync() if info.distributed else nullcontext()), autocast:
             totals = {name: value.float() for name, value in gradcache.cached_step(run.model, micro_batches, seed).items()}

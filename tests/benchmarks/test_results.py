@@ -87,8 +87,7 @@ def test_readme_results_block_is_rendered_from_the_results_and_nothing_else(tmp_
 
 def test_the_project_readme_block_is_the_rendered_one():
     text = (ROOT / "README.md").read_text()
-    if README_BEGIN not in text:  # another branch may not have placed the markers yet
-        return
+    assert README_BEGIN in text and README_END in text
     copy = text
     from ovseg.benchmarks.results import render_readme_block, replace_between
 
@@ -135,3 +134,13 @@ def test_measure_times_its_body_and_describes_the_machine():
     assert describe({"arch": "x86_64", "logical_cpus": 2, "python": "3.11.7"}) == "x86_64, 2 logical CPUs, Python 3.11.7"
     assert describe({"arch": "x86_64", "cpu": "EPYC", "logical_cpus": 16, "torch_threads": 8, "torch": "2.9",
                      "gpu": "H100"}) == "x86_64 (EPYC), 16 logical CPUs, 8 torch threads, torch 2.9, GPU H100"
+
+
+def test_the_training_page_shows_the_batch_plan_section_as_rendered():
+    from ovseg.benchmarks.results import embed_markers, render_embed
+
+    begin, end = embed_markers("batch-plan")
+    text = (ROOT / "docs" / "training.md").read_text()
+    shown = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert shown == render_embed("batch-plan", RESULTS, "benchmarks.md").strip()
+    assert "| 2,048 (OVSegmentor stage 1) | 30 | 8 | 80 | 256 | 256 | 1 |" in shown

@@ -37,3 +37,26 @@ def test_bench_train_and_bench_model_time_the_same_train_step(monkeypatch):
     assert run["steps_per_s"] == 2.0 and run["images_per_s"] == 8.0 and run["peak_gib"] == 2.0
     got = model_bench.measure_train_step("test", batch_size=2, repeats=1, device="cpu", threads=1)
     assert calls[-1][2] is False and got["seconds"] == 0.5 and got["step_mib"] == 1024.0
+
+
+def test_accumulation_rows_time_one_batch_and_k_micro_batches_plain_and_cached():
+    from ovseg.benchmarks.results import Section, render_block
+    from ovseg.benchmarks.train import accumulation_cost, report_accumulation
+
+    runs = [accumulation_cost("test", "cpu", 8, mode, k, repeats=1, threads=1)
+            for mode, k in (("full", 1), ("plain", 4), ("cached", 4))]
+    assert [(r["mode"], r["k"], r["micro_batch"]) for r in runs] == [("full", 1, 8), ("plain", 4, 2), ("cached", 4, 2)]
+    assert all(r["seconds"] > 0 and r["samples_per_s"] == 8 / r["seconds"] and r["peak_mib"] > 0 for r in runs)
+    section = report_accumulation(Section("train", "t", "cmd"), runs, "cpu")
+    table = "\n".join(render_block(b) for b in section.blocks)
+    assert "| cached | 4 | 2 |" in table and "| one batch | 1 | 8 |" in table
+
+
+def test_an_accumulation_k_that_does_not_divide_the_batch_is_refused():
+    from typer.testing import CliRunner
+
+    from ovseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "train", "--no-loader", "--presets", "test", "--accumulation", "3",
+                                      "--accumulation-batch", "8"])
+    assert result.exit_code == 2 and "must divide the batch 8" in result.output
