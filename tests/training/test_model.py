@@ -652,9 +652,9 @@ def test_token_grid_masks_are_the_assignment_grid_masks_before_upsampling(tokeni
     with torch.no_grad():
         enc = model.encode_image(make_batch(tokenizer)["image"])
         x = enc.inputs
-        coarse = model.image_encoder.grouping.masks(enc.queries, x.patches, x.grid, x.low, x.pixels, fine=False)
-        fine = model.image_encoder.grouping.masks(enc.queries, x.patches, x.grid, x.low, x.pixels)
-    b, k = enc.queries.shape[:2]
+        coarse = model.image_encoder.grouping.masks(enc.anchors, x.patches, x.grid, x.low, x.pixels, fine=False)
+        fine = model.image_encoder.grouping.masks(enc.anchors, x.patches, x.grid, x.low, x.pixels)
+    b, k = enc.anchors.shape[:2]
     (h, w), (fh, fw) = x.grid, enc.assignment.shape[-2:]
     assert coarse.shape == (b, k, h * w) and fine.shape == (b, k, fh * fw) and fh > h
     logits = torch.nn.functional.interpolate(coarse.log().view(b, k, h, w), size=(fh, fw), mode="bilinear",

@@ -35,7 +35,7 @@ class GroupingInput(NamedTuple):
 class EncoderOutput:
     groups: torch.Tensor      # (B, K, C) output group tokens, normalised
     assignment: torch.Tensor  # (B, K, h, w) soft patch-to-group assignment (through every stage), sums to 1 over K
-    queries: torch.Tensor     # (B, K1, C) the first grouping block's group queries ((B, K, Dk) centres when clustered)
+    anchors: torch.Tensor     # (B, K1, C') the first grouping block's group anchors (`Assignment.anchors`)
     inputs: GroupingInput     # what entered the grouping block (patch tokens, grid, low-level map, pixels)
 
 
@@ -241,7 +241,7 @@ class GroupingViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         x = self.before_grouping(images)
-        groups, soft, queries, (h, w) = self.grouping(x.patches, x.group_tokens, x.grid, x.low, x.pixels)  # (B, K, C), (B, K, N')
+        groups, soft, anchors, (h, w) = self.grouping(x.patches, x.group_tokens, x.grid, x.low, x.pixels)  # (B, K, C), (B, K, N')
         tokens = x.group_tokens
         for stage in self.stages:
             groups, stage_soft, tokens = stage(groups, tokens)  # (B, K', C), (B, K', K)
@@ -250,7 +250,7 @@ class GroupingViT(nn.Module):
             groups = block(groups)
         groups = self.norm(groups)
         b, k, _ = soft.shape
-        return EncoderOutput(groups, soft.view(b, k, h, w), queries, x)
+        return EncoderOutput(groups, soft.view(b, k, h, w), anchors, x)
 
 
 class VisionInitError(RuntimeError):

@@ -41,7 +41,7 @@ class ImageEncoding:
     group_embeddings: torch.Tensor  # (B, K, D) normalised group embeddings
     assignment: torch.Tensor        # (B, K, h, w) soft patch-to-group assignment
     groups: torch.Tensor            # (B, K, C) group tokens before the projector
-    queries: torch.Tensor           # (B, K, C) grouping queries
+    anchors: torch.Tensor           # (B, K, C') each group's anchor (`Assignment.anchors`: the learned grouping's queries, the clustering's centres)
     inputs: GroupingInput           # what entered the grouping block
     group_projected: torch.Tensor | None = None  # (B, K, D) group tokens through the projector, not normalised
 
@@ -88,7 +88,7 @@ class OVSegmentor(nn.Module):
         # group through the same projector is what segmentation compares with class prompts
         embedding = F.normalize(self.image_projector(out.groups.mean(dim=1)), dim=-1)  # (B, D)
         projected = self.image_projector(out.groups)  # (B, K, D)
-        return ImageEncoding(embedding, F.normalize(projected, dim=-1), out.assignment, out.groups, out.queries,
+        return ImageEncoding(embedding, F.normalize(projected, dim=-1), out.assignment, out.groups, out.anchors,
                              out.inputs, projected)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -278,7 +278,7 @@ class OVSegmentor(nn.Module):
             if not fine:  # both masks on the token grid: the teacher's averaged down to it
                 teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
             out["teacher"] = teacher.flatten(2)  # (B, K, N')
-        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)
+        student = self.image_encoder.grouping.masks(image.anchors, patches, grid, low, pixels, fine)
         out["student"] = student  # (B, K, N')
         if reuse is None:
             with torch.no_grad(), noise.derived("shared"):
@@ -300,23 +300,23 @@ class OVSegmentor(nn.Module):
                 if "partner_index" in batch:
                     rows = batch["partner_index"].clamp(min=0)
                     teacher_out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
-                    partner_queries, partner_patches = teacher_out.queries[rows], teacher_out.inputs.patches[rows]
+                    partner_anchors, partner_patches = teacher_out.anchors[rows], teacher_out.inputs.patches[rows]
                     size = tuple(batch["image"].shape[-2:])
                 elif "partner_image" in batch:
                     with noise.derived("partner"):
                         teacher_out = teacher_encoder(batch["partner_image"])
-                    partner_queries, partner_patches = teacher_out.queries, teacher_out.inputs.patches
+                    partner_anchors, partner_patches = teacher_out.anchors, teacher_out.inputs.patches
                     size = tuple(batch["partner_image"].shape[-2:])
                 else:
                     raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
                 h, w = teacher_out.inputs.grid
                 teacher_assign = teacher_encoder.grouping.assign
                 keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
-                teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+                teacher = teacher_assign.project_q(partner_anchors) @ keys.transpose(1, 2) * scale  # (B, K, N)
                 with noise.derived("shared"):
                     out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
             out.update(keys=keys, teacher=teacher.view(teacher.shape[0], -1, h, w))
-        student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
+        student = self.image_encoder.grouping.assign.project_q(image.anchors) @ keys.transpose(1, 2) * scale
         b, k = student.shape[:2]
         out.update(student=student.view(b, k, h, w), has_partner=batch["has_partner"], mask_size=size)
 
@@ -335,11 +335,11 @@ class OVSegmentor(nn.Module):
                 rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
                 # the batch's own forward already holds the partners' queries and patches
                 out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
-                partner_queries, partner_patches = out.queries[rows], out.inputs.patches[rows]
+                partner_anchors, partner_patches = out.anchors[rows], out.inputs.patches[rows]
                 size = tuple(batch["image"].shape[-2:])
             elif "partner_image" in batch:
                 out = teacher_encoder(batch["partner_image"])
-                partner_queries, partner_patches = out.queries, out.inputs.patches
+                partner_anchors, partner_patches = out.anchors, out.inputs.patches
                 size = tuple(batch["partner_image"].shape[-2:])
             else:
                 raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
@@ -347,10 +347,10 @@ class OVSegmentor(nn.Module):
             teacher_assign = teacher_encoder.grouping.assign
             keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
             scale = self.cfg.width ** -0.5
-            teacher = teacher_assign.project_q(partner_queries) @ keys.transpose(1, 2) * scale  # (B, K, N)
+            teacher = teacher_assign.project_q(partner_anchors) @ keys.transpose(1, 2) * scale  # (B, K, N)
             shared = self.project_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_projected, shared)
-        student = self.image_encoder.grouping.assign.project_q(image.queries) @ keys.transpose(1, 2) * scale
+        student = self.image_encoder.grouping.assign.project_q(image.anchors) @ keys.transpose(1, 2) * scale
         b, k = student.shape[:2]
         return (student.view(b, k, h, w), teacher.view(b, k, h, w), relevance, batch["has_partner"], size)
 
@@ -392,7 +392,7 @@ class OVSegmentor(nn.Module):
         if not fine:  # both masks on the token grid: the teacher's averaged down to it
             teacher = F.adaptive_avg_pool2d(teacher, tuple(grid))
         teacher = teacher.flatten(2)  # (B, K, N')
-        student = self.image_encoder.grouping.masks(image.queries, patches, grid, low, pixels, fine)  # (B, K, N')
+        student = self.image_encoder.grouping.masks(image.anchors, patches, grid, low, pixels, fine)  # (B, K, N')
         with torch.no_grad():
             shared = self.embed_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_embeddings, shared)
