@@ -125,6 +125,55 @@ class Measure:
         self.peak_mib = self.memory()
 
 
+def rss_mib() -> float:
+    """The process's resident memory now, in MiB (Linux's /proc/self/statm; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakGrowth:
+    """`with PeakGrowth(device) as g: ...`, then `g.mib`: how far the memory in use rose above
+    its level on entry during the body. On CUDA the allocator's peak (reset on entry); on a CPU
+    the resident memory, sampled every `interval` seconds by a thread, which, unlike the
+    process's lifetime peak, a body that reuses memory freed earlier does not hide."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.002):
+        self.device, self.interval, self.mib = device, interval, 0.0
+
+    def __enter__(self) -> "PeakGrowth":
+        import threading
+
+        cuda = _cuda(self.device)
+        if cuda:
+            cuda.synchronize()
+            cuda.reset_peak_memory_stats()
+            self._start = cuda.memory_allocated() / 2**20
+            return self
+        self._start = self._peak = rss_mib()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, rss_mib())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cuda = _cuda(self.device)
+        if cuda:
+            cuda.synchronize()
+            self.mib = cuda.max_memory_allocated() / 2**20 - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.mib = max(self._peak, rss_mib()) - self._start
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, device: str = "cpu", warmup: int = 1) -> float:
     """The median wall time of `repeats` calls of `fn`, after `warmup` untimed calls."""
     for _ in range(warmup):

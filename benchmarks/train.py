@@ -113,12 +113,22 @@ def train_throughput(preset: str, device: str = "cpu", batch_size: int | None = 
 ACCUMULATION_LOSSES = ("contrastive", "entity", "mask")
 
 
-def accumulation_cost(preset: str, device: str, batch: int, mode: str, k: int, repeats: int, threads: int) -> dict:
+def accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...] = (2, 4, 8), repeats: int = 5,
+                       threads: int = 2) -> list[dict]:
     """One optimiser step's forward and backward over a global batch of `batch` random samples
-    (the three paper losses, per-sample noise on), as `mode`: "full" (one batch), "plain" (k
-    micro-batches, gradients averaged) or "cached" (k micro-batches through gradient caching).
-    Median seconds of `repeats` steps after one warm-up, and the peak memory (`Measure`'s; run
-    it in a fresh process on a CPU, whose peak resident memory never goes down)."""
+    (the three paper losses, per-sample noise on): as one batch, and as k micro-batches for each
+    k of `ks`, plain (gradients averaged) and cached (gradient caching). The modes take turns
+    within each of `repeats` rounds (after a warm-up round), so a machine that slows down or
+    speeds up during the run moves every mode alike; the median step time and the median rise
+    of the memory in use during a step (`PeakGrowth`) of each. Runs in a spawned process."""
+    from ovseg.benchmarks.model import _in_fresh_process
+
+    return _in_fresh_process(_accumulation_costs, preset, device, batch, tuple(ks), repeats, threads)
+
+
+def _accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...], repeats: int,
+                        threads: int) -> list[dict]:
+    from ovseg.benchmarks.measure import PeakGrowth
     from ovseg.benchmarks.model import _autocast, _config, _tokenizer, random_batch
     from ovseg.training import gradcache
     from ovseg.training.model import build_model, noise
@@ -129,9 +139,10 @@ def accumulation_cost(preset: str, device: str, batch: int, mode: str, k: int, r
     model = build_model(cfg, tokenizer=_tokenizer(cfg)).to(device).train()
     whole = random_batch(cfg, model.tokenizer, batch, device)
     whole["sample_id"] = torch.arange(batch, device=device)
-    micro = [whole] if mode == "full" else gradcache.split_batch(whole, k)
+    modes = [("full", 1, [whole])] + [(mode, k, gradcache.split_batch(whole, k)) for k in ks
+                                      for mode in ("plain", "cached")]
 
-    def step():
+    def step(mode: str, micro: list[dict]) -> None:
         with _autocast(device):
             if mode == "cached":
                 gradcache.cached_step(model, micro, step_seed=0)
@@ -141,24 +152,18 @@ def accumulation_cost(preset: str, device: str, batch: int, mode: str, k: int, r
                         (model(part)["loss"] / len(micro)).backward()
         model.zero_grad(set_to_none=True)
 
-    with Measure(device) as whole_run:
-        seconds = median_seconds(step, repeats, device)
-    return {"preset": preset, "mode": mode, "k": len(micro), "micro_batch": batch // len(micro), "batch": batch,
-            "seconds": seconds, "samples_per_s": batch / seconds, "peak_mib": whole_run.peak_mib,
-            "step_mib": whole_run.peak_mib - whole_run.start_mib}
-
-
-def accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...] = (2, 4, 8), repeats: int = 3,
-                       threads: int = 2) -> list[dict]:
-    """`accumulation_cost` of the full batch, and of plain and cached accumulation at each k,
-    each in its own spawned process."""
-    from ovseg.benchmarks.model import _in_fresh_process
-
-    runs = [_in_fresh_process(accumulation_cost, preset, device, batch, "full", 1, repeats, threads)]
-    for k in ks:
-        for mode in ("plain", "cached"):
-            runs.append(_in_fresh_process(accumulation_cost, preset, device, batch, mode, k, repeats, threads))
-    return runs
+    seconds = {i: [] for i in range(len(modes))}
+    growth = {i: [] for i in range(len(modes))}
+    for round_ in range(repeats + 1):
+        for i, (mode, _, micro) in enumerate(modes):
+            with Measure(device, reset_peak=False) as timed, PeakGrowth(device) as grew:
+                step(mode, micro)
+            if round_:  # the first round warms up
+                seconds[i].append(timed.seconds)
+                growth[i].append(grew.mib)
+    return [{"preset": preset, "mode": mode, "k": k, "micro_batch": batch // k, "batch": batch,
+             "seconds": statistics.median(seconds[i]), "samples_per_s": batch / statistics.median(seconds[i]),
+             "step_mib": statistics.median(growth[i])} for i, (mode, k, _) in enumerate(modes)]
 
 
 def report_accumulation(section: Blocks, runs: list[dict], device: str) -> Blocks:
@@ -166,16 +171,17 @@ def report_accumulation(section: Blocks, runs: list[dict], device: str) -> Block
     first = runs[0]
     section.text(f"A global batch of {first['batch']} in k micro-batches (`{first['preset']}` preset, "
                  f"{', '.join(ACCUMULATION_LOSSES)} losses, random tensors, forward and backward only; "
-                 f"{'bf16 autocast; peak allocated' if device.startswith('cuda') else 'float32; peak resident'} memory "
-                 "of a fresh process): plain accumulation is k batches of the micro-batch, each contrastive loss "
+                 f"{'bf16 autocast; allocated' if device.startswith('cuda') else 'float32; resident'} memory; "
+                 "the modes take turns in each round, medians of the rounds): plain accumulation is k batches of the micro-batch, each contrastive loss "
                  "seeing only its own negatives; caching (`optim.contrastive_cache`) is the exact gradient of the "
                  "whole batch, at about one extra forward pass.")
     full = first["seconds"]
     section.table(["accumulation", ("k", "right", "d"), ("micro-batch", "right", "d"), ("samples/s", "right", ".1f"),
-                   ("step time vs one batch", "right", ".2f"), ("peak memory (MiB)", "right", ".0f"),
-                   ("added by the step (MiB)", "right", ".0f")],
+                   ("step time vs one batch", "right", ".2f"), ("memory a step adds (MiB)", "right", ".0f"),
+                   ("vs one batch", "right", ".2f")],
                   [[{"full": "one batch", "plain": "plain", "cached": "cached"}[r["mode"]], r["k"], r["micro_batch"],
-                    r["samples_per_s"], r["seconds"] / full, r["peak_mib"], r["step_mib"]] for r in runs])
+                    r["samples_per_s"], r["seconds"] / full, r["step_mib"],
+                    r["step_mib"] / first["step_mib"] if first["step_mib"] else None] for r in runs])
     return section
 
 
