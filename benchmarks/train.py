@@ -120,14 +120,23 @@ def accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...]
     k of `ks`, plain (gradients averaged) and cached (gradient caching). The modes take turns
     within each of `repeats` rounds (after a warm-up round), so a machine that slows down or
     speeds up during the run moves every mode alike; the median step time and the median rise
-    of the memory in use during a step (`PeakGrowth`) of each. Runs in a spawned process."""
+    of the memory in use during a step (`PeakGrowth`) of each. Runs in a spawned process. On a
+    CPU, whose allocator keeps what a step freed for the next, each mode's memory is its first
+    step's in a process of its own (`first_step_memory`)."""
     from ovseg.benchmarks.model import _in_fresh_process
 
-    return _in_fresh_process(_accumulation_costs, preset, device, batch, tuple(ks), repeats, threads)
+    runs = _in_fresh_process(_accumulation_costs, preset, device, batch, tuple(ks), repeats, threads)
+    if not device.startswith("cuda"):
+        for run in runs:
+            run["step_mib"] = _in_fresh_process(_accumulation_costs, preset, device, batch, (run["k"],), 0, threads,
+                                                run["mode"])[0]["step_mib"]
+    return runs
 
 
 def _accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...], repeats: int,
-                        threads: int) -> list[dict]:
+                        threads: int, only: str | None = None) -> list[dict]:
+    """`accumulation_costs` in this process; `only` keeps one mode (with `repeats` 0: its first
+    step only, timed and measured)."""
     from ovseg.benchmarks.measure import PeakGrowth
     from ovseg.benchmarks.model import _autocast, _config, _tokenizer, random_batch
     from ovseg.training import gradcache
@@ -141,6 +150,8 @@ def _accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...
     whole["sample_id"] = torch.arange(batch, device=device)
     modes = [("full", 1, [whole])] + [(mode, k, gradcache.split_batch(whole, k)) for k in ks
                                       for mode in ("plain", "cached")]
+    if only is not None:
+        modes = [m for m in modes if m[0] == only][:1]
 
     def step(mode: str, micro: list[dict]) -> None:
         with _autocast(device):
@@ -158,7 +169,7 @@ def _accumulation_costs(preset: str, device: str, batch: int, ks: tuple[int, ...
         for i, (mode, _, micro) in enumerate(modes):
             with Measure(device, reset_peak=False) as timed, PeakGrowth(device) as grew:
                 step(mode, micro)
-            if round_:  # the first round warms up
+            if round_ or not repeats:  # the first round warms up, unless it is the only one
                 seconds[i].append(timed.seconds)
                 growth[i].append(grew.mib)
     return [{"preset": preset, "mode": mode, "k": k, "micro_batch": batch // k, "batch": batch,
