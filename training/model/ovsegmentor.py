@@ -329,30 +329,12 @@ class OVSegmentor(nn.Module):
         (neither normalised); which rows have a partner; and the input size to upsample to.
         Without a momentum encoder (`momentum` 0) the image encoder itself, without gradient,
         plays its part."""
-        teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
+        parts: dict = {}
+        self._embed_official_mask(image, batch, parts, None)
         with torch.no_grad():
-            if "partner_index" in batch:
-                rows = batch["partner_index"].clamp(min=0)  # rows without a partner are masked by has_partner
-                # the batch's own forward already holds the partners' queries and patches
-                out = image if self.momentum_encoder is None else teacher_encoder(batch["image"])
-                partner_anchors, partner_patches = out.anchors[rows], out.inputs.patches[rows]
-                size = tuple(batch["image"].shape[-2:])
-            elif "partner_image" in batch:
-                out = teacher_encoder(batch["partner_image"])
-                partner_anchors, partner_patches = out.anchors, out.inputs.patches
-                size = tuple(batch["partner_image"].shape[-2:])
-            else:
-                raise ValueError("the mask-consistency loss needs partner_image or partner_index in the batch")
-            h, w = out.inputs.grid
-            teacher_assign = teacher_encoder.grouping.assign
-            keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
-            scale = self.cfg.width ** -0.5
-            teacher = teacher_assign.project_q(partner_anchors) @ keys.transpose(1, 2) * scale  # (B, K, N)
-            shared = self.project_text(batch["shared_ids"], batch["shared_mask"])  # (B, D)
+            shared = self.text_projector(parts["shared"])  # (B, D)
             relevance = torch.einsum("bkd,bd->bk", image.group_projected, shared)
-        student = self.image_encoder.grouping.assign.project_q(image.anchors) @ keys.transpose(1, 2) * scale
-        b, k = student.shape[:2]
-        return (student.view(b, k, h, w), teacher.view(b, k, h, w), relevance, batch["has_partner"], size)
+        return parts["student"], parts["teacher"], relevance, parts["has_partner"], parts["mask_size"]
 
     def mask_inputs(self, image: ImageEncoding, batch: dict, mask_grid: str | None = None) -> tuple[torch.Tensor, ...]:
         """What the mask-consistency loss reads: each image's group queries on its partner's
