@@ -56,11 +56,13 @@ def test_peak_growth_sees_memory_that_a_body_touches_and_frees():
 
     from ovseg.benchmarks.measure import PeakGrowth
 
+    import time
+
     with PeakGrowth("cpu", interval=0.001) as grew:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-        import time
-
-        time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while grew._peak - grew._start < 40 and time.monotonic() < deadline:  # the sampler runs when scheduled
+            time.sleep(0.01)
         del block
     assert grew.mib > 40
 

@@ -320,3 +320,13 @@ def test_outside_the_context_the_model_draws_from_the_global_rng_as_before(token
         b = model(batch)["loss"]
         c = model(batch)["loss"]
     assert a == b and a != c
+
+
+def test_per_sample_uniforms_stay_strictly_inside_0_1_at_the_extreme_hashes():
+    """The largest hash once rounded to 1.0 in float32, and its Gumbel noise was infinite (a
+    synthetic-paper run went NaN at step 42)."""
+    extremes = torch.tensor([0, 1, 511, 512, 0xFFFFFE00, 0xFFFFFFFF], dtype=torch.int64)
+    u = noise.unit_interval(extremes)
+    assert bool(((u > 0) & (u < 1)).all()), u
+    assert torch.isfinite(-(-u.log()).log()).all()  # Gumbel noise
+    assert u[-1] < 1 and u[0] > 0 and u.dtype == torch.float32

@@ -126,9 +126,14 @@ def uniform(shape: torch.Size | tuple[int, ...], salt: int, device=None) -> torc
         view = [1] * len(shape)
         view[dim] = n
         h = _mix(h ^ _mix(torch.arange(n, device=device, dtype=torch.int64).view(view) + dim * 0x9E3779B9))
-    h = h.expand(shape)
-    # 24 bits: exact in float32, and (v + 0.5) / 2**24 never reaches 0 or 1
-    return ((h >> 8).to(torch.float32) + 0.5) / 16777216.0
+    return unit_interval(h.expand(shape))
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64) as float32 values strictly inside (0, 1): their top 23 bits v as
+    (v + 0.5) / 2**23, which float32 holds exactly (24 significant bits). With 24 bits the
+    largest, (2**24 - 0.5) / 2**24, rounds to 1.0, whose Gumbel noise is infinite."""
+    return ((h >> 9).to(torch.float32) + 0.5) / 8388608.0
 
 
 def gumbel(logits: torch.Tensor, salt: int) -> torch.Tensor:
