@@ -866,3 +866,26 @@ def test_dino_blocks_fill_every_stage_in_order(tokenizer, tmp_path):
     missing, unexpected = load_dino(enc, str(path))
     assert enc.stages[0].blocks[1].norm1.weight.detach()[0] == 2.0 and enc.blocks_after[0].norm1.weight.detach()[0] == 3.0
     assert unexpected == ["blocks.4.norm1.weight"]  # more DINO blocks than the encoder has
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_seed_draws_the_grouping_block_s_weights_in_the_order_its_parts_are_listed(cluster):
+    """The assigner interface must not move the random draws: a seed gives the same initial
+    model as before it (pre_assign's weights are drawn before the assigner's)."""
+    from timm.layers import Mlp
+
+    from ovseg.training.model.attention import CrossAttentionBlock
+    from ovseg.training.model.grouping import AssignAttention, ClusterAssign, ClusterSettings, GroupingBlock
+
+    settings = ClusterSettings(iters=2, tau=0.1, low_weight=1.0, token_weight=1.0, position_weight=0.5) if cluster else None
+    torch.manual_seed(3)
+    block = GroupingBlock(16, 2, 8, 4, cluster=settings, low_dim=4)
+    torch.manual_seed(3)
+    mlp_inter = Mlp(8, 8, 4)
+    pre_assign = CrossAttentionBlock(16, 2, 4.0, post_norm=not cluster)
+    assign = ClusterAssign(16, 4, settings) if cluster else AssignAttention(16)
+    mlp_channels = Mlp(16, 64, 16)
+    for name, part in (("mlp_inter", mlp_inter), ("pre_assign", pre_assign), ("assign", assign),
+                       ("mlp_channels", mlp_channels)):
+        for key, value in part.state_dict().items():
+            torch.testing.assert_close(block.state_dict()[f"{name}.{key}"], value, rtol=0, atol=0)

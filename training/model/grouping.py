@@ -328,10 +328,12 @@ class GroupingBlock(nn.Module):
         self.mlp_inter = Mlp(num_group_tokens, int(0.5 * dim), num_groups)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
-        # GroupViT's learned assignment, or soft k-means over gradient-free keys
-        assigner: Assigner = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
-        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=assigner.queries_see_patches)
-        self.assign = assigner  # registered after pre_assign: parameter order (and optimiser state) as before
+        # GroupViT's learned assignment, or soft k-means over gradient-free keys; built after
+        # pre_assign, so that a seed draws the same initial weights (and the optimiser's state
+        # keeps its parameter order)
+        kind = AssignAttention if cluster is None else ClusterAssign
+        self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=kind.queries_see_patches)
+        self.assign: Assigner = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 
