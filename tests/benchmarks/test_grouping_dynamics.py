@@ -1,0 +1,84 @@
+"""`ovseg bench grouping-dynamics` records the learned grouping's curves over a few real steps."""
+
+import math
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from ovseg.benchmarks.grouping_dynamics import (  # noqa: E402
+    DynamicsConfig, benchmark_grouping_dynamics, cached_run, named_config, param_set)
+from ovseg.benchmarks.results import render_section  # noqa: E402
+from ovseg.cli.main import app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ovseg.curation.synthetic import WorldConfig, generate
+    from tests.training.conftest import make_contract
+
+    root = tmp_path_factory.mktemp("dynamics")
+    data = make_contract(root / "DATA", n=16)
+    voc = generate(root / "world", WorldConfig(n_train=0, n_val=3, n_test=0, image_size=32)) / "voc"
+    return root, data, voc
+
+
+def test_a_few_steps_of_the_test_preset_record_plausible_curves(world):
+    root, data, voc = world
+    cfg = DynamicsConfig(preset="test", steps=3, eval_every=2, n_val=3, overrides=("train.stages.1.losses=[contrastive,entity]",))
+    result = cached_run(root / "out", data, voc, cfg)
+    k = result["num_groups"]
+    assert k == 4 and result["steps"] == 3 and result["n_val"] == 3 and result["minutes"] > 0
+    assert [p["step"] for p in result["curve"]] == [0, 2, 3]  # the init, every 2 steps, and the end
+    for point in result["curve"]:
+        assert 0.0 <= point["entropy"] <= math.log(k) + 1e-6
+        assert 1.0 <= point["groups_per_image"] <= k
+        assert 1.0 / k - 1e-6 <= point["largest_group_share"] <= 1.0
+        assert 0.0 <= point["group_constant_share"] <= 1.0
+        assert 0.0 <= point["group_majority_miou"] <= 100.0
+    for point in result["curve"][1:]:  # the gradient reached the assignment logits and every parameter set
+        assert 0.0 < point["logit_grad"] < math.inf
+        assert all(0.0 < point[f"relgrad/{name}"] < math.inf
+                   for name in ("assign q/k", "group tokens", "grouping block (rest)", "image encoder (rest)",
+                                "text and heads"))
+    # the hooks are gone: the assigner's logits are its class's method again
+    again = cached_run(root / "out", data, voc, cfg)
+    assert again == result  # the same config is read back, not trained again
+
+
+def test_remedy_knobs_act_on_the_run_and_are_recorded(world):
+    root, data, voc = world
+    cfg = named_config("soft-early", preset="test", steps=2, eval_every=2, n_val=2)
+    assert cfg.soft_fraction == 0.5
+    cfg = DynamicsConfig(name="gain", preset="test", steps=2, eval_every=2, n_val=2, logit_gain=50.0,
+                         group_token_std=1.0, tau_end=0.5)
+    result = cached_run(root / "out", data, voc, cfg)
+    assert result["curve"][-1]["tau"] == pytest.approx(0.5)  # annealed to tau_end by the last step
+    # a large gain makes each patch's assignment far more certain than at the preset's scale
+    plain = cached_run(root / "out", data, voc, DynamicsConfig(name="plain", preset="test", steps=2, eval_every=2, n_val=2))
+    assert result["curve"][0]["entropy"] < plain["curve"][0]["entropy"]
+    section = benchmark_grouping_dynamics(root / "out", data, voc, [cfg], threads=1)
+    text = render_section(section)
+    assert "assignment logits x 50" in text and "group tokens drawn at std 1" in text and "| gain | " in text
+
+
+def test_parameters_fall_into_the_named_sets():
+    assert param_set("image_encoder.grouping.assign.k_proj.weight") == "assign q/k"
+    assert param_set("image_encoder.group_token") == "group tokens"
+    assert param_set("image_encoder.grouping.mlp_inter.fc1.weight") == "grouping block (rest)"
+    assert param_set("image_encoder.blocks.0.attn.qkv.weight") == "image encoder (rest)"
+    assert param_set("text_encoder.embeddings.word_embeddings.weight") == "text and heads"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "nope"], "unknown runs"),
+    (["--style", "wavy"], "standard or textured"),
+    (["--preset", "synthetic-small"], "learned grouping"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bench", "grouping-dynamics", "--out", str(tmp_path / "o"), *args])
+    said = " ".join(result.output.replace("│", " ").split())  # the error box wraps long lines
+    assert result.exit_code == 2 and message in said
+    assert not (tmp_path / "o").exists()
