@@ -37,6 +37,9 @@ class ModelConfig:
     patch_norm: bool = False  # LayerNorm after the patch embedding (GroupViT: yes; OVSegmentor: no)
     gumbel_tau: float = 1.0
     hard_assignment: bool = True  # Gumbel straight-through hard assignment in training
+    # learned grouping: take each group's mean over the patches from its assignment logits
+    # (ovseg's; GroupViT has none), so that no group takes every patch by a constant
+    assign_center: bool = False
     # "learned": GroupViT's assignment (learned query-key softmax over groups, trained through
     # the assignment); "cluster": the group queries seed a few soft k-means steps over
     # gradient-free keys (low-level features, patch tokens, position), so no loss can collapse

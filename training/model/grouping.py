@@ -77,12 +77,16 @@ class AssignAttention(nn.Module):
 
     With `hard` (GroupViT's and OVSegmentor's setting) a patch goes to one group: a Gumbel
     straight-through sample in training, the best group at eval; otherwise the softmax over
-    the groups, in training and at eval. Each group then takes the mean of its patches."""
+    the groups, in training and at eval. Each group then takes the mean of its patches.
+
+    With `center` (ovseg's, off in GroupViT) each group's logits have their mean over the
+    patches taken away: a group's score then says only which patches fit it better than the
+    image's others, and no group can take every patch by one constant over the image."""
 
     residual = True
     queries_see_patches = True
 
-    def __init__(self, dim: int, tau: float = 1.0, hard: bool = True):
+    def __init__(self, dim: int, tau: float = 1.0, hard: bool = True, center: bool = False):
         super().__init__()
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -91,6 +95,7 @@ class AssignAttention(nn.Module):
         self.scale = dim ** -0.5
         self.tau = tau
         self.hard = hard
+        self.center = center
 
     def project_q(self, queries: torch.Tensor) -> torch.Tensor:
         return self.q_proj(queries)  # (B, K, C)
@@ -100,7 +105,8 @@ class AssignAttention(nn.Module):
 
     def logits(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Group queries (B, K, C) against normalised patch tokens (B, N, C) -> (B, K, N)."""
-        return self.project_q(queries) @ self.project_k(x).transpose(1, 2) * self.scale
+        logits = self.project_q(queries) @ self.project_k(x).transpose(1, 2) * self.scale
+        return logits - logits.mean(dim=-1, keepdim=True) if self.center else logits
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int] | None = None,
                 low: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> Assignment:
@@ -321,7 +327,7 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_groups: int,
                  mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True,
-                 cluster: ClusterSettings | None = None, low_dim: int = 0):
+                 cluster: ClusterSettings | None = None, low_dim: int = 0, center: bool = False):
         super().__init__()
         self.norm_tokens = nn.LayerNorm(dim)
         # mixes along the token axis: G group tokens -> K group queries
@@ -333,7 +339,7 @@ class GroupingBlock(nn.Module):
         # keeps its parameter order)
         kind = AssignAttention if cluster is None else ClusterAssign
         self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=kind.queries_see_patches)
-        self.assign: Assigner = AssignAttention(dim, tau, hard) if cluster is None else ClusterAssign(dim, low_dim, cluster)
+        self.assign: Assigner = AssignAttention(dim, tau, hard, center) if cluster is None else ClusterAssign(dim, low_dim, cluster)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 
