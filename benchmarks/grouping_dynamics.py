@@ -296,23 +296,25 @@ def curve_table(section: Blocks, results: list[dict]) -> Blocks:
         for p in r["curve"]:
             rel = p.get("relgrad/assign q/k")
             ratio = rel / p["relgrad/image encoder (rest)"] if rel is not None and p["relgrad/image encoder (rest)"] else None
-            rows.append([r["name"], p["step"], p["entropy"], p["groups_per_image"], p["largest_group_share"],
-                         p["group_constant_share"], p["group_majority_miou"], p.get("logit_grad"), rel, ratio,
+            rows.append([r["name"], r["seed"], p["step"], p["entropy"], p["groups_per_image"], p["largest_group_share"],
+                         p["group_constant_share"], p.get("logit_between_std"), p.get("logit_within_std"),
+                         p["group_majority_miou"], p.get("logit_grad"), rel, ratio,
                          p.get("loss/loss")])
-    return section.table(["run", ("step", "right", "d"), ("entropy", "right", ".3f"), ("groups / image", "right", ".2f"),
+    return section.table(["run", ("seed", "right", "d"), ("step", "right", "d"), ("entropy", "right", ".3f"), ("groups / image", "right", ".2f"),
                           ("largest group", "right", ".2f"), ("per-group constant", "right", ".2f"),
+                          ("logit between", "right", ".2f"), ("logit within", "right", ".2f"),
                           ("group-majority mIoU", "right", ".1f"), ("logit grad", "right", ".2e"),
                           ("q/k rel. grad", "right", ".2e"), ("q/k / encoder rel. grad", "right", ".2f"),
                           ("loss", "right", ".3f")], rows)
 
 
 def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, echo=None) -> dict:
-    """`run_dynamics`'s result for `cfg`, read back from OUT/runs/NAME.json when that file holds a
+    """`run_dynamics`'s result for `cfg`, read back from OUT/runs/NAME-seedS.json when that file holds a
     run of the same config, else trained, measured and stored there (so that runs can be
     spread over several processes and sessions, and the section rendered from all of them)."""
     import json
 
-    path = Path(out) / "runs" / f"{cfg.name}.json"
+    path = Path(out) / "runs" / f"{cfg.name}-seed{cfg.seed}.json"
     asked = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as stored
     if path.exists():
         held = json.loads(path.read_text())
@@ -343,7 +345,9 @@ def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, config
                  f"over the {first['num_groups']} groups (at most log {first['num_groups']} = "
                  f"{math.log(first['num_groups']):.2f} nats), averaged over the patches. Groups per image: distinct "
                  "arg-max groups. Largest group: its share of an image's patches. Per-group constant: the share of "
-                 "the assignment logits' variance that is one constant per group and image. Logit grad: the norm of "
+                 "the assignment logits' variance that is one constant per group and image; logit between and "
+                 "within: the std over the groups of each group's mean logit over the patches, and the std over the "
+                 "patches within a group. Logit grad: the norm of "
                  "the loss's gradient at the assignment logits; q/k rel. grad: the gradient norm of the assignment's "
                  "query and key projections over their weights' norm (before clipping), and its ratio to the rest of "
                  "the image encoder's; both the mean over the steps since the evaluation before. Minutes: training "

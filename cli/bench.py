@@ -258,13 +258,13 @@ def bench_grouping_dynamics(
     out: Path = typer.Option(Path("bench-dynamics"), "--out", help="Folder for the world (OUT/world, OUT/data) and the runs (OUT/dynamics/runs, reused when their config matches)."),
     style: str = typer.Option("standard", "--style", help="The synthetic world's style: standard or textured."),
     preset: str = typer.Option("synthetic-paper", "--preset", help="The preset whose first stage trains (its grouping must be learned)."),
-    runs: str = typer.Option("baseline", "--runs", help="Comma-separated runs by name, each a remedy (ovseg.benchmarks.grouping_dynamics.RUNS)."),
+    runs: str = typer.Option("baseline", "--runs", help="Comma-separated runs by name, each a remedy (ovseg.benchmarks.grouping_dynamics.RUNS); NAME@SEED runs that seed only."),
     steps: int = typer.Option(500, "--steps", min=1, help="Stage 1 steps of each run."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Stage 1 batch \\[default: the preset's]."),
     eval_every: int = typer.Option(100, "--eval-every", min=1, help="Score the fixed val images every this many steps."),
     n_val: int = typer.Option(100, "--n-val", min=1, help="Fixed val images scored."),
     n_train: int = typer.Option(6000, "--n-train", min=64, help="Training images in the synthetic world."),
-    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds: each run once per seed."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value."),
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
@@ -280,9 +280,17 @@ def bench_grouping_dynamics(
 
     if style not in ("standard", "textured"):
         raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
-    names = [n.strip() for n in runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown or not names:
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        # NAME or NAME@SEED (that seed only)
+        asked = [(n.strip().partition("@")[0], [int(n.partition("@")[2])] if "@" in n else seed_list)
+                 for n in runs.split(",") if n.strip()]
+    except ValueError:
+        seed_list, asked = [], []
+    if not seed_list or not asked:
+        raise typer.BadParameter(f"--seeds and --runs' @SEED take integers, not {seeds!r} / {runs!r}", param_hint="--seeds")
+    unknown = [n for n, _ in asked if n not in RUNS]
+    if unknown:
         raise typer.BadParameter(f"unknown runs {unknown}; known: {', '.join(RUNS)}", param_hint="--runs")
     (preset_name,) = _presets(preset)
     if resolve(preset_name, overrides=tuple(overrides or ())).model.grouping != "learned":
@@ -291,7 +299,8 @@ def bench_grouping_dynamics(
     prepared = prepare_synthetic_data(out, WorldConfig(n_train=n_train, n_val=100, n_test=300, style=style), 2,
                                       Stopwatch(typer.echo))
     configs = [named_config(name, preset=preset_name, overrides=tuple(overrides or ()), steps=steps,
-                            batch_size=batch_size, eval_every=eval_every, n_val=n_val, seed=seed) for name in names]
+                            batch_size=batch_size, eval_every=eval_every, n_val=n_val, seed=seed)
+               for name, run_seeds in asked for seed in run_seeds]
     section = benchmark_grouping_dynamics(out / "dynamics", Path(prepared["data"]), out / "world" / "voc", configs,
                                           threads, style, command=_command(ctx), echo=typer.echo)
     _record(section, results, doc)

@@ -75,6 +75,8 @@ def test_parameters_fall_into_the_named_sets():
 @pytest.mark.parametrize("args, message", [
     (["--runs", "nope"], "unknown runs"),
     (["--style", "wavy"], "standard or textured"),
+    (["--seeds", "0,x"], "take integers"),
+    (["--runs", "baseline@x"], "take integers"),
     (["--preset", "synthetic-small"], "learned grouping"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
