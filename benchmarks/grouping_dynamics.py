@@ -309,13 +309,15 @@ def curve_table(section: Blocks, results: list[dict]) -> Blocks:
 
 
 def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, echo=None) -> dict:
-    """`run_dynamics`'s result for `cfg`, read back from OUT/runs/NAME-seedS.json when that file holds a
-    run of the same config, else trained, measured and stored there (so that runs can be
+    """`run_dynamics`'s result for `cfg`, read back from OUT/runs/NAME-seedS-HASH.json (HASH: of the
+    whole config) when that file holds a run of the same config, else trained, measured and stored there (so that runs can be
     spread over several processes and sessions, and the section rendered from all of them)."""
+    import hashlib
     import json
 
-    path = Path(out) / "runs" / f"{cfg.name}-seed{cfg.seed}.json"
     asked = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as stored
+    digest = hashlib.sha1(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
+    path = Path(out) / "runs" / f"{cfg.name}-seed{cfg.seed}-{digest}.json"
     if path.exists():
         held = json.loads(path.read_text())
         if held.get("config") == asked:
@@ -332,14 +334,16 @@ def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, config
                                 threads: int, style: str = "standard", command: str = "ovseg bench grouping-dynamics",
                                 echo=print) -> Section:
     """Run every config (or read it back from OUT, `cached_run`), echoing each curve point, and
-    return the results section `grouping-dynamics` (`-textured` on that world)."""
+    return the results section `grouping-dynamics-STEPS` (`grouping-dynamics-textured-STEPS` on
+    that world), STEPS the first config's budget."""
     import torch
 
     torch.set_num_threads(threads)
     results = [cached_run(out, data_dir, voc_dir, cfg, echo=echo) for cfg in configs]
     first = results[0]
-    name = "grouping-dynamics" + ("" if style == "standard" else f"-{style}")
-    section = Section(name, f"Learned grouping over training, {style} world (`ovseg bench grouping-dynamics`)", command)
+    name = "grouping-dynamics" + ("" if style == "standard" else f"-{style}") + f"-{configs[0].steps}"
+    section = Section(name, f"Learned grouping over {configs[0].steps} training steps, {style} world "
+                            "(`ovseg bench grouping-dynamics`)", command)
     section.text(f"Stage 1 of `{first['preset']}` ({first['threads']} thread(s)); {first['n_val']} fixed val images "
                  f"scored every {configs[0].eval_every} steps at the training size. Entropy: of the soft assignment "
                  f"over the {first['num_groups']} groups (at most log {first['num_groups']} = "
