@@ -211,7 +211,8 @@ def run_dynamics(data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, run_dir: Pa
                  echo=None) -> dict:
     """Train stage 1 of `cfg.preset` on DATA for `cfg.steps` steps, recording the curves (the
     module doc); `voc_dir` is the world's VOC folder, whose val split is scored. Returns the
-    run's settings, its training minutes (evaluations left out) and `curve`, one point per
+    run's settings, its minutes in `train_step` (forward, backward, optimiser: data loading and
+    evaluations left out) and `curve`, one point per
     evaluation (step 0 is the initialisation), each with the mean gradient statistics of the
     steps since the one before."""
     import torch
@@ -354,8 +355,8 @@ def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, config
                  "patches within a group. Logit grad: the norm of "
                  "the loss's gradient at the assignment logits; q/k rel. grad: the gradient norm of the assignment's "
                  "query and key projections over their weights' norm (before clipping), and its ratio to the rest of "
-                 "the image encoder's; both the mean over the steps since the evaluation before. Minutes: training "
-                 "alone.")
+                 "the image encoder's; both the mean over the steps since the evaluation before. Minutes: in the "
+                 "training step (forward, backward, optimiser), data loading and evaluations left out.")
     summary_table(section, results)
     section.heading("Curves")
     curve_table(section, results)
