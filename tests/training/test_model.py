@@ -889,3 +889,18 @@ def test_a_seed_draws_the_grouping_block_s_weights_in_the_order_its_parts_are_li
                        ("mlp_channels", mlp_channels)):
         for key, value in part.state_dict().items():
             torch.testing.assert_close(block.state_dict()[f"{name}.{key}"], value, rtol=0, atol=0)
+
+
+def test_centred_assignment_logits_reach_the_official_mask_loss_too(tokenizer):
+    """With model.assign_center the official mask loss reads the logits the assignment reads:
+    each group's mean over the patches removed, for the student and the teacher alike."""
+    torch.manual_seed(0)
+    plain = build_model(official_config(losses=["mask"]), tokenizer=tokenizer).eval()
+    centred = build_model(official_config(losses=["mask"], assign_center=True), tokenizer=tokenizer).eval()
+    centred.load_state_dict(plain.state_dict())
+    batch = make_batch(tokenizer)
+    student, teacher = plain.official_mask_inputs(plain.encode_image(batch["image"]), batch)[:2]
+    s, t = centred.official_mask_inputs(centred.encode_image(batch["image"]), batch)[:2]
+    for raw, moved in ((student, s), (teacher, t)):
+        assert torch.allclose(moved.flatten(2).mean(-1), torch.zeros(moved.shape[:2]), atol=1e-5)
+        torch.testing.assert_close(moved, raw - raw.flatten(2).mean(-1)[..., None, None], atol=1e-5, rtol=1e-5)

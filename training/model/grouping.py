@@ -105,7 +105,12 @@ class AssignAttention(nn.Module):
 
     def logits(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Group queries (B, K, C) against normalised patch tokens (B, N, C) -> (B, K, N)."""
-        logits = self.project_q(queries) @ self.project_k(x).transpose(1, 2) * self.scale
+        return self.logits_of(self.project_q(queries), self.project_k(x))
+
+    def logits_of(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Projected queries (B, K, C) against projected keys (B, N, C) -> (B, K, N), centred
+        over the patches with `center`: what the assignment and the official mask loss read."""
+        logits = q @ k.transpose(1, 2) * self.scale
         return logits - logits.mean(dim=-1, keepdim=True) if self.center else logits
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor, grid: tuple[int, int] | None = None,

@@ -291,7 +291,6 @@ class OVSegmentor(nn.Module):
         """The official mask loss's per-sample parts (see `official_mask_inputs`); with `reuse`,
         the parts without gradient (the partner's keys among them) are its own."""
         teacher_encoder = self.image_encoder if self.momentum_encoder is None else self.momentum_encoder
-        scale = self.cfg.width ** -0.5
         if reuse is not None:
             out.update({key: reuse[key] for key in REUSABLE if key in reuse})
             keys, (h, w), size = reuse["keys"], tuple(reuse["teacher"].shape[-2:]), reuse["mask_size"]
@@ -312,11 +311,12 @@ class OVSegmentor(nn.Module):
                 h, w = teacher_out.inputs.grid
                 teacher_assign = teacher_encoder.grouping.assign
                 keys = teacher_assign.project_k(teacher_encoder.grouping.norm_x(partner_patches))  # (B, N, C)
-                teacher = teacher_assign.project_q(partner_anchors) @ keys.transpose(1, 2) * scale  # (B, K, N)
+                teacher = teacher_assign.logits_of(teacher_assign.project_q(partner_anchors), keys)  # (B, K, N)
                 with noise.derived("shared"):
                     out["shared"] = self.sentence(batch["shared_ids"], batch["shared_mask"])  # (B, Ct)
             out.update(keys=keys, teacher=teacher.view(teacher.shape[0], -1, h, w))
-        student = self.image_encoder.grouping.assign.project_q(image.anchors) @ keys.transpose(1, 2) * scale
+        student = self.image_encoder.grouping.assign.logits_of(
+            self.image_encoder.grouping.assign.project_q(image.anchors), keys)
         b, k = student.shape[:2]
         out.update(student=student.view(b, k, h, w), has_partner=batch["has_partner"], mask_size=size)
 
