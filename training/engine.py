@@ -358,9 +358,10 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     dataset = CaptionImageDataset(table, model.tokenizer, model.image_size, stage, cfg.data, t.seed,
                                   mean=model.image_mean, std=model.image_std)
     sampler = ResumableSampler(len(dataset), info.rank, info.world_size, seed=t.seed)
+    use_bf16 = info.device.type == "cuda" and t.precision == "bf16"
     batch_size = stage.batch_size or t.batch_size  # per process
     if stage.global_batch:
-        plan = _batch_plan(cfg, stage, dataset, model, info)
+        plan = _batch_plan(cfg, stage, dataset, model, info, use_bf16)
         batch_size = plan.micro_batch
         stages = list(t.stages)
         stages[t.stage - 1] = stage = replace(stage, batch_size=plan.micro_batch)
@@ -395,7 +396,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     run = RunState(cfg=cfg, info=info, stage=stage, run_dir=run_dir, model=model, train_model=train_model,
                    ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, ema=ema, dataset=dataset,
                    sampler=sampler, loader=loader, drawn=drawn, total_steps=total_steps,
-                   use_bf16=info.device.type == "cuda" and t.precision == "bf16", metrics_path=run_dir / "metrics.jsonl")
+                   use_bf16=use_bf16, metrics_path=run_dir / "metrics.jsonl")
     if state is not None:
         model.load_state_dict(state["model"])
         if ema is not None:
@@ -411,7 +412,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     return run
 
 
-def _batch_plan(cfg: RunConfig, stage: StageConfig, dataset: CaptionImageDataset, model, info):
+def _batch_plan(cfg: RunConfig, stage: StageConfig, dataset: CaptionImageDataset, model, info, use_bf16: bool):
     """The split of the stage's global batch over the processes and micro-batches: a memory
     probe on the stage's own samples picks the micro-batch on CUDA unless optim.micro_batch
     gives it."""
@@ -424,8 +425,7 @@ def _batch_plan(cfg: RunConfig, stage: StageConfig, dataset: CaptionImageDataset
             items = [dataset[i % len(dataset)] for i in range(drawn)]
             return normalize_images(_to_device(collate(items), info.device), model.image_mean, model.image_std)
 
-        fits = cuda_fits(model, batch_of, info.device.type == "cuda" and cfg.train.precision == "bf16",
-                         agree=lambda ok: not dist_utils.any_rank(not ok, info.device))
+        fits = cuda_fits(model, batch_of, use_bf16, agree=lambda ok: not dist_utils.any_rank(not ok, info.device))
     try:
         return plan_batch(stage.global_batch, info.world_size, cfg.optim.micro_batch, fits,
                           key=f"train.stages.{cfg.train.stage}.global_batch")
