@@ -138,7 +138,8 @@ class PeakGrowth:
     """`with PeakGrowth(device) as g: ...`, then `g.mib`: how far the memory in use rose above
     its level on entry during the body. On CUDA the allocator's peak (reset on entry); on a CPU
     the resident memory, sampled every `interval` seconds by a thread, which, unlike the
-    process's lifetime peak, a body that reuses memory freed earlier does not hide."""
+    process's lifetime peak, a body does not hide by staying under an earlier, higher peak.
+    Memory that malloc freed but kept resident and the body reuses does not show as growth."""
 
     def __init__(self, device: str = "cpu", interval: float = 0.002):
         self.device, self.interval, self.mib = device, interval, 0.0

@@ -52,18 +52,21 @@ def test_accumulation_rows_time_one_batch_and_k_micro_batches_plain_and_cached()
 
 
 def test_peak_growth_sees_memory_that_a_body_touches_and_frees():
-    import numpy as np
+    import mmap
+    import time
 
     from ovseg.benchmarks.measure import PeakGrowth
 
-    import time
-
+    size = 64 * 2**20
     with PeakGrowth("cpu", interval=0.001) as grew:
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        # Fresh anonymous pages, written: resident growth whatever malloc kept from earlier tests
+        # (a numpy array may reuse a freed heap that is still resident, and then RSS does not move).
+        block = mmap.mmap(-1, size)
+        block.write(b"\1" * size)
         deadline = time.monotonic() + 5
         while grew._peak - grew._start < 40 and time.monotonic() < deadline:  # the sampler runs when scheduled
             time.sleep(0.01)
-        del block
+        block.close()
     assert grew.mib > 40
 
 
