@@ -79,6 +79,13 @@ RUNS: dict[str, dict] = {
     "center": {"overrides": ("model.assign_center=true",)},
     "center-soft": {"overrides": ("model.assign_center=true", "model.hard_assignment=false")},
     "center-x8": {"overrides": ("model.assign_center=true",), "logit_gain": 8.0},
+    # does the model learn to name shapes at all? ovseg's switches that help a model from scratch
+    "conv": {"overrides": ("model.patch_embed=conv",)},              # timm's convolutional stem
+    "cnn": {"overrides": ("model.patch_embed=cnn",)},                # synthetic-small's CNN
+    "grounding": {"overrides": ("train.stages.1.losses=[contrastive,entity,grounding]",)},
+    "conv-center": {"overrides": ("model.patch_embed=conv", "model.assign_center=true")},
+    "conv-grounding": {"overrides": ("model.patch_embed=conv", "train.stages.1.losses=[contrastive,entity,grounding]")},
+    "lr-3e-3": {"overrides": ("optim.lr=3e-3", "optim.min_lr=7.5e-4", "optim.warmup_lr=7.5e-5")},
 }
 
 
@@ -154,20 +161,26 @@ class GradientProbe:
 
 
 def val_images(voc_dir: Path, model, n: int):
-    """The first `n` val images of the world (resized and normalised as in training) and their labels."""
+    """The first `n` val images of the world (resized and normalised as in training), their labels,
+    the number of classes and the val split itself."""
     from ovseg.benchmarks.diagnostics import model_images
     from ovseg.evaluation.datasets import load_synthetic
 
     data = load_synthetic(Path(voc_dir), split="val")
     items = [data.load(i) for i in range(min(n, len(data)))]
-    return model_images(model, [im for im, _ in items]), [lb for _, lb in items], len(data.classes)
+    return model_images(model, [im for im, _ in items]), [lb for _, lb in items], len(data.classes), data
 
 
-def grouping_state(model, probe: GradientProbe, images, labels, n_classes: int, batch_size: int = 50) -> dict[str, float]:
-    """The assignment's statistics on the fixed val images (see the module doc)."""
+def grouping_state(model, probe: GradientProbe, images, labels, n_classes: int, batch_size: int = 50,
+                   dataset=None) -> dict[str, float]:
+    """The assignment's statistics on the fixed val images (see the module doc); with the val
+    `dataset` they come from, also whether the model names what it groups (`image_named`: the image
+    embedding's best class prompt is a present shape; `groups_named`: an object group's best prompt
+    is its object's shape; both in %, from `benchmarks.diagnostics.group_diagnostics`)."""
     import torch
     import torch.nn.functional as F
 
+    from ovseg.benchmarks.diagnostics import group_diagnostics
     from ovseg.evaluation.metrics import ConfusionMatrix, group_majority_labels
 
     was_training = model.training
@@ -189,9 +202,13 @@ def grouping_state(model, probe: GradientProbe, images, labels, n_classes: int, 
                 largest += float(counts.max()) / best.shape[1]
                 up = F.interpolate(soft[j:j + 1], size=label.shape, mode="nearest")[0].numpy()
                 matrix.update(label, group_majority_labels(up, label, n_classes))
+    named = {}
+    if dataset is not None:
+        found = group_diagnostics(model, dataset, limit=len(images), batch_size=batch_size)
+        named = {"image_named": 100 * found["image_top1_present"], "groups_named": 100 * float(np.nan_to_num(found["group_accuracy"]))}
     model.train(was_training)
     n = len(images)
-    return {"entropy": entropy / n, "groups_per_image": groups / n, "largest_group_share": largest / n,
+    return {**named, "entropy": entropy / n, "groups_per_image": groups / n, "largest_group_share": largest / n,
             "group_constant_share": between / max(between + within, 1e-12),
             "logit_between_std": math.sqrt(between / n), "logit_within_std": math.sqrt(within / n),
             "group_majority_miou": 100 * float(np.nan_to_num(matrix.compute().miou))}
@@ -231,10 +248,10 @@ def run_dynamics(data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, run_dir: Pa
                 torch.nn.init.trunc_normal_(model.image_encoder.group_token, std=cfg.group_token_std,
                                             a=-2 * cfg.group_token_std, b=2 * cfg.group_token_std)
         probe = GradientProbe(model, cfg.logit_gain)
-        images, labels, n_classes = val_images(voc_dir, model, cfg.n_val)
+        images, labels, n_classes, val = val_images(voc_dir, model, cfg.n_val)
         assign = probe.assign
         tau0, hard0 = assign.tau, assign.hard
-        curve = [{"step": 0, **grouping_state(model, probe, images, labels, n_classes)}]
+        curve = [{"step": 0, **grouping_state(model, probe, images, labels, n_classes, dataset=val)}]
         window: list[dict[str, float]] = []
         batches = step_batches(run)
         training_s = 0.0
@@ -249,7 +266,7 @@ def run_dynamics(data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, run_dir: Pa
                 window.append({**probe.take(), **{f"loss/{k}": v for k, v in losses.items()}})
                 if run.step % cfg.eval_every == 0 or run.step == run.total_steps:
                     means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    curve.append({"step": run.step, **grouping_state(model, probe, images, labels, n_classes),
+                    curve.append({"step": run.step, **grouping_state(model, probe, images, labels, n_classes, dataset=val),
                                   **means, "tau": float(assign.tau)})
                     window = []
                     if echo:
@@ -284,10 +301,13 @@ def summary_table(section: Blocks, results: list[dict]) -> Blocks:
         rows.append([r["name"], _setting(r), f"{r['steps']} ({r['batch_size']})", r["seed"],
                      f"{last['entropy']:.2f} ({first['entropy']:.2f})",
                      f"{last['groups_per_image']:.2f} ({first['groups_per_image']:.2f})",
-                     f"{last['group_majority_miou']:.1f} ({first['group_majority_miou']:.1f})", r["minutes"]])
+                     f"{last['group_majority_miou']:.1f} ({first['group_majority_miou']:.1f})",
+                     *(f"{last[k]:.1f} ({first[k]:.1f})" if k in last else "-" for k in ("image_named", "groups_named")),
+                     r["minutes"]])
     return section.table(["run", "setting", ("steps (batch)", "right"), ("seed", "right", "d"),
                           ("entropy, nats (init)", "right"), ("groups per val image (init)", "right"),
-                          ("group-majority mIoU (init)", "right"), ("minutes", "right", ".1f")], rows)
+                          ("group-majority mIoU (init)", "right"), ("image names a present shape, % (init)", "right"),
+                          ("object groups named right, % (init)", "right"), ("minutes", "right", ".1f")], rows)
 
 
 def curve_table(section: Blocks, results: list[dict]) -> Blocks:
@@ -299,12 +319,13 @@ def curve_table(section: Blocks, results: list[dict]) -> Blocks:
             ratio = rel / p["relgrad/image encoder (rest)"] if rel is not None and p["relgrad/image encoder (rest)"] else None
             rows.append([r["name"], r["seed"], p["step"], p["entropy"], p["groups_per_image"], p["largest_group_share"],
                          p["group_constant_share"], p.get("logit_between_std"), p.get("logit_within_std"),
-                         p["group_majority_miou"], p.get("logit_grad"), rel, ratio,
+                         p["group_majority_miou"], p.get("image_named"), p.get("groups_named"), p.get("logit_grad"), rel, ratio,
                          p.get("loss/loss")])
     return section.table(["run", ("seed", "right", "d"), ("step", "right", "d"), ("entropy", "right", ".3f"), ("groups / image", "right", ".2f"),
                           ("largest group", "right", ".2f"), ("per-group constant", "right", ".2f"),
                           ("logit between", "right", ".2f"), ("logit within", "right", ".2f"),
-                          ("group-majority mIoU", "right", ".1f"), ("logit grad", "right", ".2e"),
+                          ("group-majority mIoU", "right", ".1f"), ("image named", "right", ".1f"),
+                          ("groups named", "right", ".1f"), ("logit grad", "right", ".2e"),
                           ("q/k rel. grad", "right", ".2e"), ("q/k / encoder rel. grad", "right", ".2f"),
                           ("loss", "right", ".3f")], rows)
 
@@ -355,7 +376,10 @@ def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, config
                  "patches within a group. Logit grad: the norm of "
                  "the loss's gradient at the assignment logits; q/k rel. grad: the gradient norm of the assignment's "
                  "query and key projections over their weights' norm (before clipping), and its ratio to the rest of "
-                 "the image encoder's; both the mean over the steps since the evaluation before. Minutes: in the "
+                 "the image encoder's; both the mean over the steps since the evaluation before. Image named: "
+                 "the share of the val images whose image embedding's best class prompt is a shape present in "
+                 "them; groups named: the share of the groups covering mostly an object whose best prompt is "
+                 "that object's shape (both as in the synthetic section's diagnostics). Minutes: in the "
                  "training step (forward, backward, optimiser), data loading and evaluations left out.")
     summary_table(section, results)
     section.heading("Curves")

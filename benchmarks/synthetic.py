@@ -580,15 +580,18 @@ def _pictures(out: Path, results: list[dict], budget: float, images: Path | None
 VARIANT_NAMES = {"contrastive": "contrastive", "entity": "+ entity", "full": "+ mask (full)"}
 
 
-def section_name(preset: str, style: str) -> str:
-    """The results section of a world and recipe family: the default one keeps its old name."""
-    return "synthetic" if (preset, style) == ("synthetic-small", "standard") else f"synthetic-{style}-{preset}"
+def section_name(preset: str, style: str, label: str = "") -> str:
+    """The results section of a world and recipe (`label`: the name of a preset changed by
+    overrides); the default one keeps its old name."""
+    if (preset, style, label) == ("synthetic-small", "standard", ""):
+        return "synthetic"
+    return f"synthetic-{style}-{preset}" + (f"-{label}" if label else "")
 
 
 def benchmark_synthetic(out: Path, prepared: dict, variants: list[str], budgets: list[float], unit: str,
                         seeds: list[int], threads: int, parallel: int, device: str, preset: str,
                         overrides: list[str], style: str, kept: dict | None, images: Path | None,
-                        command: str = "ovseg bench synthetic") -> Section:
+                        command: str = "ovseg bench synthetic", label: str = "") -> Section:
     """Train and evaluate every variant (names of VARIANTS) and seed to each budget (`unit`
     "steps" or "min") on the `prepared` world and data (what `ovseg.cli.pipeline`'s
     `prepare_synthetic_data` returns), in `parallel` jobs; write OUT/results[-steps].json and
@@ -603,9 +606,10 @@ def benchmark_synthetic(out: Path, prepared: dict, variants: list[str], budgets:
             for v in variants for s in seeds]
     results = run_parallel(jobs, threads, parallel, out / "logs")
     (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
-    name = section_name(preset, style)
+    name = section_name(preset, style, label)
     world = "" if style == "standard" else f", {style} style"
-    title = (f"Quality on the synthetic world{world}, preset `{preset}` (`ovseg bench synthetic`)" if name != "synthetic"
+    changed = f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else ""
+    title = (f"Quality on the synthetic world{world}, preset `{preset}`{changed} (`ovseg bench synthetic`)" if name != "synthetic"
              else "Quality on the synthetic world (`ovseg bench synthetic`)")
     section = Section(name, title, command, machine={**machine(device), "torch_threads": threads})
     return report(out, prepared["world"], results, threads, section, images=images, kept=kept, preset=preset,

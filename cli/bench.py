@@ -150,6 +150,7 @@ def bench_synthetic(
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
     doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP + " Pictures go to the images/ folder beside it."),
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
+    label: str = typer.Option("", help="Name of a recipe changed by overrides: its results section is synthetic-STYLE-PRESET-LABEL, so that it does not overwrite the preset's own. Required with overrides."),
     keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in the stored section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
@@ -192,7 +193,19 @@ def bench_synthetic(
         seed_list = [int(x) for x in seeds.split(",")]
     except ValueError as error:
         raise typer.BadParameter(f"--steps (whole numbers), --minutes and --seeds take comma-separated numbers: {error}") from None
-    section = section_name(preset, style)
+    recipe = {"preset": preset, "overrides": list(overrides or ()), "style": style}
+    try:
+        resolve(preset, overrides=recipe["overrides"])
+        if overrides and not label:
+            raise ConfigError("a recipe changed by overrides needs a name for its results section (--label NAME), "
+                              "or it would overwrite the preset's")
+        if label and not label.replace("-", "").isalnum():
+            raise ConfigError(f"--label takes letters, digits and dashes, not {label!r}")
+        check_recipe(out, recipe)
+    except ConfigError as error:
+        typer.echo(f"ovseg bench synthetic: {error}", err=True)
+        raise typer.Exit(2)
+    section = section_name(preset, style, label)
     kept = None
     if keep:
         stored = load(section, results)
@@ -205,18 +218,11 @@ def bench_synthetic(
         except ValueError as error:
             typer.echo(f"ovseg bench synthetic: cannot keep rows of section {section} in {results}: {error}", err=True)
             raise typer.Exit(2)
-    recipe = {"preset": preset, "overrides": list(overrides or ()), "style": style}
-    try:
-        resolve(preset, overrides=recipe["overrides"])
-        check_recipe(out, recipe)
-    except ConfigError as error:
-        typer.echo(f"ovseg bench synthetic: {error}", err=True)
-        raise typer.Exit(2)
     world_cfg = WorldConfig(n_train=n_train, n_val=100, n_test=300, style=style)
     prepared = prepare_synthetic_data(out, world_cfg, 2, Stopwatch(typer.echo))
     measured = benchmark_synthetic(out, prepared, [names[v] for v in asked], budgets, unit, seed_list, threads,
                                    parallel, device, preset, recipe["overrides"], style, kept,
-                                   images=doc.parent / "images", command=_command(ctx))
+                                   images=doc.parent / "images", command=_command(ctx), label=label)
     _record(measured, results, doc)
 
 

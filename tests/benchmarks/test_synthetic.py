@@ -262,6 +262,8 @@ def test_a_folder_keeps_the_world_style_its_runs_were_trained_on(tmp_path):
     (["--steps", "0"], "at least one step"),
     (["--steps", "100", "--minutes", "5"], "not both"),
     (["--style", "fancy"], "takes standard or textured"),
+    (["model.assign_center=true"], "needs a name for its results section"),
+    (["--label", "a b", "model.assign_center=true"], "letters, digits and dashes"),
 ])
 def test_bad_step_budget_arguments_are_refused_before_any_work(tmp_path, args, message):
     from typer.testing import CliRunner
@@ -302,3 +304,12 @@ def torch_step(checkpoint):
     import torch
 
     return torch.load(checkpoint, weights_only=True)["step"]
+
+
+def test_a_labelled_recipe_has_its_own_section_and_the_default_keeps_its_name():
+    from ovseg.benchmarks.synthetic import section_name
+
+    assert section_name("synthetic-small", "standard") == "synthetic"
+    assert section_name("synthetic-paper", "standard") == "synthetic-standard-synthetic-paper"
+    assert section_name("synthetic-paper", "standard", "center") == "synthetic-standard-synthetic-paper-center"
+    assert section_name("synthetic-small", "standard", "x") == "synthetic-standard-synthetic-small-x"
