@@ -86,6 +86,14 @@ RUNS: dict[str, dict] = {
     "conv-center": {"overrides": ("model.patch_embed=conv", "model.assign_center=true")},
     "conv-grounding": {"overrides": ("model.patch_embed=conv", "train.stages.1.losses=[contrastive,entity,grounding]")},
     "lr-3e-3": {"overrides": ("optim.lr=3e-3", "optim.min_lr=7.5e-4", "optim.warmup_lr=7.5e-5")},
+    # the 2-layer BERT from scratch without the paper's dropout; and the CNN stem with no
+    # transformer block, as synthetic-small's learned-grouping ablation has it
+    "text-dropout-0": {"overrides": ("model.text_dropout=0.0",)},
+    "cnn-flat": {"overrides": ("model.patch_embed=cnn", "model.depth_before=0", "model.depth_after=0")},
+    "cnn-flat-text-dropout-0": {"overrides": ("model.patch_embed=cnn", "model.depth_before=0", "model.depth_after=0",
+                                              "model.text_dropout=0.0")},
+    "cnn-flat-noise-global": {"overrides": ("model.patch_embed=cnn", "model.depth_before=0", "model.depth_after=0",
+                                            "train.noise=global")},
 }
 
 
