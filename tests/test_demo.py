@@ -30,12 +30,44 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(demo_out):
     summary = json.loads((out / "report" / "summary.json").read_text())
     # the shapes come out of spaCy and DuckDB as the selected entities
     assert set(summary["selected_entities"]) == set(summary["shapes"])
-    assert summary["training"]["stage1"]["step"] > 0 and summary["training"]["stage2"]["step"] > 0
+    # the bench's step budget: 80 steps, the last 30% in stage 2
+    assert summary["training"]["steps"] == {"stage1": 56, "stage2": 24}
     assert 0.0 <= summary["evaluation"]["miou"] <= 1.0
     report = out / "report"
     assert (report / "training_curves.png").stat().st_size > 0
     assert "test mIoU" in (report / "summary.md").read_text()
-    assert list((report / "eval" / "pictures").glob("*_panel.png"))
+    assert list((out / "run" / "80steps" / "eval" / "pictures").glob("*_panel.png"))
+
+
+def test_the_demo_is_the_bench_cell_of_its_budget_and_seed(demo_out, tmp_path, monkeypatch):
+    """The demo trains through `ovseg bench synthetic`'s step path on the bench's world: the bench,
+    asked for the same cell in the demo's folder, finds the run trained and scores it as the demo did."""
+    from ovseg.benchmarks import synthetic
+
+    out, _ = demo_out
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    monkeypatch.setattr("ovseg.training.engine.train", lambda *a, **k: pytest.fail("trained again"))
+    (row,) = synthetic.train_steps_and_evaluate("+ mask (full)", out / "data", out / "world", out / "run", [80], seed=0,
+                                                threads=2)
+    assert row["miou"] == summary["evaluation"]["miou"] and row["steps"] == summary["training"]["steps"]
+
+
+def test_a_prepared_world_is_used_without_serving_it_again(demo_out, monkeypatch):
+    """A second bench or demo on the same folder must not serve the world on a new port (the
+    first may hold the old one): that would make a new manifest of the same images."""
+    from ovseg.cli.pipeline import DemoConfig, Stopwatch, prepare_synthetic_data
+    from ovseg.curation import serve
+    from ovseg.curation.synthetic import WorldConfig
+
+    out, _ = demo_out
+    monkeypatch.setattr(serve, "serve", lambda *a, **k: pytest.fail("served again"))
+    quick = DemoConfig.quick(out)
+    lines = []
+    prepared = prepare_synthetic_data(out, WorldConfig(n_train=quick.n_train, n_val=quick.n_val, n_test=quick.n_test,
+                                                       image_size=quick.image_size), 1, Stopwatch(lines.append))
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert prepared["selected"] == summary["selected_entities"] and prepared["downloads"] == summary["downloads"]
+    assert any("curated and downloaded before" in line for line in lines)
 
 
 def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_two_stages(demo_out, tmp_path):
@@ -96,5 +128,5 @@ def test_the_probe_is_fitted_on_another_draw_of_the_world_and_scored_on_test(dem
     assert differ == {"n_train", "n_val", "n_test", "seed"}  # the same world, drawn again
     first = lambda w: sorted((w / "voc" / "JPEGImages").glob("val_*.jpg"))[0]  # noqa: E731
     assert not np.array_equal(np.asarray(Image.open(first(probe))), np.asarray(Image.open(first(world))))
-    found = diagnose({"demo": out / "run" / "stage2" / "last.pt"}, world, fit_dir=probe)["demo"]
+    found = diagnose({"demo": out / "run" / "80steps" / "stage2" / "last.pt"}, world, fit_dir=probe)["demo"]
     assert 0.0 <= found["probe_group_accuracy"] <= 1.0 and found["probe_fit_groups"] > found["probe_test_groups"] > 0

@@ -432,15 +432,23 @@ def test_the_number_check_reads_markdown():
     assert generated_sections("a 1 <!-- bench:x -->b 2<!-- /bench:x --> c 3") == "b 2"
 
 
-def test_readme_says_how_the_demo_differs_from_the_bench():
-    """README.md: the demo trains the bench's preset on 64 px at model.image_size=64 for 10 + 4
-    minutes, so its mIoU is not a cell of the bench's table."""
+def test_the_demo_is_a_cell_of_the_readme_table():
+    """Issue 28: `ovseg demo` trains the table's recipe on the table's world to one of its step
+    budgets, so its mIoU is that cell's seed-0 run, and the README says so."""
+    import inspect
+
+    from ovseg.benchmarks.results import load
+    from ovseg.cli.bench import bench_synthetic
     from ovseg.cli.pipeline import DemoConfig
 
     demo = DemoConfig(out=Path("demo-out"))
-    assert (demo.preset, demo.image_size, demo.stage1_minutes, demo.stage2_minutes) == ("synthetic-small", 64, 10, 4)
+    bench = inspect.signature(bench_synthetic).parameters
+    assert demo.preset == bench["preset"].default.default
+    assert (demo.n_train, demo.n_val, demo.n_test) == (bench["n_train"].default.default, 100, 300)
+    table = load("synthetic").tables()[0]
+    assert f"{demo.steps} steps" in [c["name"] for c in table["columns"]]
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "`model.image_size=64` and for 10 + 4 minutes" in readme and "not a cell of this table" in readme
+    assert f"`ovseg demo` is the `+ mask (full)` cell at {demo.steps} steps, seed 0" in readme
 
 
 # -- the manual apart from the notebook ---------------------------------------------------------
