@@ -198,9 +198,16 @@ def _timed_train(train, cfg, run_dir: Path, init: Path | None = None) -> tuple[f
         held = json.loads(record.read_text())
         return held["minutes"], held["resumed"]
     resumed = (run_dir / "last.pt").exists()
-    minutes = train(cfg, run_dir, init=init, progress=False)["minutes"]
-    record.write_text(json.dumps({"minutes": minutes, "resumed": resumed}))
-    return minutes, resumed
+    result = train(cfg, run_dir, init=init, progress=False)
+    if result["stop"] != "steps":  # stopped by a signal (or a time limit) and saved: not this budget's model
+        raise StageInterrupted(f"{run_dir} stopped at step {result['step']} ({result['stop']}) before its budget; "
+                               "rerun the same command to resume it")
+    record.write_text(json.dumps({"minutes": result["minutes"], "resumed": resumed}))
+    return result["minutes"], resumed
+
+
+class StageInterrupted(RuntimeError):
+    """A stage of a step-budget run stopped before its steps (SIGTERM saves and returns)."""
 
 
 def check_recipe(out: Path, recipe: dict) -> None:

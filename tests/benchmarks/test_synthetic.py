@@ -313,3 +313,22 @@ def test_a_labelled_recipe_has_its_own_section_and_the_default_keeps_its_name():
     assert section_name("synthetic-paper", "standard") == "synthetic-standard-synthetic-paper"
     assert section_name("synthetic-paper", "standard", "center") == "synthetic-standard-synthetic-paper-center"
     assert section_name("synthetic-small", "standard", "x") == "synthetic-standard-synthetic-small-x"
+
+
+def test_a_stage_stopped_by_a_signal_is_not_recorded_as_its_budget(tmp_path):
+    """SIGTERM makes the engine save and return: the bench must not record that stage as done (its
+    minutes) nor go on to evaluate it as the budget's model; the next call resumes it."""
+    from ovseg.benchmarks.synthetic import StageInterrupted, _timed_train
+
+    def stopped(cfg, run_dir, init=None, progress=True):
+        (run_dir / "last.pt").write_bytes(b"saved")
+        return {"step": 750, "stop": "signal", "minutes": 18.4}
+
+    def finished(cfg, run_dir, init=None, progress=True):
+        return {"step": 2000, "stop": "steps", "minutes": 30.0}
+
+    with pytest.raises(StageInterrupted, match="stopped at step 750"):
+        _timed_train(stopped, None, tmp_path)
+    assert not (tmp_path / "minutes.json").exists()
+    assert _timed_train(finished, None, tmp_path) == (30.0, True)  # resumed: its first part's minutes are lost
+    assert _timed_train(stopped, None, tmp_path) == (30.0, True)   # done: read back, not trained
