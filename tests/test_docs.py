@@ -395,7 +395,6 @@ NOT_MEASURED = {
     "53.8": "the paper's own VOC mIoU", "20.4": "the paper's own Context mIoU", "25.1": "the paper's own COCO-Object mIoU",
     "16": "ViT-B/16, the paper's backbone",
     "3.10": "the Python version required", "3.8.0": "the spaCy model's version",
-    "10": "the demo's stage-1 minutes (cli/pipeline.py)", "4": "the demo's stage-2 minutes (cli/pipeline.py)",
     "17": "the Java version Spark needs",
 }
 NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)*")
@@ -551,7 +550,7 @@ def test_readme_results_sit_between_markers_and_say_whose_model():
     readme = (ROOT / "README.md").read_text()
     begin, end = readme.index("<!-- results:begin -->"), readme.index("<!-- results:end -->")
     block, outside = readme[begin:end], readme[:begin] + readme[end:]
-    assert "| 5 min | 15 min | 30 min |" in block and "`synthetic-small`" in block
+    assert "| 2000 steps |" in block and "`synthetic-small`" in block
     assert readme.count("<!-- results:begin -->") == readme.count("<!-- results:end -->") == 1
     outside = " ".join(outside.split())
     assert "**The paper's model**: rows of the `paper` preset" in outside and "`synthetic-paper`" in outside
