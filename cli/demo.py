@@ -31,4 +31,13 @@ def demo(
     if steps is not None:
         cfg.steps = steps
     cfg.seed, cfg.threads, cfg.workers, cfg.overrides = seed, threads, workers, list(overrides or [])
+    from ovseg.benchmarks.synthetic import check_recipe
+    from ovseg.training.config import ConfigError, resolve
+
+    try:  # a finished run in OUT is reused: it must be of this recipe
+        resolve(cfg.preset, overrides=cfg.overrides)
+        check_recipe(Path(out), {"preset": cfg.preset, "overrides": cfg.overrides})
+    except ConfigError as error:
+        typer.echo(f"ovseg demo: {error}", err=True)
+        raise typer.Exit(2)
     run_demo(cfg, report=typer.echo)

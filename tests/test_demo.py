@@ -130,3 +130,12 @@ def test_the_probe_is_fitted_on_another_draw_of_the_world_and_scored_on_test(dem
     assert not np.array_equal(np.asarray(Image.open(first(probe))), np.asarray(Image.open(first(world))))
     found = diagnose({"demo": out / "run" / "80steps" / "stage2" / "last.pt"}, world, fit_dir=probe)["demo"]
     assert 0.0 <= found["probe_group_accuracy"] <= 1.0 and found["probe_fit_groups"] > found["probe_test_groups"] > 0
+
+
+def test_the_demo_refuses_a_folder_of_another_recipe_before_any_work(demo_out):
+    """A finished run in OUT is read back, so OUT must hold runs of the recipe asked for."""
+    out, _ = demo_out
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "model.assign_center=true"])
+    assert result.exit_code == 2 and "pass another --out" in result.output
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "optim.lr=fast"])
+    assert result.exit_code == 2 and "wants a number" in result.output
