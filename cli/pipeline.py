@@ -56,6 +56,7 @@ class Stopwatch:
 
 def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
     """Run every stage into `cfg.out`; returns the summary written to `cfg.out/report/summary.json`."""
+    from ovseg.benchmarks.synthetic import eval_dir, train_steps_and_evaluate
     from ovseg.curation.synthetic import WorldConfig
 
     out = Path(cfg.out)
@@ -68,8 +69,6 @@ def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
     results, selected, downloads = prepared["curation"], prepared["selected"], prepared["downloads"]
     shapes = list(world_cfg.shapes)
 
-    from ovseg.benchmarks.synthetic import eval_dir, train_steps_and_evaluate
-
     (row,) = watch.run("train stage 1 then stage 2 on the CPU, then the zero-shot evaluation on the test split",
                        train_steps_and_evaluate, "+ mask (full)", data_dir, world_dir, run_dir, [cfg.steps], cfg.seed,
                        preset=cfg.preset, overrides=tuple(cfg.overrides), threads=cfg.threads)
@@ -81,7 +80,7 @@ def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
         "evaluation": evaluation, "run": str(run_dir / f"{cfg.steps}steps"), "eval": str(eval_dir(run_dir, cfg.steps, "steps")),
         "seconds": watch.times, "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
     }
-    _write_report(report_dir, run_dir, summary)
+    _write_report(report_dir, summary)
     report(f"== done in {sum(watch.times.values()) / 60:.1f} min: test mIoU {100 * evaluation['miou']:.1f} "
            f"(background threshold {evaluation['bg_threshold']:.2f} chosen on val); report in {report_dir}")
     return summary
@@ -91,10 +90,9 @@ def prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch)
     """Generate the world into OUT/world, serve it on loopback, curate its captions into
     OUT/data and download the manifest's images from the server (each step skipped when done)."""
     from ovseg.curation.download import DownloadConfig, download
-    from ovseg.curation.pipeline import CurateConfig, curate
+    from ovseg.curation.pipeline import CurateConfig, curate, describe
     from ovseg.curation.select import SelectConfig
     from ovseg.curation.serve import serve
-    from ovseg.curation.pipeline import describe
     from ovseg.curation.synthetic import generate, write_captions_tsv
 
     report = watch.report
@@ -160,7 +158,7 @@ def _selected_entities(data_dir: Path) -> list[str]:
     return table["entity"].to_pylist()
 
 
-def _write_report(report_dir: Path, run_dir: Path, summary: dict) -> None:
+def _write_report(report_dir: Path, summary: dict) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run = Path(summary["run"])
