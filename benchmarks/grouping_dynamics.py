@@ -328,14 +328,14 @@ def curve_table(section: Blocks, results: list[dict]) -> Blocks:
             rows.append([r["name"], r["seed"], p["step"], p["entropy"], p["groups_per_image"], p["largest_group_share"],
                          p["group_constant_share"], p.get("logit_between_std"), p.get("logit_within_std"),
                          p["group_majority_miou"], p.get("image_named"), p.get("groups_named"), p.get("logit_grad"), rel, ratio,
-                         p.get("loss/loss")])
+                         p.get("loss/entity"), p.get("loss/loss")])
     return section.table(["run", ("seed", "right", "d"), ("step", "right", "d"), ("entropy", "right", ".3f"), ("groups / image", "right", ".2f"),
                           ("largest group", "right", ".2f"), ("per-group constant", "right", ".2f"),
                           ("logit between", "right", ".2f"), ("logit within", "right", ".2f"),
                           ("group-majority mIoU", "right", ".1f"), ("image named", "right", ".1f"),
                           ("groups named", "right", ".1f"), ("logit grad", "right", ".2e"),
                           ("q/k rel. grad", "right", ".2e"), ("q/k / encoder rel. grad", "right", ".2f"),
-                          ("loss", "right", ".3f")], rows)
+                          ("entity loss", "right", ".3f"), ("loss", "right", ".3f")], rows)
 
 
 def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, echo=None) -> dict:
