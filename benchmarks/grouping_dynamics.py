@@ -94,6 +94,16 @@ RUNS: dict[str, dict] = {
                                               "model.text_dropout=0.0")},
     "cnn-flat-noise-global": {"overrides": ("model.patch_embed=cnn", "model.depth_before=0", "model.depth_after=0",
                                             "train.noise=global")},
+    # the full synthetic-paper model (2 + 2 blocks) with the switches that let it name shapes,
+    # and with those that keep its groups apart (centred logits) or ask a group to hold each entity
+    "cnn-text-dropout-0": {"overrides": ("model.patch_embed=cnn", "model.text_dropout=0.0")},
+    "cnn-text-dropout-0-center": {"overrides": ("model.patch_embed=cnn", "model.text_dropout=0.0",
+                                                "model.assign_center=true")},
+    "cnn-text-dropout-0-grounding": {"overrides": ("model.patch_embed=cnn", "model.text_dropout=0.0",
+                                                   "train.stages.1.losses=[contrastive,entity,grounding]")},
+    "cnn-text-dropout-0-center-grounding": {"overrides": ("model.patch_embed=cnn", "model.text_dropout=0.0",
+                                                          "model.assign_center=true",
+                                                          "train.stages.1.losses=[contrastive,entity,grounding]")},
 }
 
 

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ovseg.benchmarks.grouping_dynamics import (  # noqa: E402
-    DynamicsConfig, benchmark_grouping_dynamics, cached_run, named_config, param_set)
+    RUNS, DynamicsConfig, _config, benchmark_grouping_dynamics, cached_run, named_config, param_set)
 from ovseg.benchmarks.results import render_section  # noqa: E402
 from ovseg.cli.main import app  # noqa: E402
 
@@ -62,6 +62,24 @@ def test_remedy_knobs_act_on_the_run_and_are_recorded(world):
     section = benchmark_grouping_dynamics(root / "out", data, voc, [cfg], threads=1)
     text = render_section(section)
     assert "assignment logits x 50" in text and "group tokens drawn at std 1" in text and "| gain | " in text
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_named_run_resolves_on_the_paper_preset_with_its_settings(tmp_path, name):
+    import yaml
+
+    from ovseg.training.config import to_dict
+
+    cfg = named_config(name, steps=10, batch_size=8)
+    resolved = to_dict(_config(cfg, tmp_path))
+    assert resolved["train"]["stages"][0]["steps"] == 10 and resolved["train"]["stages"][0]["batch_size"] == 8
+    for override in cfg.overrides:
+        key, raw = override.split("=", 1)
+        node = resolved
+        for part in key.split("."):  # stages are numbered from 1
+            node = node[int(part) - 1] if isinstance(node, list) else node[part]
+        expected = yaml.safe_load(raw)  # YAML reads 3e-3 as a string; the config types it
+        assert node == (float(expected) if isinstance(node, float) else expected), override
 
 
 def test_parameters_fall_into_the_named_sets():
