@@ -218,6 +218,8 @@ def test_rows_name_the_model_each_preset_trains():
     assert variant_stages("contrastive", small) == (["contrastive"], None)
     assert model_label("+ mask (full)", paper) == ("learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; "
                                                    "contrastive + entity (official decoder), then + mask (official)")
+    centred = resolve("synthetic-paper", overrides=["model.assign_center=true", "model.patch_embed=cnn"])
+    assert model_label("contrastive", centred).startswith("learned grouping (Gumbel, hard, centred logits), CNN stem")
     assert model_label("+ entity", small).startswith("clustering (no gradient to the assignment), CNN stem, 0 + 0")
     assert model_label("+ entity", small).endswith("contrastive + entity (ovseg decoder) + grounding")
 
