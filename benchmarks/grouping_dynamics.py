@@ -105,6 +105,14 @@ RUNS: dict[str, dict] = {
                                                           "model.assign_center=true",
                                                           "train.stages.1.losses=[contrastive,entity,grounding]")},
 }
+# and, on top of that remedy, the settings in which synthetic-paper still differs from
+# synthetic-small, whose groups get named: does one of them slow the naming?
+REMEDY = "cnn-text-dropout-0-center-grounding"
+RUNS |= {
+    f"{REMEDY}-contrastive-0.1": {"overrides": (*RUNS[REMEDY]["overrides"], "model.loss_weights.contrastive=0.1")},
+    f"{REMEDY}-drop-path-0": {"overrides": (*RUNS[REMEDY]["overrides"], "model.drop_path=0.0")},
+    f"{REMEDY}-lr-3e-3": {"overrides": (*RUNS[REMEDY]["overrides"], *RUNS["lr-3e-3"]["overrides"])},
+}
 
 
 def named_config(name: str, **fields) -> DynamicsConfig:
@@ -372,18 +380,19 @@ def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, ec
 
 def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, configs: list[DynamicsConfig],
                                 threads: int, style: str = "standard", command: str = "ovseg bench grouping-dynamics",
-                                echo=print) -> Section:
+                                echo=print, tag: str = "") -> Section:
     """Run every config (or read it back from OUT, `cached_run`), echoing each curve point, and
     return the results section `grouping-dynamics-STEPS` (`grouping-dynamics-textured-STEPS` on
-    that world), STEPS the first config's budget."""
+    that world; `-TAG` after it when tagged, so that another study at the same budget gets a
+    section of its own), STEPS the first config's budget."""
     import torch
 
     torch.set_num_threads(threads)
     results = [cached_run(out, data_dir, voc_dir, cfg, echo=echo) for cfg in configs]
     first = results[0]
-    name = "grouping-dynamics" + ("" if style == "standard" else f"-{style}") + f"-{configs[0].steps}"
-    section = Section(name, f"Learned grouping over {configs[0].steps} training steps, {style} world "
-                            "(`ovseg bench grouping-dynamics`)", command)
+    name = "grouping-dynamics" + ("" if style == "standard" else f"-{style}") + f"-{configs[0].steps}" + (f"-{tag}" if tag else "")
+    section = Section(name, f"Learned grouping over {configs[0].steps} training steps, {style} world"
+                            + (f", study `{tag}`" if tag else "") + " (`ovseg bench grouping-dynamics`)", command)
     section.text(f"Stage 1 of `{first['preset']}` ({first['threads']} thread(s)); {first['n_val']} fixed val images "
                  f"scored every {configs[0].eval_every} steps at the training size. Entropy: of the soft assignment "
                  f"over the {first['num_groups']} groups (at most log {first['num_groups']} = "

@@ -7,6 +7,7 @@ them; `ovseg bench render` only renders. Nothing reads the rendered page back.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -272,6 +273,7 @@ def bench_grouping_dynamics(
     n_train: int = typer.Option(6000, "--n-train", min=64, help="Training images in the synthetic world."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds: each run once per seed."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
+    tag: str = typer.Option("", "--tag", help="Name the results section grouping-dynamics-STEPS-TAG, so that this study does not replace another at the same budget (letters, digits and dashes)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value."),
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
     doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
@@ -286,6 +288,8 @@ def bench_grouping_dynamics(
 
     if style not in ("standard", "textured"):
         raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
+    if tag and not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", tag):
+        raise typer.BadParameter(f"takes lower-case letters, digits and dashes, not {tag!r}", param_hint="--tag")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         # NAME or NAME@SEED (that seed only)
@@ -308,7 +312,7 @@ def bench_grouping_dynamics(
                             batch_size=batch_size, eval_every=eval_every, n_val=n_val, seed=seed)
                for name, run_seeds in asked for seed in run_seeds]
     section = benchmark_grouping_dynamics(out / "dynamics", Path(prepared["data"]), out / "world" / "voc", configs,
-                                          threads, style, command=_command(ctx), echo=typer.echo)
+                                          threads, style, command=_command(ctx), echo=typer.echo, tag=tag)
     _record(section, results, doc)
 
 

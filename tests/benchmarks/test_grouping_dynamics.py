@@ -62,6 +62,10 @@ def test_remedy_knobs_act_on_the_run_and_are_recorded(world):
     section = benchmark_grouping_dynamics(root / "out", data, voc, [cfg], threads=1)
     text = render_section(section)
     assert "assignment logits x 50" in text and "group tokens drawn at std 1" in text and "| gain | " in text
+    assert section.section == "grouping-dynamics-2"
+    # a tagged study at the same budget gets a section of its own (the runs are read back)
+    assert benchmark_grouping_dynamics(root / "out", data, voc, [cfg], threads=1, tag="naming").section == \
+        "grouping-dynamics-2-naming"
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -96,6 +100,7 @@ def test_parameters_fall_into_the_named_sets():
     (["--seeds", "0,x"], "take integers"),
     (["--runs", "baseline@x"], "take integers"),
     (["--preset", "synthetic-small"], "learned grouping"),
+    (["--tag", "Bad tag"], "lower-case letters"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", "grouping-dynamics", "--out", str(tmp_path / "o"), *args])
