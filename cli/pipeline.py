@@ -88,7 +88,22 @@ def run_demo(cfg: DemoConfig, report: Callable[[str], None] = print) -> dict:
 
 def prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch) -> dict:
     """Generate the world into OUT/world, serve it on loopback, curate its captions into
-    OUT/data and download the manifest's images from the server (each step skipped when done)."""
+    OUT/data and download the manifest's images from the server (each step skipped when done).
+    One process at a time per OUT: another (a second bench on the same folder) waits for it and
+    then finds the world prepared, instead of drawing it again under a running download."""
+    import fcntl
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ".prepare.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            watch.report(f"   another process is preparing {out}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_synthetic_data(out, world_cfg, workers, watch)
+
+
+def _prepare_synthetic_data(out: Path, world_cfg, workers: int, watch: Stopwatch) -> dict:
     from ovseg.curation.download import DownloadConfig, download
     from ovseg.curation.pipeline import CurateConfig, curate, describe
     from ovseg.curation.select import SelectConfig

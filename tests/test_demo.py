@@ -70,6 +70,31 @@ def test_a_prepared_world_is_used_without_serving_it_again(demo_out, monkeypatch
     assert any("curated and downloaded before" in line for line in lines)
 
 
+def test_a_second_process_waits_for_the_one_preparing_the_world(demo_out):
+    """Two benches started on one folder at once: the second must not draw the world again under
+    the first's download (it did, and the first then downloaded half the images)."""
+    import fcntl
+    import threading
+
+    from ovseg.cli.pipeline import DemoConfig, Stopwatch, prepare_synthetic_data
+    from ovseg.curation.synthetic import WorldConfig
+
+    out, _ = demo_out
+    quick = DemoConfig.quick(out)
+    world = WorldConfig(n_train=quick.n_train, n_val=quick.n_val, n_test=quick.n_test, image_size=quick.image_size)
+    lines, got = [], []
+    with open(out / ".prepare.lock", "w") as held:  # the first process, still preparing
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: got.append(prepare_synthetic_data(out, world, 1, Stopwatch(lines.append))))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not got  # waiting, having touched nothing
+        assert any("another process is preparing" in line for line in lines)
+    second.join(timeout=60)
+    assert not second.is_alive() and got[0]["data"] == out / "data"
+    assert any("curated and downloaded before" in line for line in lines)
+
+
 def test_quality_bench_evaluates_one_run_at_each_budget_and_the_full_method_in_two_stages(demo_out, tmp_path):
     from ovseg.benchmarks.results import render_blocks
     from ovseg.benchmarks.synthetic import summarise, train_and_evaluate
