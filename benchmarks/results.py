@@ -42,9 +42,12 @@ RESULTS = Path("benchmarks/results")
 DOC = Path("docs/benchmarks.md")
 README = Path("README.md")
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
-# the sections whose first table README shows: ovseg's CPU recipe, then the paper's model on
-# the same world (each shown when stored)
-README_SECTIONS = ("synthetic", "synthetic-standard-synthetic-paper")
+# the sections whose first table README shows, each when stored: on the standard world ovseg's
+# CPU recipe, the paper's model as is and with ovseg's remedy switches; then the same on the
+# textured world
+README_SECTIONS = ("synthetic", "synthetic-standard-synthetic-paper",
+                   "synthetic-standard-synthetic-paper-cnn-text-dropout-0-center-grounding",
+                   "synthetic-textured-synthetic-small", "synthetic-textured-synthetic-paper-cnn-text-dropout-0-center-grounding")
 
 HEADER = """# Benchmarks
 
@@ -224,6 +227,8 @@ def render_readme_block(results: Path = RESULTS, link: str = "docs/benchmarks.md
         if s is None or not s.tables():
             continue
         recipe = next((b["text"] for b in s.blocks if "text" in b), "")
+        world = "textured" if name.startswith("synthetic-textured") else "standard"  # bench synthetic's names
+        recipe = f"**{world.capitalize()} world.** {recipe}" if recipe else recipe
         head = f"Measured by `{s.command}`; [{link}]({link}) gives the date, machine, steps and diagnostics."
         parts += [part for part in (head, recipe, render_table(_compact(s.tables()[0]))) if part]
     return "\n\n".join(parts)

@@ -94,6 +94,19 @@ def test_the_project_readme_block_is_the_rendered_one():
     assert replace_between(copy, README_BEGIN, README_END, render_readme_block(ROOT / RESULTS)) == text
 
 
+def test_the_readme_block_names_each_sections_world(tmp_path):
+    from ovseg.benchmarks.results import render_readme_block
+
+    for name in ("synthetic", "synthetic-textured-synthetic-small"):
+        save(Section(name, "Quality", f"ovseg bench synthetic --out {name}").text("Recipe: preset `synthetic-small`.")
+             .table(["variant", ("100 steps", "right")], [["+ mask (full)", "1.0 ± 0.0 [2.0] (0.5 min)"]]), tmp_path)
+    block = render_readme_block(tmp_path)
+    standard, textured = block.split("Measured by")[1:]
+    assert "**Standard world.** Recipe: preset `synthetic-small`." in standard
+    assert "**Textured world.** Recipe: preset `synthetic-small`." in textured
+    assert "(0.5 min)" not in block  # the minutes stay on the generated page
+
+
 def test_a_bench_command_writes_its_json_and_renders_the_page_from_every_section(tmp_path, monkeypatch):
     """The cheapest bench (a two-step grouping probe) stores its section and renders the whole
     page again; a page edited by hand is overwritten, not read."""
