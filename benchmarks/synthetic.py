@@ -441,6 +441,17 @@ def kept_rows(section: Section, variants: list[str]) -> dict:
     return out
 
 
+def measured_variants(section: Section) -> list[str]:
+    """The variants that have at least one measured cell in a stored section's results table
+    (none when it has no such table): what a new call that reruns other variants would drop."""
+    table = _table(section, "variant")
+    if table is None:
+        return []
+    names = {m["name"].split(": ")[0] for row in table["rows"] if (m := _KEPT.match(row[0]))
+             and any(c not in ("-", None, "") for c in row[1:])}
+    return [v for v in VARIANTS if v in names]
+
+
 def final_checkpoint(run_dir: Path, variant: str, budget: float, unit: str = "min") -> Path:
     """Where a variant's model is left after `budget` minutes (`train_and_evaluate`) or steps
     (`train_steps_and_evaluate`, unit "steps"). Wall-clock runs from before every variant kept

@@ -153,6 +153,7 @@ def bench_synthetic(
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
     label: str = typer.Option("", help="Name of a recipe changed by overrides: its results section is synthetic-STYLE-PRESET-LABEL, so that it does not overwrite the preset's own. Required with overrides."),
     keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in the stored section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
+    drop_rows: bool = typer.Option(False, "--drop-rows", help="Write the section with only the variants this call runs, dropping the stored rows of the others (without it, a call that would drop a measured row stops and says which)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
     """Quality: each proxy task's contribution at equal training on the synthetic world.
@@ -165,7 +166,8 @@ def bench_synthetic(
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from ovseg.benchmarks.results import load
-    from ovseg.benchmarks.synthetic import VARIANT_NAMES, benchmark_synthetic, check_recipe, kept_rows, section_name
+    from ovseg.benchmarks.synthetic import (VARIANT_NAMES, benchmark_synthetic, check_recipe, kept_rows,
+                                            measured_variants, section_name)
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
@@ -207,9 +209,17 @@ def bench_synthetic(
         typer.echo(f"ovseg bench synthetic: {error}", err=True)
         raise typer.Exit(2)
     section = section_name(preset, style, label)
+    stored = load(section, results)
+    by_row = {row: name for name, row in names.items()}
+    dropped = [v for v in measured_variants(stored) if by_row[v] not in asked + keep] if stored else []
+    if dropped and not drop_rows:
+        flags = ",".join(by_row[v] for v in dropped)
+        typer.echo(f"ovseg bench synthetic: section {section} in {results} holds measured rows of {', '.join(dropped)} "
+                   f"that this call does not run: --keep-rows {flags} keeps them (for a change that cannot touch "
+                   f"their training), --variants adds them to the runs, --drop-rows drops them", err=True)
+        raise typer.Exit(2)
     kept = None
     if keep:
-        stored = load(section, results)
         try:
             if stored is None:
                 raise ValueError("it holds no results table of `ovseg bench synthetic`")

@@ -183,6 +183,34 @@ def test_keep_rows_is_refused_before_any_work_when_it_cannot_be_kept(tmp_path):
     assert not (tmp_path / "b" / "world").exists()
 
 
+def test_a_call_that_would_drop_measured_rows_stops_and_says_how_to_keep_them(tmp_path):
+    """Rerunning one variant into a section used to rewrite it with that variant alone, and the
+    other variants' measured rows were gone without a word."""
+    from typer.testing import CliRunner
+
+    from ovseg.benchmarks.synthetic import measured_variants
+    from ovseg.cli.main import app
+
+    assert measured_variants(SECTION) == ["contrastive", "+ entity", "+ mask (full)"]
+    partial = Section("synthetic", "t", "c").table(["variant", ("800 steps", "right")], [
+        ["contrastive: learned grouping; contrastive", "-"], ["+ mask (full): learned grouping; all", "9.6 ± 3.4 [42.3]"],
+        ["random init (chance)", "6.4 [10.5]"]])
+    assert measured_variants(partial) == ["+ mask (full)"]
+    assert measured_variants(Section("synthetic", "t", "c").text("no table")) == []
+
+    save(SECTION, tmp_path / "results")
+    base = ["bench", "synthetic", "--out", str(tmp_path / "b"), "--doc", str(tmp_path / "benchmarks.md"),
+            "--results", str(tmp_path / "results")]
+    result = CliRunner().invoke(app, [*base, "--variants", "full"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "holds measured rows of contrastive, + entity that this call does not run" in said
+    assert "--keep-rows contrastive,entity keeps them" in said and "--drop-rows drops them" in said
+    result = CliRunner().invoke(app, [*base, "--variants", "full", "--keep-rows", "entity"])
+    assert result.exit_code == 2 and "holds measured rows of contrastive that" in " ".join(result.output.split())
+    assert not (tmp_path / "b" / "world").exists()
+
+
 # --- step budgets, model labels, the world's style ------------------------------------------------
 
 def _step_row(variant, seed, budget, miou, minutes, resumed=False):
