@@ -390,7 +390,8 @@ def benchmark_grouping_dynamics(out: Path, data_dir: Path, voc_dir: Path, config
     torch.set_num_threads(threads)
     results = [cached_run(out, data_dir, voc_dir, cfg, echo=echo) for cfg in configs]
     first = results[0]
-    name = "grouping-dynamics" + ("" if style == "standard" else f"-{style}") + f"-{configs[0].steps}" + (f"-{tag}" if tag else "")
+    name = "-".join(["grouping-dynamics", *([style] if style != "standard" else []), str(configs[0].steps),
+                     *([tag] if tag else [])])
     section = Section(name, f"Learned grouping over {configs[0].steps} training steps, {style} world"
                             + (f", study `{tag}`" if tag else "") + " (`ovseg bench grouping-dynamics`)", command)
     section.text(f"Stage 1 of `{first['preset']}` ({first['threads']} thread(s)); {first['n_val']} fixed val images "

@@ -100,7 +100,7 @@ def test_parameters_fall_into_the_named_sets():
     (["--seeds", "0,x"], "take integers"),
     (["--runs", "baseline@x"], "take integers"),
     (["--preset", "synthetic-small"], "learned grouping"),
-    (["--tag", "Bad tag"], "lower-case letters"),
+    (["--tag", "bad tag"], "letters, digits and dashes"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     result = CliRunner().invoke(app, ["bench", "grouping-dynamics", "--out", str(tmp_path / "o"), *args])
