@@ -409,6 +409,13 @@ def _table(section: Section, first_column: str) -> dict | None:
     return next((t for t in section.tables() if t["columns"][0]["name"] == first_column), None)
 
 
+def _row_of(table: dict, variant: str) -> tuple[list, re.Match] | None:
+    """The results table's row of `variant` (named by the variant alone, or by the variant and its
+    model, and perhaps marked kept) and its name's match, or None."""
+    return next(((row, m) for row in table["rows"] if (m := _KEPT.match(row[0]))
+                 and (m["name"] == variant or m["name"].startswith(f"{variant}: "))), None)
+
+
 def kept_rows(section: Section, variants: list[str]) -> dict:
     """What an earlier results section written by `report` says of `variants`, to stand beside
     new runs of the other variants (`ovseg bench synthetic --keep-rows`): each variant's cells
@@ -425,11 +432,10 @@ def kept_rows(section: Section, variants: list[str]) -> dict:
     diagnostics = _table(section, "model")
     out = {"cells": {}, "measured": {}, "names": {}, "diagnostics": [], "unit": unit}
     for variant in variants:
-        rows = [(row, m) for row in table["rows"]
-                if (m := _KEPT.match(row[0])) and (m["name"] == variant or m["name"].startswith(f"{variant}: "))]
-        if not rows:
+        found = _row_of(table, variant)
+        if found is None:
             raise ValueError(f"it has no row of {variant}")
-        row, match = rows[0]
+        row, match = found
         when = match["when"] or section.measured
         out["cells"][variant] = {b: c for b, c in zip(budgets, row[1:]) if c not in ("-", None)}
         out["measured"][variant] = when
@@ -447,9 +453,8 @@ def measured_variants(section: Section) -> list[str]:
     table = _table(section, "variant")
     if table is None:
         return []
-    names = {m["name"].split(": ")[0] for row in table["rows"] if (m := _KEPT.match(row[0]))
-             and any(c not in ("-", None, "") for c in row[1:])}
-    return [v for v in VARIANTS if v in names]
+    return [v for v in VARIANTS
+            if (found := _row_of(table, v)) and any(c not in ("-", None, "") for c in found[0][1:])]
 
 
 def final_checkpoint(run_dir: Path, variant: str, budget: float, unit: str = "min") -> Path:
