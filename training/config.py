@@ -78,6 +78,9 @@ class StageConfig:
     `optim.lr` x `lr_factor`, `optim.warmup_*`, `optim.min_lr`)."""
 
     losses: list[str] = field(default_factory=lambda: ["contrastive", "entity"])
+    # weights that replace model.loss_weights' for this stage only (e.g. {contrastive: 0.1}); the
+    # losses not named keep the model's
+    loss_weights: dict[str, float] | None = None
     steps: int = 1000
     epochs: float | None = None  # when set, the stage's length in epochs of the run's data (replaces steps)
     batch_size: int | None = None  # per process
@@ -396,6 +399,10 @@ def _check_stages(stages: list[StageConfig]) -> None:
         unknown = sorted(set(stage.losses) - set(LOSS_NAMES))
         if unknown or not stage.losses:
             raise ConfigError(f"config key '{key}.losses' wants some of {', '.join(LOSS_NAMES)}, got {stage.losses!r}")
+        unknown = sorted(set(stage.loss_weights or {}) - set(LOSS_NAMES))
+        if unknown:
+            raise ConfigError(f"config key '{key}.loss_weights' names no loss {', '.join(unknown)}: "
+                              f"the losses are {', '.join(LOSS_NAMES)}")
         if "mask" in stage.losses and stage.partners == "none":
             raise ConfigError(f"{key}: the mask loss needs partner images: set {key}.partners to extra or in_batch")
         if not 0 < stage.crop <= 1:

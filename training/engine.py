@@ -333,7 +333,9 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     state = ckpt.load(resume_path) if resume_path else None
     init_state = ckpt.load(init) if (init is not None and state is None) else None
     tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
-    cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses)))  # the model builds the stage's losses
+    weights = {**cfg.model.loss_weights, **(stage.loss_weights or {})}
+    # the model builds the stage's losses, weighted as the stage says
+    cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses), loss_weights=weights))
 
     weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
     model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model

@@ -95,7 +95,8 @@ def test_a_key_the_stage_list_replaced_is_refused_with_the_key_to_use(override, 
                                            ("train.stages.1.augment=heavy", "augment"),
                                            ("train.stages.1.losses=[contrastive,colour]", "losses"),
                                            ("train.stages.1.losses=[contrastive,mask]", "partners"),
-                                           ("train.stages.2.crop=0", "crop")])
+                                           ("train.stages.2.crop=0", "crop"),
+                                           ("train.stages.1.loss_weights={colour: 1.0}", "loss_weights")])
 def test_a_stage_no_run_can_train_is_refused_with_its_key(override, key):
     with pytest.raises(ConfigError, match=key):
         resolve("test", overrides=[override])

@@ -149,6 +149,21 @@ def test_overrides_reach_the_model(tmp_path):
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).assignment.shape[1] == 3
 
 
+def test_a_stages_loss_weights_replace_the_models_for_that_stage_only(tmp_path):
+    data = make_contract(tmp_path / "D", n=8)
+    run = tmp_path / "run"
+    result = _cli("--data", str(data), "--run", str(run), "--stage", "1", "train.stages.1.steps=1",
+                  "model.loss_weights.entity=0.5", "train.stages.1.loss_weights={contrastive: 0.25}")
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "loss/loss" in x]
+    parts = {k.split("/")[1]: v for k, v in record.items() if k.startswith("loss/") and k != "loss/loss"}
+    assert {"contrastive", "entity"} <= set(parts)
+    weights = {"contrastive": 0.25, "entity": 0.5}  # the stage's, then the model's, then 1
+    expected = sum(weights.get(name, 1.0) * value for name, value in parts.items())
+    assert record["loss/loss"] == pytest.approx(expected, rel=1e-5)
+    assert record["loss/loss"] != pytest.approx(sum(parts.values()), rel=1e-3)
+
+
 def test_tensorboard_is_optional(tmp_path):
     data = make_contract(tmp_path / "D", n=8)
     run = tmp_path / "run"
