@@ -281,7 +281,19 @@ def patch_grid_ceiling(world_dir: Path, cells: int) -> float:
     return cm.compute().miou
 
 
-def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, first_core: int = 0) -> list[dict]:
+def slot_cores(slot: int, threads: int, parallel: int) -> list[int] | None:
+    """The cores that run slot `slot` of `parallel` pins to: its own `threads` of the cores this
+    process may use (so that two benchmarks started under `taskset -c 0` and `taskset -c 1` do
+    not share a core), or None where the OS cannot pin or there are too few."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < parallel * threads:
+        return None
+    return allowed[slot * threads:(slot + 1) * threads]
+
+
+def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path) -> list[dict]:
     """Run `train_and_evaluate` (or, for a job with "unit": "steps", `train_steps_and_evaluate`)
     jobs as child processes, `parallel` at a time, each limited to
     `threads` CPU threads (and pinned to its own cores where the OS allows). Jobs whose result
@@ -289,7 +301,6 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
     asked for a budget its result file lacks goes on from its last measured budget."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, results = list(jobs), [], []
-    cores = os.cpu_count() or 1
     slot_free = list(range(parallel))
     for job in list(pending):  # a job that finished in an earlier (interrupted) call is not rerun
         done = log_dir / f"{job['name']}.json"
@@ -306,9 +317,9 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path, f
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             result_file = log_dir / f"{job['name']}.json"
             args = [sys.executable, "-m", "ovseg.benchmarks.synthetic", json.dumps({**job, "result": str(result_file)})]
-            if hasattr(os, "sched_setaffinity") and cores >= first_core + parallel * threads:
-                first = first_core + slot * threads
-                args = ["taskset", "-c", ",".join(str(first + i) for i in range(threads)), *args]
+            cores = slot_cores(slot, threads, parallel)
+            if cores is not None:
+                args = ["taskset", "-c", ",".join(map(str, cores)), *args]
             log = open(log_dir / f"{job['name']}.log", "w")
             running.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), slot, result_file, log))
         time.sleep(1)

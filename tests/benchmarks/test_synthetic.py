@@ -6,7 +6,7 @@ import pytest
 
 from ovseg.benchmarks import synthetic as bench
 from ovseg.benchmarks.results import Section, render_block, render_blocks, save
-from ovseg.benchmarks.synthetic import final_checkpoint, run_parallel
+from ovseg.benchmarks.synthetic import final_checkpoint, run_parallel, slot_cores
 
 
 def summarise(*args, **kwargs) -> str:
@@ -362,3 +362,13 @@ def test_a_stage_stopped_by_a_signal_is_not_recorded_as_its_budget(tmp_path):
     assert not (tmp_path / "minutes.json").exists()
     assert _timed_train(finished, None, tmp_path) == (30.0, True)  # resumed: its first part's minutes are lost
     assert _timed_train(stopped, None, tmp_path) == (30.0, True)   # done: read back, not trained
+
+
+def test_runs_are_pinned_within_the_cores_the_benchmark_may_use(monkeypatch):
+    """Two benchmarks started under `taskset -c 0` and `taskset -c 1` each pin their runs to
+    their own core, not both to core 0."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {1}, raising=False)
+    assert slot_cores(0, threads=1, parallel=1) == [1]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {2, 3, 6, 7}, raising=False)
+    assert [slot_cores(slot, threads=2, parallel=2) for slot in (0, 1)] == [[2, 3], [6, 7]]
+    assert slot_cores(0, threads=2, parallel=3) is None  # too few cores: the OS places the runs
