@@ -468,6 +468,30 @@ def measured_variants(section: Section) -> list[str]:
             if (found := _row_of(table, v)) and any(c not in ("-", None, "") for c in found[0][1:])]
 
 
+def dropped_cells(section: Section, variants: list[str], budgets: list[float], seeds: list[int]) -> list[str]:
+    """What a call that reruns `variants` at `budgets` with `seeds` would drop of their stored
+    measurements, which it rewrites from its own runs alone: a budget's cell that the call does
+    not run, a seed (named by a diagnostics row) that it does not train. E.g. "+ entity at 800
+    steps", "+ entity seed 1"."""
+    table = _table(section, "variant")
+    if table is None:
+        return []
+    heads = [c["name"] for c in table["columns"][1:]]
+    diagnostics = (_table(section, "model") or {"rows": []})["rows"]
+    dropped = []
+    for variant in variants:
+        found = _row_of(table, variant)
+        if found is None:
+            continue
+        for head, cell in zip(heads, found[0][1:]):
+            if cell not in ("-", None, "") and float(head.split()[0]) not in budgets:
+                dropped.append(f"{variant} at {head}")
+        stored = {int(m[1]) for row in diagnostics
+                  if (m := re.match(rf"^{re.escape(variant)}, seed (\d+),", row[0]))}
+        dropped += [f"{variant} seed {seed}" for seed in sorted(stored - set(seeds))]
+    return dropped
+
+
 def final_checkpoint(run_dir: Path, variant: str, budget: float, unit: str = "min") -> Path:
     """Where a variant's model is left after `budget` minutes (`train_and_evaluate`) or steps
     (`train_steps_and_evaluate`, unit "steps"). Wall-clock runs from before every variant kept

@@ -152,7 +152,7 @@ def bench_synthetic(
     preset: str = typer.Option("synthetic-small", help="Training preset of every run (the recipe under test)."),
     label: str = typer.Option("", help="Name of a recipe changed by overrides: its results section is synthetic-STYLE-PRESET-LABEL, so that it does not overwrite the preset's own. Required with overrides."),
     keep_rows: str = typer.Option("", help="Comma-separated variants not rerun whose rows (and diagnostics) in the stored section stand as they are, each marked with the date of that section: only for a change that cannot touch their training, e.g. a stage-2 setting leaves contrastive and entity as they were."),
-    drop_rows: bool = typer.Option(False, "--drop-rows", help="Write the section with only the variants this call runs, dropping the stored rows of the others (without it, a call that would drop a measured row stops and says which)."),
+    drop_rows: bool = typer.Option(False, "--drop-rows", help="Write the section with only the variants, budgets and seeds this call runs, dropping the stored measurements of the others (without it, a call that would drop a measured row, budget or seed stops and says which)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides for every run, key.sub=value (the stage-1/2 losses are the variants')."),
 ) -> None:
     """Quality: each proxy task's contribution at equal training on the synthetic world.
@@ -165,8 +165,8 @@ def bench_synthetic(
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from ovseg.benchmarks.results import load
-    from ovseg.benchmarks.synthetic import (VARIANT_NAMES, benchmark_synthetic, check_recipe, kept_rows,
-                                            measured_variants, section_name)
+    from ovseg.benchmarks.synthetic import (VARIANT_NAMES, benchmark_synthetic, check_recipe, dropped_cells,
+                                            kept_rows, measured_variants, section_name)
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
     from ovseg.curation.synthetic import WorldConfig
     from ovseg.training.config import ConfigError, resolve
@@ -216,6 +216,12 @@ def bench_synthetic(
         typer.echo(f"ovseg bench synthetic: section {section} in {results} holds measured rows of {', '.join(dropped)} "
                    f"that this call does not run: --keep-rows {flags} keeps them (for a change that cannot touch "
                    f"their training), --variants adds them to the runs, --drop-rows drops them", err=True)
+        raise typer.Exit(2)
+    lost = dropped_cells(stored, [names[v] for v in asked], budgets, seed_list) if stored else []
+    if lost and not drop_rows:
+        typer.echo(f"ovseg bench synthetic: section {section} in {results} holds measurements that this call would "
+                   f"drop ({', '.join(lost)}): give their budgets to --steps/--minutes and their seeds to --seeds "
+                   f"(finished runs are read back, not retrained), or --drop-rows to drop them", err=True)
         raise typer.Exit(2)
     kept = None
     if keep:

@@ -211,6 +211,39 @@ def test_a_call_that_would_drop_measured_rows_stops_and_says_how_to_keep_them(tm
     assert not (tmp_path / "b" / "world").exists()
 
 
+def test_a_call_that_would_drop_a_budget_or_seed_of_a_rerun_variant_stops_and_says_which(tmp_path):
+    """Rerunning a variant at one budget, or with one seed, rewrote its row from that call's runs
+    alone: the other budget's cell and the other seed were gone from the table."""
+    from typer.testing import CliRunner
+
+    from ovseg.benchmarks.synthetic import dropped_cells
+    from ovseg.cli.main import app
+
+    stored = (Section("synthetic-standard-synthetic-paper-x", "t", "c")
+              .table(["variant", ("800 steps", "right"), ("1600 steps", "right")], [
+                  ["contrastive: learned grouping; contrastive", "7.0 ± 0.4 [43.6]", "-"],
+                  ["+ mask (full): learned grouping; all", "9.6 ± 3.4 [42.3]", "11.6 ± 1.6 [41.1]"],
+                  ["random init (chance)", "6.4 [10.5]", None]])
+              .table(["model", "image embedding names a present shape", "groups named with their object's shape",
+                      "linear probe of the groups", ("groups per image", "right", ".2f")], [
+                  ["contrastive, seed 0, 800 steps", "34.0", "20.4", "17.9", 5.43],
+                  ["contrastive, seed 1, 800 steps", "36.7", "23.6", "17.4", 6.66],
+                  ["random init", "18.0", "8.5", "17.0", 7.06]]))
+    assert dropped_cells(stored, ["contrastive"], [800, 1600], [0, 1]) == []
+    assert dropped_cells(stored, ["contrastive"], [1600], [0]) == ["contrastive at 800 steps", "contrastive seed 1"]
+    assert dropped_cells(stored, ["+ mask (full)"], [1600], [0, 1]) == ["+ mask (full) at 800 steps"]
+
+    save(stored, tmp_path / "results")
+    base = ["bench", "synthetic", "--out", str(tmp_path / "b"), "--doc", str(tmp_path / "benchmarks.md"),
+            "--results", str(tmp_path / "results"), "--preset", "synthetic-paper", "--label", "x", "model.drop_path=0.0",
+            "--keep-rows", "full"]
+    result = CliRunner().invoke(app, [*base, "--variants", "contrastive", "--steps", "1600", "--seeds", "0"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "would drop (contrastive at 800 steps, contrastive seed 1)" in said and "--drop-rows" in said
+    assert not (tmp_path / "b" / "world").exists()
+
+
 # --- step budgets, model labels, the world's style ------------------------------------------------
 
 def _step_row(variant, seed, budget, miou, minutes, resumed=False):
