@@ -333,12 +333,13 @@ def setup_run(cfg: RunConfig, run_dir: Path, info, init: Path | None = None) -> 
     state = ckpt.load(resume_path) if resume_path else None
     init_state = ckpt.load(init) if (init is not None and state is None) else None
     tokenizer = _tokenizer(cfg, run_dir, info, state or init_state)
-    weights = {**cfg.model.loss_weights, **(stage.loss_weights or {})}
-    # the model builds the stage's losses, weighted as the stage says
-    cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses), loss_weights=weights))
+    cfg = replace(cfg, model=replace(cfg.model, losses=list(stage.losses)))  # the model builds the stage's losses
 
     weights_from = state or init_state  # its weights replace the DINO and BERT inits: skip them
     model_cfg = ckpt.offline_model_config(cfg.model, ckpt.model_weights(weights_from)) if weights_from else cfg.model
+    # weighted as the stage says; the saved config keeps model.loss_weights as set (a config file
+    # copied from this stage must not carry its weights into the next)
+    model_cfg = replace(model_cfg, loss_weights={**model_cfg.loss_weights, **(stage.loss_weights or {})})
     model = build_model(model_cfg, tokenizer=tokenizer)
     if cfg.model.text_pretrained and not cfg.model.text_config:  # checkpoints rebuild the text encoder offline
         cfg = replace(cfg, model=replace(cfg.model, text_config=model.text_encoder.config_dict()))

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from ovseg.cli.main import app
@@ -162,6 +163,10 @@ def test_a_stages_loss_weights_replace_the_models_for_that_stage_only(tmp_path):
     expected = sum(weights.get(name, 1.0) * value for name, value in parts.items())
     assert record["loss/loss"] == pytest.approx(expected, rel=1e-5)
     assert record["loss/loss"] != pytest.approx(sum(parts.values()), rel=1e-3)
+    # the saved config keeps the model's weights; the stage's stay the stage's
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["loss_weights"] == {"entity": 0.5}
+    assert saved["train"]["stages"][0]["loss_weights"] == {"contrastive": 0.25}
 
 
 def test_tensorboard_is_optional(tmp_path):
