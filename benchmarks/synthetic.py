@@ -420,6 +420,11 @@ def _table(section: Section, first_column: str) -> dict | None:
     return next((t for t in section.tables() if t["columns"][0]["name"] == first_column), None)
 
 
+def _measured(cell) -> bool:
+    """Whether a results table's cell holds a measurement (not "-" or empty)."""
+    return cell not in ("-", None, "")
+
+
 def _row_of(table: dict, variant: str) -> tuple[list, re.Match] | None:
     """The results table's row of `variant` (named by the variant alone, or by the variant and its
     model, and perhaps marked kept) and its name's match, or None."""
@@ -465,7 +470,7 @@ def measured_variants(section: Section) -> list[str]:
     if table is None:
         return []
     return [v for v in VARIANTS
-            if (found := _row_of(table, v)) and any(c not in ("-", None, "") for c in found[0][1:])]
+            if (found := _row_of(table, v)) and any(_measured(c) for c in found[0][1:])]
 
 
 def dropped_cells(section: Section, variants: list[str], budgets: list[float], seeds: list[int]) -> list[str]:
@@ -484,7 +489,7 @@ def dropped_cells(section: Section, variants: list[str], budgets: list[float], s
         if found is None:
             continue
         for head, cell in zip(heads, found[0][1:]):
-            if cell not in ("-", None, "") and float(head.split()[0]) not in budgets:
+            if _measured(cell) and float(head.split()[0]) not in budgets:
                 dropped.append(f"{variant} at {head}")
         stored = {int(m[1]) for row in diagnostics
                   if (m := re.match(rf"^{re.escape(variant)}, seed (\d+),", row[0]))}
