@@ -26,7 +26,9 @@ Everything is measured from outside the library: a wrapper of the assigner's `lo
 the model instance, tensor hooks and post-accumulate-grad hooks on parameters. Two experiment
 knobs act the same way, per step, and are not settings of the library: `soft_fraction` (the plain
 softmax assignment, no Gumbel, for a share of the first steps) and `tau_end` (the Gumbel temperature
-annealed linearly from the model's to this over the budget)."""
+annealed linearly from the model's to this over the budget). A third, `blank_images`, trains on
+images made one flat colour (the data set's mean colour): the losses it reaches are
+what the captions alone allow, the text-only floor that a model reading the images must go below."""
 
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class DynamicsConfig:
     tau_end: float | None = None     # experiment: Gumbel temperature annealed linearly to this
     group_token_std: float | None = None  # experiment: the group tokens drawn again at this std
     logit_gain: float = 1.0          # experiment: the assignment logits multiplied by this (vs. the Gumbel noise)
+    blank_images: bool = False       # experiment: every training image made one flat colour (the text-only floor)
 
 
 # the runs `ovseg bench grouping-dynamics --runs` knows by name: DynamicsConfig fields (the
@@ -112,6 +115,8 @@ RUNS |= {
     f"{REMEDY}-contrastive-0.1": {"overrides": (*RUNS[REMEDY]["overrides"], "model.loss_weights.contrastive=0.1")},
     f"{REMEDY}-drop-path-0": {"overrides": (*RUNS[REMEDY]["overrides"], "model.drop_path=0.0")},
     f"{REMEDY}-lr-3e-3": {"overrides": (*RUNS[REMEDY]["overrides"], *RUNS["lr-3e-3"]["overrides"])},
+    # the remedy trained on flat images: how low its losses go on the captions alone
+    f"{REMEDY}-text-only": {"overrides": RUNS[REMEDY]["overrides"], "blank_images": True},
 }
 
 
@@ -240,6 +245,14 @@ def grouping_state(model, probe: GradientProbe, images, labels, n_classes: int, 
             "group_majority_miou": 100 * float(np.nan_to_num(matrix.compute().miou))}
 
 
+def blank(micro_batches: list[dict]) -> list[dict]:
+    """A step's micro-batches with every image made one flat colour (zero after normalisation:
+    the data set's mean colour): the model sees the captions and nothing of the images."""
+    from ovseg.training.data import IMAGE_FIELDS
+
+    return [{k: v.zero_() if k in IMAGE_FIELDS else v for k, v in batch.items()} for batch in micro_batches]
+
+
 def _config(cfg: DynamicsConfig, data_dir: Path):
     from ovseg.training.config import resolve
 
@@ -286,8 +299,11 @@ def run_dynamics(data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, run_dir: Pa
                 if cfg.tau_end is not None:
                     assign.tau = tau0 + (cfg.tau_end - tau0) * run.step / max(1, run.total_steps - 1)
                 assign.hard = hard0 and run.step >= cfg.soft_fraction * run.total_steps
+                micro_batches = next(batches)
+                if cfg.blank_images:
+                    micro_batches = blank(micro_batches)
                 started = time.perf_counter()
-                losses = train_step(run, next(batches))
+                losses = train_step(run, micro_batches)
                 training_s += time.perf_counter() - started
                 window.append({**probe.take(), **{f"loss/{k}": v for k, v in losses.items()}})
                 if run.step % cfg.eval_every == 0 or run.step == run.total_steps:
@@ -302,7 +318,7 @@ def run_dynamics(data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, run_dir: Pa
             dist_utils.teardown()
     return {"name": cfg.name, "preset": cfg.preset, "overrides": list(cfg.overrides), "steps": run.step,
             "batch_size": run.stage.batch_size or run.cfg.train.batch_size, "soft_fraction": cfg.soft_fraction,
-            "tau_end": cfg.tau_end, "group_token_std": cfg.group_token_std, "logit_gain": cfg.logit_gain, "seed": cfg.seed, "n_val": len(images), "num_groups": int(run_cfg.model.num_groups),
+            "tau_end": cfg.tau_end, "group_token_std": cfg.group_token_std, "logit_gain": cfg.logit_gain, "blank_images": cfg.blank_images, "seed": cfg.seed, "n_val": len(images), "num_groups": int(run_cfg.model.num_groups),
             "minutes": training_s / 60, "threads": torch.get_num_threads(), "curve": curve}
 
 
@@ -316,6 +332,8 @@ def _setting(r: dict) -> str:
         parts.append(f"group tokens drawn at std {r['group_token_std']:g}")
     if r.get("logit_gain", 1.0) != 1.0:
         parts.append(f"assignment logits x {r['logit_gain']:g}")
+    if r.get("blank_images"):
+        parts.append("flat images (the captions alone)")
     return ", ".join(parts) or "(preset as is)"
 
 
@@ -356,6 +374,11 @@ def curve_table(section: Blocks, results: list[dict]) -> Blocks:
                           ("entity loss", "right", ".3f"), ("loss", "right", ".3f")], rows)
 
 
+# DynamicsConfig fields added after runs were stored, with their defaults: at the default they are
+# left out of a run's stored config (and its digest)
+LATER_FIELDS = {"blank_images": False}
+
+
 def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, echo=None) -> dict:
     """`run_dynamics`'s result for `cfg`, read back from OUT/runs/NAME-seedS-HASH.json (HASH: of the
     whole config) when that file holds a run of the same config, else trained, measured and stored there (so that runs can be
@@ -364,6 +387,9 @@ def cached_run(out: Path, data_dir: Path, voc_dir: Path, cfg: DynamicsConfig, ec
     import json
 
     asked = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as stored
+    for key, default in LATER_FIELDS.items():  # runs stored before the field existed still match
+        if asked.get(key) == default:
+            del asked[key]
     digest = hashlib.sha1(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
     path = Path(out) / "runs" / f"{cfg.name}-seed{cfg.seed}-{digest}.json"
     if path.exists():

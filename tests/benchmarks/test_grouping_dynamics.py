@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ovseg.benchmarks.grouping_dynamics import (  # noqa: E402
-    RUNS, DynamicsConfig, _config, benchmark_grouping_dynamics, cached_run, named_config, param_set)
+    RUNS, DynamicsConfig, _config, benchmark_grouping_dynamics, blank, cached_run, named_config, param_set)
 from ovseg.benchmarks.results import render_section  # noqa: E402
 from ovseg.cli.main import app  # noqa: E402
 
@@ -66,6 +66,32 @@ def test_remedy_knobs_act_on_the_run_and_are_recorded(world):
     # a tagged study at the same budget gets a section of its own (the runs are read back)
     assert benchmark_grouping_dynamics(root / "out", data, voc, [cfg], threads=1, tag="naming").section == \
         "grouping-dynamics-2-naming"
+
+
+def test_the_text_only_run_trains_on_flat_images_and_older_runs_still_match(world):
+    import json
+
+    import torch
+
+    batch = {"image": torch.randn(2, 3, 4, 4), "partner_image": torch.randn(2, 3, 4, 4),
+             "input_ids": torch.tensor([[5, 6], [7, 8]])}
+    (flat,) = blank([{k: v.clone() for k, v in batch.items()}])
+    assert not flat["image"].any() and not flat["partner_image"].any()  # the mean colour, once normalised
+    assert torch.equal(flat["input_ids"], batch["input_ids"])  # the captions are left as they are
+
+    root, data, voc = world
+    cfg = named_config("cnn-text-dropout-0-center-grounding-text-only", preset="test", steps=2, eval_every=2, n_val=2,
+                       overrides=("train.stages.1.losses=[contrastive,entity]",))
+    assert cfg.blank_images
+    result = cached_run(root / "text-only", data, voc, cfg)
+    assert result["blank_images"] and result["steps"] == 2
+    assert "flat images (the captions alone)" in render_section(
+        benchmark_grouping_dynamics(root / "text-only", data, voc, [cfg], threads=1))
+    # a run at the default stores no blank_images field, as runs stored before it existed did
+    plain = DynamicsConfig(name="plain", preset="test", steps=2, eval_every=2, n_val=2)
+    cached_run(root / "text-only", data, voc, plain)
+    (stored,) = (root / "text-only" / "runs").glob("plain-seed0-*.json")
+    assert "blank_images" not in json.loads(stored.read_text())["config"]
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
