@@ -316,7 +316,10 @@ def record(section: Section, results: Path = RESULTS, doc: Path | None = DOC, re
 def command_line(ctx, skip: tuple[str, ...] = ("results", "doc")) -> str:
     """The command a click/Typer context ran, with the options given on the command line (not
     their defaults, nor the `skip` ones that say only where results go), e.g.
-    `ovseg bench train --device cuda --steps 20`."""
+    `ovseg bench train --device cuda --steps 20`, each word quoted for the shell where it needs it
+    (a checkpoint named "seed 0=PATH", an override with brackets), so that it can be pasted."""
+    import shlex
+
     words = ["ovseg", *ctx.command_path.split()[1:]]  # the program's name, however it was invoked
     for param in ctx.command.params:
         if param.name in skip:
@@ -331,4 +334,4 @@ def command_line(ctx, skip: tuple[str, ...] = ("results", "doc")) -> str:
             words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
         else:
             words += [param.opts[0], str(value)]
-    return " ".join(words)
+    return shlex.join(words)

@@ -395,6 +395,47 @@ def bench_mask_targets(
     _record(report(measured, command=_command(ctx)), results, doc)
 
 
+@app.command("heldout")
+def bench_heldout(
+    ctx: typer.Context,
+    checkpoints: List[str] = typer.Argument(..., help="Training checkpoints (a run's stageN/last.pt), each NAME=PATH or PATH."),
+    out: Path = typer.Option(Path("bench-synthetic"), "--out", help="The `ovseg bench synthetic` folder whose training data the checkpoints were trained on; the unseen world goes to OUT/heldout."),
+    images: int = typer.Option(1024, "--images", min=64, help="Images of the unseen world (drawn once, reused by later calls)."),
+    batches: int = typer.Option(8, "--batches", min=1, help="Batches of each kind averaged, at the checkpoint stage's batch size."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
+    tag: str = typer.Option("", "--tag", help="Name the results section heldout-TAG, so that one study does not replace another (letters, digits and dashes)."),
+    results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
+    doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
+) -> None:
+    """Does a model learn the synthetic world or memorise its training images? Each checkpoint's
+    training losses on its own training images and on images of the same world it never saw."""
+    import json
+
+    import torch
+
+    from ovseg.benchmarks.heldout import heldout_world_config, measure, report
+    from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
+
+    if tag and not tag.replace("-", "").isalnum():
+        raise typer.BadParameter(f"takes letters, digits and dashes, not {tag!r}", param_hint="--tag")
+    named = {}
+    for item in checkpoints:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
+        named[name or path] = Path(path)
+    prepared_json = out / "prepared.json"
+    if not prepared_json.is_file():
+        raise typer.BadParameter(f"{out} holds no prepared world (no prepared.json): run `ovseg bench synthetic --out {out}` first",
+                                 param_hint="--out")
+    prepared = json.loads(prepared_json.read_text())
+    heldout = prepare_synthetic_data(out / "heldout", heldout_world_config(prepared, images), 2, Stopwatch(typer.echo))
+    torch.set_num_threads(threads)
+    rows = measure(named, out / "data", Path(heldout["data"]), batches, echo=typer.echo)
+    _record(report(rows, heldout["downloads"].get("success", images), batches, command=_command(ctx), tag=tag),
+            results, doc)
+
+
 @app.command("train")
 def bench_train(
     ctx: typer.Context,

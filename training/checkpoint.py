@@ -129,15 +129,21 @@ def offline_model_config(model_cfg, weights: dict[str, torch.Tensor]):
     return replace(model_cfg, vision_init=None, text_pretrained=None, text_config=text_config)
 
 
+def config_from_state(state: dict[str, Any]):
+    """The `RunConfig` a checkpoint was trained with."""
+    from ovseg.training.config import RunConfig, _from_dict
+
+    return _from_dict(RunConfig, {k: v for k, v in state["config"].items() if k != "git_sha"})
+
+
 def model_from_state(state: dict[str, Any], map_location: str | torch.device = "cpu"):
     """Build the model the checkpoint describes and load its weights (strict; the moving
     average when the run kept one, see `model_weights`). Nothing is downloaded or read but the
     checkpoint, except the tokenizer of an old checkpoint that did not keep its own."""
-    from ovseg.training.config import RunConfig, _from_dict
     from ovseg.training.model import build_model
     from ovseg.training.model.text_encoder import load_text_tokenizer
 
-    config = _from_dict(RunConfig, {k: v for k, v in state["config"].items() if k != "git_sha"})
+    config = config_from_state(state)
     weights = model_weights(state)
     tokenizer = tokenizer_from_state(state)
     if tokenizer is None and config.model.text_pretrained:

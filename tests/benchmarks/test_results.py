@@ -157,3 +157,28 @@ def test_the_training_page_shows_the_batch_plan_section_as_rendered():
     shown = text.split(begin, 1)[1].split(end, 1)[0].strip()
     assert shown == render_embed("batch-plan", RESULTS, "benchmarks.md").strip()
     assert "| 2,048 (OVSegmentor stage 1) | 30 | 8 | 80 | 256 | 256 | 1 |" in shown
+
+
+def test_the_recorded_command_can_be_pasted_into_a_shell():
+    """A checkpoint named "seed 0=PATH" or an override with brackets was recorded bare, and the
+    command a section showed did not run as written."""
+    import shlex
+    from typing import List
+
+    import typer
+
+    from ovseg.benchmarks.results import command_line
+
+    demo = typer.Typer()
+    seen = {}
+
+    @demo.command()
+    def run(ctx: typer.Context, items: List[str] = typer.Argument(...), steps: int = typer.Option(5, "--steps"),
+            quiet: bool = typer.Option(False, "--quiet")):
+        seen["command"] = command_line(ctx)
+
+    args = ["seed 0=/runs/a b/last.pt", "train.stages.1.losses=[contrastive,entity]", "--steps", "7"]
+    assert CliRunner().invoke(demo, args).exit_code == 0
+    words = shlex.split(seen["command"])
+    assert words[1:] == args  # --quiet at its default is left out
+    assert "'seed 0=/runs/a b/last.pt'" in seen["command"]
