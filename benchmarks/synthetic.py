@@ -337,7 +337,8 @@ def run_parallel(jobs: list[dict], threads: int, parallel: int, log_dir: Path) -
 
 
 def summarise(results: list[dict], chance: dict, ceiling: float, threads: int, grid: int,
-              kept: dict | None = None, labels: dict[str, str] | None = None, style: str = "standard") -> list[dict]:
+              kept: dict | None = None, labels: dict[str, str] | None = None, style: str = "standard",
+              n_train: int | None = None) -> list[dict]:
     """The mIoU table's blocks (its introduction, the table, and a note on kept rows); `kept`
     (from `kept_rows`) adds the rows of variants that were not rerun, each named with the date
     of the section they come from; `labels` (from `model_label`) names each variant's model in
@@ -358,7 +359,8 @@ def summarise(results: list[dict], chance: dict, ceiling: float, threads: int, g
         when = (f"Results evaluated from {times[0]} to {times[-1]}"
                 + (f" ({untimed} reused from before results were timed)" if untimed else "") + "; the runs "
                 "of one call share the machine's speed, so steps are given with each cell. ")
-    world = "Synthetic world" + ("" if style == "standard" else f" ({style} style)")
+    about = ([f"{style} style"] if style != "standard" else []) + ([f"{n_train:,} training images"] if n_train else [])
+    world = "Synthetic world" + (f" ({', '.join(about)})" if about else "")
     if by_steps:
         batches = sorted({(r["batch_size"], r["stage2_batch_size"]) for r in results})
         batch = "; ".join(f"batch {b}" + (f", stage 2 at {b2}" if b2 != b else "") for b, b2 in batches)
@@ -603,7 +605,9 @@ def report(out: Path, world_dir: Path, results: list[dict], threads: int, sectio
     checkpoints["random init"] = out / "random" / "random.pt"
     labels = {v: model_label(v, cfg) for v in VARIANTS}
     section.text(f"Recipe: preset `{preset}`" + (f" with {', '.join(f'`{o}`' for o in overrides)}" if overrides else "") + ".")
-    section.blocks += summarise(results, chance, ceiling, threads, grid, kept, labels, style)
+    world_json = Path(world_dir) / "world.json"  # the world's size, for the table's introduction
+    world_cfg = json.loads(world_json.read_text()).get("config", {}) if world_json.exists() else {}
+    section.blocks += summarise(results, chance, ceiling, threads, grid, kept, labels, style, world_cfg.get("n_train"))
     section.text("Diagnostics on the test split (each image in one window at the training size; a group is "
                  "named by its best class prompt and scored against the majority true label of its pixels, "
                  "background groups left out; the linear probe is a logistic regression on the groups' features, "

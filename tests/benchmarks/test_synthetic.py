@@ -260,8 +260,9 @@ def test_step_budget_tables_read_n_steps_and_give_each_cells_minutes_and_the_cpu
     rows[0]["load"], rows[1]["load"] = 7.25, 1.5
     labels = {"contrastive": "learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive"}
     table = summarise(rows, {"miou": 0.064, "group_majority_miou": 0.35}, 0.72, 2, 8, labels=labels,
-                      style="textured")
+                      style="textured", n_train=48000)
     assert "| variant | 1000 steps | 2000 steps |" in table
+    assert table.startswith("Synthetic world (textured style, 48,000 training images), test split")
     assert ("| contrastive: learned grouping (Gumbel, hard), linear patches, 2 + 2 blocks; contrastive | "
             "12.0 ± 4.0 [40.0] (4.0 min) | 25.0 ± 10.0 [40.0] (≥7.0 min) |") in table
     assert "(batch 128, stage 2 at 64)" in table and "load average (1 minute) when each training ended: 1.5 to 7.2" in table and "on Test CPU @ 2GHz" in table and "textured style" in table
