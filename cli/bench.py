@@ -38,6 +38,18 @@ def _command(ctx: typer.Context) -> str:
     return command_line(ctx)
 
 
+def _named_checkpoints(items: List[str], by) -> dict[str, Path]:
+    """CHECKPOINTS arguments, each NAME=PATH or PATH (named `by(PATH)`), as {name: path}; a
+    path that is not a file stops the command with a usage error."""
+    named = {}
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
+        named[name or by(Path(path))] = Path(path)
+    return named
+
+
 def _presets(presets: str) -> tuple[str, ...]:
     from ovseg.training.presets import list_presets
 
@@ -376,13 +388,7 @@ def bench_mask_targets(
     from ovseg.benchmarks.mask_targets import mask_target_quality, report, synthetic_pairs
     from ovseg.training.checkpoint import load_model
 
-    named = {}
-    for item in checkpoints:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        path = Path(path)
-        if not path.is_file():
-            raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
-        named[name or path.name] = path
+    named = _named_checkpoints(checkpoints, by=lambda path: path.name)
     torch.set_num_threads(threads)
     measured = {}
     for name, path in named.items():
@@ -418,12 +424,7 @@ def bench_heldout(
 
     if tag and not tag.replace("-", "").isalnum():
         raise typer.BadParameter(f"takes letters, digits and dashes, not {tag!r}", param_hint="--tag")
-    named = {}
-    for item in checkpoints:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        if not Path(path).is_file():
-            raise typer.BadParameter(f"{path} is not a file", param_hint="CHECKPOINTS")
-        named[name or path] = Path(path)
+    named = _named_checkpoints(checkpoints, by=str)
     prepared_json = out / "prepared.json"
     if not prepared_json.is_file():
         raise typer.BadParameter(f"{out} holds no prepared world (no prepared.json): run `ovseg bench synthetic --out {out}` first",
