@@ -38,6 +38,12 @@ def _command(ctx: typer.Context) -> str:
     return command_line(ctx)
 
 
+def _is_name(text: str) -> bool:
+    """Whether `text` may name a results section (bench synthetic's --label, the --tag of the
+    others): letters, digits and dashes, so that it is a file name and a Markdown anchor."""
+    return text.replace("-", "").isalnum()
+
+
 def _named_checkpoints(items: List[str], by) -> dict[str, Path]:
     """CHECKPOINTS arguments, each NAME=PATH or PATH (named `by(PATH)`), as {name: path}; a
     path that is not a file stops the command with a usage error."""
@@ -213,7 +219,7 @@ def bench_synthetic(
         if overrides and not label:
             raise ConfigError("a recipe changed by overrides needs a name for its results section (--label NAME), "
                               "or it would overwrite the preset's")
-        if label and not label.replace("-", "").isalnum():
+        if label and not _is_name(label):
             raise ConfigError(f"--label takes letters, digits and dashes, not {label!r}")
         check_recipe(out, recipe)
     except ConfigError as error:
@@ -315,7 +321,7 @@ def bench_grouping_dynamics(
 
     if style not in ("standard", "textured"):
         raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
-    if tag and not tag.replace("-", "").isalnum():  # the rule of bench synthetic's --label
+    if tag and not _is_name(tag):
         raise typer.BadParameter(f"takes letters, digits and dashes, not {tag!r}", param_hint="--tag")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -422,7 +428,7 @@ def bench_heldout(
     from ovseg.benchmarks.heldout import heldout_world_config, measure, report
     from ovseg.cli.pipeline import Stopwatch, prepare_synthetic_data
 
-    if tag and not tag.replace("-", "").isalnum():
+    if tag and not _is_name(tag):
         raise typer.BadParameter(f"takes letters, digits and dashes, not {tag!r}", param_hint="--tag")
     named = _named_checkpoints(checkpoints, by=str)
     prepared_json = out / "prepared.json"

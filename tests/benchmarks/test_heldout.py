@@ -1,7 +1,6 @@
 """`ovseg bench heldout`: a checkpoint's training losses on its training images and on unseen ones."""
 
 import dataclasses
-import json
 import math
 import os
 
