@@ -49,8 +49,10 @@ def model_label(variant: str, cfg) -> str:
     hard), linear patches, 2 + 2 blocks; contrastive + entity, then + mask (official)`."""
     m = cfg.model
     if m.grouping == "learned":
-        grouping = ("learned grouping (Gumbel, " + ("hard" if m.hard_assignment else "soft")
-                    + (", centred logits)" if m.assign_center else ")"))
+        noise = m.assign_noise
+        kind = ("soft" if not m.hard_assignment else "Gumbel, hard" if noise == 1
+                else "hard, no Gumbel noise" if noise == 0 else f"Gumbel x {noise:g}, hard")
+        grouping = f"learned grouping ({kind}" + (", centred logits)" if m.assign_center else ")")
     else:
         grouping = "clustering (no gradient to the assignment)"
     stem = {"linear": "linear patches", "conv": "conv stem", "cnn": "CNN stem"}.get(m.patch_embed, m.patch_embed)

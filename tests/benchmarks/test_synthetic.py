@@ -282,6 +282,10 @@ def test_rows_name_the_model_each_preset_trains():
                                                    "contrastive + entity (official decoder), then + mask (official)")
     centred = resolve("synthetic-paper", overrides=["model.assign_center=true", "model.patch_embed=cnn"])
     assert model_label("contrastive", centred).startswith("learned grouping (Gumbel, hard, centred logits), CNN stem")
+    quiet = resolve("synthetic-paper", overrides=["model.assign_center=true", "model.assign_noise=0.0"])
+    assert model_label("contrastive", quiet).startswith("learned grouping (hard, no Gumbel noise, centred logits)")
+    soft = resolve("synthetic-paper", overrides=["model.hard_assignment=false"])
+    assert model_label("contrastive", soft).startswith("learned grouping (soft), linear patches")
     assert model_label("+ entity", small).startswith("clustering (no gradient to the assignment), CNN stem, 0 + 0")
     assert model_label("+ entity", small).endswith("contrastive + entity (ovseg decoder) + grounding")
 

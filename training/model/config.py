@@ -40,6 +40,10 @@ class ModelConfig:
     # learned grouping: take each group's mean over the patches from its assignment logits
     # (ovseg's; GroupViT has none), so that no group takes every patch by a constant
     assign_center: bool = False
+    # the Gumbel noise of the training hard assignment, times this (1: GroupViT's; 0: each patch
+    # to its best group, straight-through): ovseg's, for assignment logits still far smaller than
+    # the noise, where the sample is mostly noise and training groups differ from the test's
+    assign_noise: float = 1.0
     # "learned": GroupViT's assignment (learned query-key softmax over groups, trained through
     # the assignment); "cluster": the group queries seed a few soft k-means steps over
     # gradient-free keys (low-level features, patch tokens, position), so no loss can collapse

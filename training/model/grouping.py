@@ -52,12 +52,16 @@ class Assigner(Protocol):
         on, or on `grid` unless `fine`."""
 
 
-def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool, salt: int = 0) -> torch.Tensor:
-    """Softmax over dim 1 (the groups) with Gumbel noise; straight-through one-hot if `hard`.
-    `salt`: the calling module's, for per-sample noise (training/model/noise.py)."""
+def gumbel_softmax_over_groups(logits: torch.Tensor, tau: float, hard: bool, salt: int = 0,
+                                scale: float = 1.0) -> torch.Tensor:
+    """Softmax over dim 1 (the groups) with Gumbel noise times `scale` (1: GroupViT's; 0: none,
+    the best group); straight-through one-hot if `hard`. `salt`: the calling module's, for
+    per-sample noise (training/model/noise.py)."""
     # noise and softmax in float32: a bf16 exponential sample can round to 0 (log -> inf)
-    gumbels = noise.gumbel(logits, salt)
-    soft = ((logits.float() + gumbels) / tau).softmax(dim=1)
+    soft = logits.float()
+    if scale:
+        soft = soft + scale * noise.gumbel(logits, salt)
+    soft = (soft / tau).softmax(dim=1)
     if not hard:
         return soft.to(logits.dtype)
     index = soft.argmax(dim=1, keepdim=True)
@@ -76,8 +80,9 @@ class AssignAttention(nn.Module):
     """Patches (keys/values) to group queries: attention normalised over the queries (one head).
 
     With `hard` (GroupViT's and OVSegmentor's setting) a patch goes to one group: a Gumbel
-    straight-through sample in training, the best group at eval; otherwise the softmax over
-    the groups, in training and at eval. Each group then takes the mean of its patches.
+    straight-through sample in training (its noise times `noise_scale`), the best group at eval;
+    otherwise the softmax over the groups, in training and at eval. Each group then takes the
+    mean of its patches.
 
     With `center` (ovseg's, off in GroupViT) each group's logits have their mean over the
     patches taken away: a group's score then says only which patches fit it better than the
@@ -86,7 +91,8 @@ class AssignAttention(nn.Module):
     residual = True
     queries_see_patches = True
 
-    def __init__(self, dim: int, tau: float = 1.0, hard: bool = True, center: bool = False):
+    def __init__(self, dim: int, tau: float = 1.0, hard: bool = True, center: bool = False,
+                 noise_scale: float = 1.0):
         super().__init__()
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -96,6 +102,7 @@ class AssignAttention(nn.Module):
         self.tau = tau
         self.hard = hard
         self.center = center
+        self.noise_scale = noise_scale
 
     def project_q(self, queries: torch.Tensor) -> torch.Tensor:
         return self.q_proj(queries)  # (B, K, C)
@@ -120,7 +127,8 @@ class AssignAttention(nn.Module):
         if not self.hard:
             attn = soft
         elif self.training:
-            attn = gumbel_softmax_over_groups(raw, self.tau, hard=True, salt=getattr(self, "noise_salt", 0))
+            attn = gumbel_softmax_over_groups(raw, self.tau, hard=True, salt=getattr(self, "noise_salt", 0),
+                                              scale=self.noise_scale)
         else:
             attn = hard_one_hot_over_groups(soft)
         # each group takes the mean of the patches assigned to it
@@ -332,7 +340,8 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_groups: int,
                  mlp_ratio: float = 4.0, tau: float = 1.0, hard: bool = True,
-                 cluster: ClusterSettings | None = None, low_dim: int = 0, center: bool = False):
+                 cluster: ClusterSettings | None = None, low_dim: int = 0, center: bool = False,
+                 noise_scale: float = 1.0):
         super().__init__()
         self.norm_tokens = nn.LayerNorm(dim)
         # mixes along the token axis: G group tokens -> K group queries
@@ -344,7 +353,7 @@ class GroupingBlock(nn.Module):
         # keeps its parameter order)
         kind = AssignAttention if cluster is None else ClusterAssign
         self.pre_assign = CrossAttentionBlock(dim, heads, mlp_ratio, post_norm=kind.queries_see_patches)
-        self.assign: Assigner = AssignAttention(dim, tau, hard, center) if cluster is None else ClusterAssign(dim, low_dim, cluster)
+        self.assign: Assigner = AssignAttention(dim, tau, hard, center, noise_scale) if cluster is None else ClusterAssign(dim, low_dim, cluster)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), dim)
 

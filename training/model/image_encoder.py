@@ -128,7 +128,8 @@ class GroupingStage(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=nn.LayerNorm) for rate in drop_path)
         self.grouping = GroupingBlock(cfg.width, cfg.heads, group_tokens, groups, cfg.mlp_ratio,
-                                      cfg.gumbel_tau, cfg.hard_assignment, center=cfg.assign_center)
+                                      cfg.gumbel_tau, cfg.hard_assignment, center=cfg.assign_center,
+                                      noise_scale=cfg.assign_noise)
 
     def forward(self, groups: torch.Tensor, previous_tokens: torch.Tensor):
         """groups (B, K, C) and the previous stage's group tokens (B, G, C) -> new groups
@@ -198,7 +199,8 @@ class GroupingViT(nn.Module):
             for _ in range(cfg.depth_before))
         self.grouping = GroupingBlock(cfg.width, cfg.heads, cfg.num_group_tokens, cfg.num_groups,
                                       cfg.mlp_ratio, cfg.gumbel_tau, cfg.hard_assignment, cluster=cluster,
-                                      low_dim=getattr(self.patch_embed, "low_dim", 0), center=cfg.assign_center)
+                                      low_dim=getattr(self.patch_embed, "low_dim", 0), center=cfg.assign_center,
+                                      noise_scale=cfg.assign_noise)
         self.stages = nn.ModuleList()
         tokens_in, groups_in = cfg.num_group_tokens, cfg.num_groups
         for depth, group_tokens, groups in zip(cfg.extra_stage_depths, cfg.extra_stage_group_tokens,
