@@ -9,7 +9,10 @@ every patch into one group even here, no caption loss will unfold it. Reported o
 val split: distinct arg-max groups per image, and the group-majority mIoU (every group named by
 the majority true label of its pixels: what the grouping alone allows). `style` picks the world
 (the textured one, where colour does not draw the masks, asks whether the grouping can learn
-them)."""
+them). With a `preset` (and overrides), the encoder is that preset's own image encoder, so that
+the pixel target says what the preset's architecture reaches in a step budget when it is told
+every pixel's class: a supervised ceiling for the caption-trained runs of `ovseg bench
+synthetic` at the same steps and batch, scored by the same test mIoU."""
 
 from __future__ import annotations
 
@@ -58,10 +61,28 @@ class ProbeConfig:
     # soft maximum: the weak label a caption gives) or "pixels" (every pixel's class through its
     # group, straight through the hard assignment: whether the grouping can draw the masks at all)
     target: str = "image"
+    # the image encoder of this preset (with `overrides`, key.sub=value) instead of the sizes
+    # above (width, heads, depths, groups, input and patch size all come from it)
+    preset: str = ""
+    overrides: tuple[str, ...] = ()
+    n_test: int = 0                # pixel target: also score the probe's own labels on this many test images
 
 
-def _world(cfg: ProbeConfig, split: str, n: int, world: WorldConfig):
-    """(images (N, 3, s, s) normalised, multi-hot labels (N, C), label maps at world size)."""
+def model_config(cfg: ProbeConfig) -> ModelConfig:
+    """The encoder's settings: the preset's model (with the overrides), or the probe's own sizes."""
+    if cfg.preset:
+        from ovseg.training.config import resolve
+
+        return resolve(cfg.preset, overrides=list(cfg.overrides)).model
+    return ModelConfig(image_size=cfg.input_size, patch_size=cfg.patch_size, patch_embed="conv",
+                       width=cfg.width, heads=cfg.heads, depth_before=cfg.depth_before,
+                       depth_after=cfg.depth_after, num_group_tokens=cfg.num_group_tokens,
+                       num_groups=cfg.num_groups, grouping=cfg.grouping, hard_assignment=cfg.hard_assignment)
+
+
+def _world(cfg: ProbeConfig, split: str, n: int, world: WorldConfig, size: int | None = None):
+    """(images (N, 3, s, s) normalised (s: `size`, else the probe's input size), multi-hot
+    labels (N, C), label maps at world size)."""
     names = world_classes(world)
     images, hot, maps = [], np.zeros((n, len(names) - 1), np.float32), []
     for i in range(n):
@@ -72,22 +93,18 @@ def _world(cfg: ProbeConfig, split: str, n: int, world: WorldConfig):
         for obj in scene.objects:
             hot[i, names.index(obj.shape) - 1] = 1.0
     x = torch.stack(images).float() / 255
-    x = F.interpolate(x, size=(cfg.input_size,) * 2, mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size or cfg.input_size,) * 2, mode="bilinear", align_corners=False)
     return (x - MEAN) / STD, torch.from_numpy(hot), maps
 
 
 class Probe(nn.Module):
     def __init__(self, cfg: ProbeConfig, n_classes: int):
         super().__init__()
-        model = ModelConfig(image_size=cfg.input_size, patch_size=cfg.patch_size, patch_embed="conv",
-                            width=cfg.width, heads=cfg.heads, depth_before=cfg.depth_before,
-                            depth_after=cfg.depth_after, num_group_tokens=cfg.num_group_tokens,
-                            num_groups=cfg.num_groups, grouping=cfg.grouping,
-                            hard_assignment=cfg.hard_assignment)
+        model = model_config(cfg)
         self.encoder = GroupingViT(model)
-        self.classes = nn.Parameter(torch.randn(n_classes, cfg.width) * 0.02)
+        self.classes = nn.Parameter(torch.randn(n_classes, model.width) * 0.02)
         # the pixel target's classes, background first
-        self.pixel_classes = nn.Parameter(torch.randn(n_classes + 1, cfg.width) * 0.02) if cfg.target == "pixels" else None
+        self.pixel_classes = nn.Parameter(torch.randn(n_classes + 1, model.width) * 0.02) if cfg.target == "pixels" else None
         self.scale = nn.Parameter(torch.tensor(10.0))
         self.bias = nn.Parameter(torch.tensor(-3.0))
         self.tau = cfg.tau
@@ -107,17 +124,26 @@ class Probe(nn.Module):
 
 @torch.no_grad()
 def grouping_scores(probe: Probe, images: torch.Tensor, maps: list[np.ndarray], n_classes: int) -> dict[str, float]:
+    """Distinct arg-max groups per image and the group-majority mIoU; with the pixel target also
+    `miou`, that of the probe's own labels (each cell the class of its group)."""
     probe.eval()
-    matrix = ConfusionMatrix(n_classes)
+    matrix, own = ConfusionMatrix(n_classes), ConfusionMatrix(n_classes)
     groups = 0
     for start in range(0, len(images), 64):
-        _, assignment = probe(images[start:start + 64])
+        batch = images[start:start + 64]
+        _, assignment = probe(batch)
+        labels = probe.pixel_logits(batch).argmax(1, keepdim=True) if probe.pixel_classes is not None else None
         for j, label in enumerate(maps[start:start + 64]):
             up = F.interpolate(assignment[j:j + 1].float(), size=label.shape, mode="nearest")[0].numpy()
             groups += len(np.unique(up.argmax(0)))
             matrix.update(label, group_majority_labels(up, label, n_classes))
+            if labels is not None:
+                own.update(label, F.interpolate(labels[j:j + 1].float(), size=label.shape, mode="nearest")[0, 0].long().numpy())
     probe.train()
-    return {"groups_per_image": groups / len(maps), "group_majority_miou": 100 * matrix.compute().miou}
+    scores = {"groups_per_image": groups / len(maps), "group_majority_miou": 100 * matrix.compute().miou}
+    if probe.pixel_classes is not None:
+        scores["miou"] = 100 * own.compute().miou
+    return scores
 
 
 def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
@@ -128,9 +154,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
     n_classes = len(world_classes(world))
     if cfg.target not in ("image", "pixels"):
         raise ValueError(f"target must be image or pixels, not {cfg.target!r}")
-    x, y, maps = _world(cfg, "train", cfg.n_train, world)
+    size = model_config(cfg).image_size
+    x, y, maps = _world(cfg, "train", cfg.n_train, world, size)
     labels = torch.from_numpy(np.stack(maps))  # (N, H, W) uint8, 255 on borders
-    vx, _, vmaps = _world(cfg, "val", cfg.n_val, world)
+    vx, _, vmaps = _world(cfg, "val", cfg.n_val, world, size)
     probe = Probe(cfg, n_classes - 1)
     before = grouping_scores(probe, vx, vmaps, n_classes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=0.05)
@@ -159,8 +186,12 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> dict[str, float]:
                     print(curve[-1], flush=True)
     minutes = (training.seconds - scoring_s) / 60
     after = grouping_scores(probe, vx, vmaps, n_classes)
+    test = {}
+    if cfg.n_test and cfg.target == "pixels":
+        tx, _, tmaps = _world(cfg, "test", cfg.n_test, world, size)
+        test = {f"test_{k}": v for k, v in grouping_scores(probe, tx, tmaps, n_classes).items()}
     return {"steps": cfg.steps, "minutes": minutes, "loss": float(loss.item()),
-            **{f"init_{k}": v for k, v in before.items()}, **after,
+            **{f"init_{k}": v for k, v in before.items()}, **after, **test,
             "curve": [*curve, {"step": cfg.steps, **after}]}
 
 
@@ -194,17 +225,38 @@ def curve_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, fl
                           ("group-majority mIoU", "right", ".1f")], table)
 
 
+def _recipe(cfg: ProbeConfig) -> str:
+    return f"`{cfg.preset}`" + "".join(f", `{o}`" for o in cfg.overrides)
+
+
+def ceiling_table(section: Blocks, rows: list[tuple[str, ProbeConfig, dict[str, float]]]) -> Blocks:
+    """Add the table of preset probes to `section`: per run its own labels' test mIoU, the
+    group-majority mIoU and groups per image on test and val (init in brackets)."""
+    return section.table(
+        ["world", "encoder", "target", ("seed", "right", "d"), ("steps (batch)", "right"),
+         ("test mIoU of its own labels", "right", ".1f"), ("test group-majority mIoU", "right", ".1f"),
+         ("groups per test image", "right", ".2f"), ("val group-majority mIoU (init)", "right"), ("minutes", "right", ".1f")],
+        [[cfg.style, _recipe(cfg), cfg.target, cfg.seed, f"{r['steps']} ({cfg.batch_size})", r.get("test_miou"),
+          r.get("test_group_majority_miou"), r.get("test_groups_per_image"),
+          f"{r['group_majority_miou']:.1f} ({r['init_group_majority_miou']:.1f})", r["minutes"]]
+         for _, cfg, r in rows])
+
+
 def benchmark_grouping_probe(configs: list[ProbeConfig], threads: int, command: str = "ovseg bench grouping-probe",
-                             echo=print) -> Section:
+                             echo=print, tag: str = "") -> Section:
     """Run every probe (echoing each result) and return the results section, named after the
-    grouping, the assignment, the target and the world of the first config."""
+    grouping, the assignment, the target and the world of the first config (with a preset:
+    after the preset, `tag`, the target and the world)."""
     torch.set_num_threads(threads)
     rows = []
     for cfg in configs:
         result = run_probe(cfg)
-        echo(f"{cfg.grouping} {cfg.depth_before}+{cfg.depth_after} seed {cfg.seed}: {result}")
+        name = _recipe(cfg) if cfg.preset else f"{cfg.grouping} {cfg.depth_before}+{cfg.depth_after}"
+        echo(f"{name} seed {cfg.seed}: {result}")
         rows.append((cfg.grouping, cfg, result))
     first = configs[0]
+    if first.preset:
+        return _ceiling_section(rows, threads, command, tag)
     name = (f"grouping-probe-{first.grouping}-{'hard' if first.hard_assignment else 'soft'}"
             + ("" if first.target == "image" else f"-{first.target}")
             + ("" if first.style == "standard" else f"-{first.style}"))
@@ -214,4 +266,37 @@ def benchmark_grouping_probe(configs: list[ProbeConfig], threads: int, command: 
     probe_table(section, rows)
     if first.eval_every:
         curve_table(section, rows)
+    return section
+
+
+def _ceiling_section(rows: list, threads: int, command: str, tag: str) -> Section:
+    first = rows[0][1]
+    name = "-".join(part for part in ("grouping-probe", first.preset, tag, first.target,
+                                      "" if first.style == "standard" else first.style) if part)
+    world = "standard" if first.style == "standard" else first.style
+    model = model_config(first)
+    through = ("straight through the hard assignment" if model.grouping == "learned" and model.hard_assignment
+               else f"through the {model.grouping} grouping's soft assignment")
+    section = Section(name, f"Supervised ceiling of `{first.preset}`'s image encoder, {world} world "
+                            f"(`ovseg bench grouping-probe --preset`)", command)
+    section.text(f"The preset's own image encoder (with the overrides shown), trained with every pixel's true class "
+                 f"through its group ({first.target} target: each assignment cell gets the class vector that its "
+                 f"group matches best, {through}), no text; AdamW at lr {first.lr:g}, "
+                 f"no augmentation, {threads} thread(s), {first.n_train:,} training images, {first.n_val} val and "
+                 f"{first.n_test} test images drawn from the world `ovseg bench synthetic` uses. What the architecture "
+                 f"reaches in these steps when it is told the answer: a ceiling for the caption-trained runs at "
+                 f"the same steps and batch. Test mIoU of its own labels: every pixel the class of its group, "
+                 f"background included (no threshold); group-majority: every group given its majority true label.")
+    ceiling_table(section, rows)
+    if first.eval_every:
+        init = ("init_groups_per_image", "init_group_majority_miou", "init_miou")
+        section.table(["world", "encoder", ("seed", "right", "d"), ("step", "right", "d"),
+                       ("groups per val image", "right", ".2f"), ("val group-majority mIoU", "right", ".1f"),
+                       ("val mIoU of its own labels", "right", ".1f")],
+                      [[cfg.style, _recipe(cfg), cfg.seed, point["step"], point["groups_per_image"],
+                        point["group_majority_miou"], point.get("miou")]
+                       for _, cfg, r in rows
+                       for point in [{"step": 0, "groups_per_image": r[init[0]], "group_majority_miou": r[init[1]],
+                                      "miou": r.get(init[2])},
+                                     *r.get("curve", ())]])
     return section

@@ -263,33 +263,63 @@ def bench_synthetic(
 @app.command("grouping-probe")
 def bench_grouping_probe(
     ctx: typer.Context,
-    steps: int = typer.Option(1000, "--steps", min=1, help="Training steps of each probe (batch 64)."),
+    steps: int = typer.Option(1000, "--steps", min=1, help="Training steps of each probe."),
+    batch_size: int = typer.Option(64, "--batch-size", min=2, help="Images per step."),
     n_train: int = typer.Option(2000, "--n-train", min=64, help="Training images drawn from the world."),
-    depths: str = typer.Option("2+2,1+1", "--depths", help="Comma-separated blocks before + after the grouping, one probe each."),
+    depths: str = typer.Option("", "--depths", help="Comma-separated blocks before + after the grouping, one probe each \\[default: 2+2,1+1; with --preset: the preset's own]."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds."),
-    grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means)."),
-    hard: bool = typer.Option(True, "--hard/--soft", help="Learned grouping: Gumbel straight-through one-hot in training (the official) or the plain softmax."),
+    grouping: str = typer.Option("learned", "--grouping", help="learned (GroupViT's assignment) or cluster (ovseg's k-means); not with --preset."),
+    hard: bool = typer.Option(True, "--hard/--soft", help="Learned grouping: Gumbel straight-through one-hot in training (the official) or the plain softmax; not with --preset."),
     style: str = typer.Option("standard", "--style", help="The synthetic world's style: standard or textured."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also score val every this many steps (0: before and after only)."),
     target: str = typer.Option("image", "--target", help="image (which shapes the image holds: a caption's weak label) or pixels (each pixel's class through its group: can the grouping draw the masks)."),
+    preset: str = typer.Option("", "--preset", help="Train this preset's own image encoder (with the overrides) instead of the probe's small one; with --target pixels, also scores its own labels' mIoU on 300 test images: a supervised ceiling for `ovseg bench synthetic` at the same steps and batch."),
+    tag: str = typer.Option("", "--tag", help="With --preset: name the results section grouping-probe-PRESET-TAG-TARGET[-STYLE] (letters, digits and dashes); required with overrides."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
     doc: Path = typer.Option(DOC, "--doc", help=DOC_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help="With --preset: model overrides, model.key=value."),
 ):
     """Does the grouping keep several groups per image when trained on the true labels? A
     supervised probe on the synthetic world (no text): groups per val image and group-majority
-    mIoU, before and after training."""
+    mIoU, before and after training. With --preset and --target pixels: what that preset's
+    image encoder reaches in the step budget when told every pixel's class."""
     from ovseg.benchmarks.grouping_probe import ProbeConfig, benchmark_grouping_probe
+    from ovseg.training.config import ConfigError, resolve
 
     if style not in ("standard", "textured"):
         raise typer.BadParameter(f"takes standard or textured, not {style!r}", param_hint="--style")
     if target not in ("image", "pixels"):
         raise typer.BadParameter(f"takes image or pixels, not {target!r}", param_hint="--target")
-    configs = [ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=int(before), depth_after=int(after),
-                           steps=steps, seed=int(seed), style=style, eval_every=eval_every, target=target,
-                           n_train=n_train)
-               for before, after in (depth.split("+") for depth in depths.split(",")) for seed in seeds.split(",")]
-    _record(benchmark_grouping_probe(configs, threads, command=_command(ctx), echo=typer.echo), results, doc)
+    if tag and not _is_name(tag):
+        raise typer.BadParameter(f"takes letters, digits and dashes, not {tag!r}", param_hint="--tag")
+    overrides = list(overrides or ())
+    if preset:
+        try:
+            if depths:
+                raise ConfigError("--depths sizes the probe's own encoder; with --preset give "
+                                  "model.depth_before=N model.depth_after=N")
+            if overrides and not tag:
+                raise ConfigError("an encoder changed by overrides needs a name for its results section (--tag NAME)")
+            if any(not o.startswith("model.") for o in overrides):
+                raise ConfigError(f"the probe trains the image encoder alone: only model.* overrides apply, not {overrides}")
+            resolve(preset, overrides=overrides)
+        except ConfigError as error:
+            typer.echo(f"ovseg bench grouping-probe: {error}", err=True)
+            raise typer.Exit(2)
+        configs = [ProbeConfig(preset=preset, overrides=tuple(overrides), steps=steps, batch_size=batch_size,
+                               seed=int(seed), style=style, eval_every=eval_every, target=target, n_train=n_train,
+                               n_test=300 if target == "pixels" else 0)
+                   for seed in seeds.split(",")]
+    else:
+        if overrides or tag:
+            raise typer.BadParameter("overrides and --tag go with --preset", param_hint="--tag")
+        configs = [ProbeConfig(grouping=grouping, hard_assignment=hard, depth_before=int(before), depth_after=int(after),
+                               steps=steps, seed=int(seed), style=style, eval_every=eval_every, target=target,
+                               n_train=n_train, batch_size=batch_size)
+                   for before, after in (depth.split("+") for depth in (depths or "2+2,1+1").split(","))
+                   for seed in seeds.split(",")]
+    _record(benchmark_grouping_probe(configs, threads, command=_command(ctx), echo=typer.echo, tag=tag), results, doc)
 
 
 @app.command("grouping-dynamics")

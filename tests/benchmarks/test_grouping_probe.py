@@ -81,3 +81,89 @@ def test_the_pixel_target_trains_the_assignment_through_the_hard_one_hot():
     logits.logsumexp(1).sum().backward()
     assign = model.encoder.grouping.assign  # the assignment's query and key projections get a gradient
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in assign.parameters() if p.requires_grad)
+
+
+def test_a_preset_probe_trains_that_presets_own_encoder():
+    from ovseg.benchmarks.grouping_probe import model_config
+
+    cfg = ProbeConfig(preset="synthetic-paper", overrides=("model.width=64", "model.patch_embed=cnn"), target="pixels")
+    model = model_config(cfg)
+    assert (model.width, model.patch_embed, model.image_size, model.num_groups) == (64, "cnn", 32, 8)
+    probe = Probe(cfg, 5)
+    assert probe.pixel_classes.shape == (6, 64)
+    from ovseg.training.model.image_encoder import CNNPatchEmbed
+
+    assert isinstance(probe.encoder.patch_embed, CNNPatchEmbed) and probe.encoder.group_token.shape == (1, 16, 64)
+
+
+def test_the_pixel_probe_scores_its_own_labels_and_an_oracle_scores_100():
+    cfg = ProbeConfig(**TINY, target="pixels")
+    world = WorldConfig()
+    n_classes = len(classes(world))
+    images, _, maps = _world(cfg, "val", 4, world)
+
+    def truth():
+        stacked = torch.stack([torch.from_numpy(m).long() for m in maps])
+        stacked[stacked == 255] = 0
+        return torch.nn.functional.one_hot(stacked, n_classes).permute(0, 3, 1, 2).float()
+
+    class Oracle(Probe):  # one group per class, drawn on the true label map; each names its own class
+        def forward(self, x):
+            return None, truth()
+
+        def pixel_logits(self, x):
+            return truth()
+
+    scores = grouping_scores(Oracle(cfg, n_classes - 1), images, maps, n_classes)
+    assert scores["miou"] == pytest.approx(100.0) and scores["group_majority_miou"] == pytest.approx(100.0)
+
+    class Background(Oracle):  # the same groups, every one called background
+        def pixel_logits(self, x):
+            logits = torch.zeros_like(truth())
+            logits[:, 0] = 1.0
+            return logits
+
+    scores = grouping_scores(Background(cfg, n_classes - 1), images, maps, n_classes)
+    # every labelled pixel called background: background's IoU is its share, every other class 0
+    valid = [m[m != 255] for m in maps]
+    share = sum(int((v == 0).sum()) for v in valid) / sum(v.size for v in valid)
+    present = len(set().union(*(set(v.tolist()) for v in valid)))
+    assert scores["group_majority_miou"] == pytest.approx(100.0)
+    assert scores["miou"] == pytest.approx(100 * share / present)
+
+
+def test_the_preset_probe_cli_writes_a_ceiling_section_with_test_scores(tmp_path, monkeypatch):
+    import ovseg.benchmarks.grouping_probe as probe
+
+    monkeypatch.setattr(probe, "ProbeConfig", lambda **kw: ProbeConfig(**{**kw, "n_train": 16, "n_val": 4, "n_test": 4}))
+    doc, results = tmp_path / "bench.md", tmp_path / "results"
+    small = ["model.width=32", "model.heads=2", "model.depth_before=1", "model.depth_after=0", "model.num_group_tokens=4",
+             "model.num_groups=4"]
+    result = CliRunner().invoke(app, ["bench", "grouping-probe", "--preset", "synthetic-paper", "--tag", "tiny", "--target",
+                                      "pixels", "--steps", "2", "--batch-size", "4", "--eval-every", "1", "--doc", str(doc),
+                                      "--results", str(results), *small], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert "<!-- bench:grouping-probe-synthetic-paper-tiny-pixels -->" in text
+    row = next(line for line in text.splitlines() if line.startswith("| standard | `synthetic-paper`, `model.width=32`")
+               and line.count("|") == 11)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == ["pixels", "0", "2 (4)"]
+    assert 0.0 <= float(cells[5]) <= 100.0 and 0.0 <= float(cells[6]) <= 100.0  # test mIoU and group-majority
+    curve = [line for line in text.splitlines() if line.startswith("| standard | `synthetic-paper`") and line.count("|") == 8]
+    assert [line.split(" | ")[3] for line in curve] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "synthetic-paper", "--depths", "1+1"], "with --preset give model.depth_before"),
+    (["--preset", "synthetic-paper", "model.width=32"], "needs a name for its results section"),
+    (["--preset", "synthetic-paper", "--tag", "x", "optim.lr=0.1"], "only model.* overrides apply"),
+    (["--preset", "no-such-preset"], "unknown preset"),
+    (["model.width=32"], "go with --preset"),
+    (["--preset", "synthetic-paper", "--tag", "a b"], "takes letters, digits and dashes"),
+])
+def test_the_preset_probe_refuses_what_it_cannot_honour(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bench", "grouping-probe", "--steps", "1", *args, "--doc", str(tmp_path / "b.md"),
+                                      "--results", str(tmp_path / "results")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "b.md").exists()
