@@ -273,7 +273,7 @@ def bench_grouping_probe(
     style: str = typer.Option("standard", "--style", help="The synthetic world's style: standard or textured."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Also score val every this many steps (0: before and after only)."),
     target: str = typer.Option("image", "--target", help="image (which shapes the image holds: a caption's weak label) or pixels (each pixel's class through its group: can the grouping draw the masks)."),
-    preset: str = typer.Option("", "--preset", help="Train this preset's own image encoder (with the overrides) instead of the probe's small one; with --target pixels, also scores its own labels' mIoU on 300 test images: a supervised ceiling for `ovseg bench synthetic` at the same steps and batch."),
+    preset: str = typer.Option("", "--preset", help="Train this preset's own image encoder (with the overrides) instead of the probe's small one; with --target pixels, also scores its own labels' mIoU on 300 test images: a supervised reference for `ovseg bench synthetic` at the same steps and batch."),
     tag: str = typer.Option("", "--tag", help="With --preset: name the results section grouping-probe-PRESET-TAG-TARGET[-STYLE] (letters, digits and dashes); required with overrides."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     results: Path = typer.Option(RESULTS, "--results", help=RESULTS_HELP),
@@ -319,7 +319,8 @@ def bench_grouping_probe(
                                n_train=n_train, batch_size=batch_size)
                    for before, after in (depth.split("+") for depth in (depths or "2+2,1+1").split(","))
                    for seed in seeds.split(",")]
-    _record(benchmark_grouping_probe(configs, threads, command=_command(ctx), echo=typer.echo, tag=tag), results, doc)
+    _record(benchmark_grouping_probe(configs, threads, command=_command(ctx), echo=typer.echo, tag=tag,
+                                     progress=True), results, doc)
 
 
 @app.command("grouping-dynamics")
