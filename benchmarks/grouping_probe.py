@@ -287,7 +287,7 @@ def _reference_section(rows: list, threads: int, command: str, tag: str) -> Sect
     section.text(f"The preset's own image encoder (with the overrides shown), trained with every pixel's true class "
                  f"through its group ({first.target} target: each assignment cell gets the class vector that its "
                  f"group matches best, {through}), no text; AdamW at lr {first.lr:g}, "
-                 f"no augmentation, {threads} thread(s), {first.n_train:,} training images, {first.n_val} val and "
+                 f"{threads} thread(s), {first.n_train:,} training images, {first.n_val} val and "
                  f"{first.n_test} test images drawn from the world `ovseg bench synthetic` uses. What the architecture "
                  f"reaches in these steps when it is told the answer, by a plain recipe (a constant learning rate, "
                  f"no augmentation): a reference for the caption-trained runs at the same steps and batch, not a "
