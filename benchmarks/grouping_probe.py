@@ -117,9 +117,17 @@ class Probe(nn.Module):
 
     def pixel_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C + 1, h, w): each assignment cell's class logits, those of the group it belongs to."""
-        out = self.encoder(images)
+        return self._cell_logits(self.encoder(images))
+
+    def _cell_logits(self, out) -> torch.Tensor:
         group = self.scale * F.normalize(out.groups, dim=-1) @ F.normalize(self.pixel_classes, dim=-1).T  # (B, K, C + 1)
         return torch.einsum("bkhw,bkc->bchw", out.assignment, group)
+
+    def scored(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What scoring reads, from one pass of the encoder: the assignment (B, K, h, w) and, with
+        the pixel target, the cells' class logits (B, C + 1, h, w) (else None)."""
+        out = self.encoder(images)
+        return out.assignment, self._cell_logits(out) if self.pixel_classes is not None else None
 
 
 @torch.no_grad()
@@ -131,8 +139,8 @@ def grouping_scores(probe: Probe, images: torch.Tensor, maps: list[np.ndarray], 
     groups = 0
     for start in range(0, len(images), 64):
         batch = images[start:start + 64]
-        _, assignment = probe(batch)
-        labels = probe.pixel_logits(batch).argmax(1, keepdim=True) if probe.pixel_classes is not None else None
+        assignment, logits = probe.scored(batch)
+        labels = None if logits is None else logits.argmax(1, keepdim=True)
         for j, label in enumerate(maps[start:start + 64]):
             up = F.interpolate(assignment[j:j + 1].float(), size=label.shape, mode="nearest")[0].numpy()
             groups += len(np.unique(up.argmax(0)))

@@ -23,12 +23,12 @@ def test_the_probe_counts_groups_and_scores_a_grouping_that_follows_the_truth_at
     assert all(hot[i].sum() >= 1 for i in range(4))  # every scene holds at least one named shape
 
     class Oracle(Probe):  # groups = the true label map itself, one group per class
-        def forward(self, x):
+        def scored(self, x):
             index = [int(i) for i in self._batch]
             maps_ = torch.stack([torch.from_numpy(maps[i]).long() for i in index])
             maps_[maps_ == 255] = 0
             one_hot = torch.nn.functional.one_hot(maps_, n_classes).permute(0, 3, 1, 2).float()
-            return None, one_hot
+            return one_hot, None
 
     oracle = Oracle(cfg, n_classes - 1)
     oracle._batch = range(4)
@@ -108,20 +108,17 @@ def test_the_pixel_probe_scores_its_own_labels_and_an_oracle_scores_100():
         return torch.nn.functional.one_hot(stacked, n_classes).permute(0, 3, 1, 2).float()
 
     class Oracle(Probe):  # one group per class, drawn on the true label map; each names its own class
-        def forward(self, x):
-            return None, truth()
-
-        def pixel_logits(self, x):
-            return truth()
+        def scored(self, x):
+            return truth(), truth()
 
     scores = grouping_scores(Oracle(cfg, n_classes - 1), images, maps, n_classes)
     assert scores["miou"] == pytest.approx(100.0) and scores["group_majority_miou"] == pytest.approx(100.0)
 
     class Background(Oracle):  # the same groups, every one called background
-        def pixel_logits(self, x):
+        def scored(self, x):
             logits = torch.zeros_like(truth())
             logits[:, 0] = 1.0
-            return logits
+            return truth(), logits
 
     scores = grouping_scores(Background(cfg, n_classes - 1), images, maps, n_classes)
     # every labelled pixel called background: background's IoU is its share, every other class 0
@@ -167,3 +164,16 @@ def test_the_preset_probe_refuses_what_it_cannot_honour(tmp_path, args, message)
                                       "--results", str(tmp_path / "results")], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b.md").exists()
+
+
+def test_scoring_reads_the_assignment_and_the_cell_logits_of_one_encoder_pass():
+    cfg = ProbeConfig(**TINY, target="pixels")
+    world = WorldConfig()
+    images, _, _ = _world(cfg, "val", 2, world)
+    probe = Probe(cfg, len(classes(world)) - 1).eval()
+    calls = []
+    probe.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        assignment, logits = probe.scored(images)
+        assert len(calls) == 1
+        assert torch.equal(assignment, probe(images)[1]) and torch.equal(logits, probe.pixel_logits(images))
